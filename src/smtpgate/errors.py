@@ -1,0 +1,50 @@
+"""The exception tree of smtpgate.
+
+    SmtpgateError
+    ├── ConfigError            a configuration document is invalid (carries field paths)
+    ├── ProtocolUsageError     our own code drove the sans-IO core wrongly (a bug)
+    └── DeliveryError          a downstream hop could not take a message
+
+Protocol violations by *peers* are never exceptions: the core answers them
+with a reply. Exceptions are for our own mistakes and for failures that the
+caller must decide about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SmtpgateError(Exception):
+    """Base of every error smtpgate raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """One problem in a configuration document, located by its field path."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(SmtpgateError):
+    """A configuration document is invalid; ``problems`` names every field."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class ProtocolUsageError(SmtpgateError):
+    """The application drove the protocol core out of order (a bug in smtpgate)."""
+
+
+class DeliveryError(SmtpgateError):
+    """A downstream hop refused or failed; ``permanent`` says whether to retry."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        self.permanent = permanent
+        super().__init__(message)
