@@ -1,0 +1,173 @@
+"""The configuration schema: one pydantic model for YAML, API and store.
+
+The vocabulary is that of ``shared/design/gateway.example.yaml``; every field,
+its default and why is listed in ``docs/configuration.md``. Models are frozen
+(a loaded configuration is an immutable snapshot) and refuse unknown keys, so
+a typo is an error naming the field rather than a silently ignored setting.
+Checks that span several fields live in ``smtpgate.config.validate``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Security = Literal["starttls", "require-starttls", "implicit-tls", "none"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def normalise_domain(value: str) -> str:
+    """Lower-case, IDNA-encode and check a domain name (no trailing dot)."""
+    domain = value.strip().lower()
+    if not domain or domain.endswith(".") or ".." in domain:
+        raise ValueError(f"{value!r} is not a domain name")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"{value!r} is not a valid internationalised domain name") from exc
+    labels = ascii_domain.split(".")
+    ok = all(0 < len(lb) <= 63 and lb.replace("-", "").replace("_", "").isalnum() for lb in labels)
+    if not ok or len(ascii_domain) > 253:
+        raise ValueError(f"{value!r} is not a domain name")
+    return ascii_domain
+
+
+DomainName = Annotated[str, AfterValidator(normalise_domain)]
+
+
+def _default_hostname() -> str:
+    return socket.getfqdn()
+
+
+class GatewaySettings(Strict):
+    hostname: str = Field(default_factory=_default_hostname, description="banner and EHLO name")
+    node: str = "gw1"
+    roles: list[str] = Field(default_factory=lambda: ["edge"])
+    data_dir: Path = Path("./var")
+    admin_address: str | None = None
+    banner: str = "ESMTP"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        return normalise_domain(value) if value != "localhost" else value
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (for IPv6 use [ADDR]:PORT)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"{host!r} is not an IP address to listen on") from exc
+    return host, int(port)
+
+
+class Listener(Strict):
+    name: str = Field(min_length=1)
+    address: str
+    security: Security = "starttls"
+    certificate: str | None = None
+    client_identity: Literal["any"] = "any"
+    proxy_protocol: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen_address(self.address)[1]
+
+
+class Certificate(Strict):
+    """A named certificate from PEM files (PKCS#12 comes with the TLS work)."""
+
+    name: str = Field(min_length=1)
+    cert: Path
+    key: Path | None = None
+
+
+class Limits(Strict):
+    """Per-session and per-server limits; defaults follow Postfix."""
+
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=50, ge=1)
+    max_command_line: int = Field(default=512, ge=512)
+    command_line_allowance: int = Field(default=1024, ge=0)
+    max_line_length: int = Field(default=8192, ge=1000)
+    max_recipients: int = Field(default=1000, ge=1)
+    max_message_size: int = Field(default=10_240_000, ge=1024)
+    max_header_size: int = Field(default=102_400, ge=1024)
+    max_errors: int = Field(default=20, ge=1)
+
+
+class Timeouts(Strict):
+    """Seconds; see RFC 5321 §4.5.3.2 for the phases."""
+
+    command: float = Field(default=300, gt=0)  # §4.5.3.2.7 server timeout
+    data: float = Field(default=180, gt=0)  # between data blocks, §4.5.3.2.5
+    tls_handshake: float = Field(default=60, gt=0)
+    proxy_header: float = Field(default=10, gt=0)
+    shutdown_grace: float = Field(default=30, ge=0)
+    delivery_connect: float = Field(default=30, gt=0)
+    delivery_command: float = Field(default=300, gt=0)
+    delivery_data_end: float = Field(default=600, gt=0)  # §4.5.3.2.6
+
+
+class Smarthost(Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(default=25, gt=0, lt=65536)
+
+
+class DeliverBy(Strict):
+    smarthost: Smarthost | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DeliverBy:
+        if self.smarthost is None:
+            raise ValueError("set smarthost (direct delivery by DNS comes with the queue)")
+        return self
+
+
+class Namespace(Strict):
+    sender: str = "*"
+    recipient: str = "*"
+
+
+class SendConnector(Strict):
+    name: str = Field(min_length=1)
+    roles: list[str] = Field(default_factory=list)
+    deliver: DeliverBy
+    security: Security = "starttls"
+    cost: int = Field(default=10, ge=0)
+    namespaces: list[Namespace] = Field(default_factory=lambda: [Namespace()])
+
+
+class GatewayConfig(Strict):
+    """The whole configuration document."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    hosted_domains: list[DomainName] = Field(default_factory=list)
+    listeners: list[Listener] = Field(default_factory=list)
+    certificates: list[Certificate] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    send_connectors: list[SendConnector] = Field(default_factory=list)

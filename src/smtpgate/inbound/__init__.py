@@ -1,0 +1,1 @@
+"""Inbound SMTP: listeners, sessions (socket ↔ protocol core ↔ policy), spool."""

@@ -1,0 +1,1 @@
+"""Observability: structured logging (one event per state transition)."""

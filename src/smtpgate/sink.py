@@ -1,0 +1,125 @@
+"""``smtpgate sink``: a recording SMTP server for operators and tests.
+
+It accepts every recipient and writes each message to a folder as two files:
+``<id>.eml`` (the body as received, with our Received header) and
+``<id>.json`` (the envelope). Files appear atomically (written, fsynced,
+renamed), so a reader never sees half a message. Scripted refusals
+(``--rcpt-reply``, ``--data-reply``) let tests play a difficult next hop.
+It runs on the same protocol core and session code as the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits
+from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
+from smtpgate.model.envelope import Envelope
+from smtpgate.proto import events as ev
+from smtpgate.proto.replies import Reply
+from smtpgate.proto.server import SessionLimits
+
+
+def parse_reply(text: str) -> Reply:
+    """``"451 4.3.0 try later"`` → a Reply (for scripted refusals)."""
+    code, _, rest = text.partition(" ")
+    status, _, words = rest.partition(" ")
+    return Reply.of(int(code), status, words or "scripted reply")
+
+
+@dataclass
+class SinkBehaviour:
+    directory: Path
+    fsync: bool = True
+    rcpt_reply: Reply | None = None
+    data_replies: list[Reply] = field(default_factory=list)  # used in turn, then 250
+
+
+class SinkHandler:
+    def __init__(self, behaviour: SinkBehaviour) -> None:
+        self.behaviour = behaviour
+
+    async def on_connect(self, info: SessionInfo) -> Reply | None:
+        return None
+
+    async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+        if isinstance(event, ev.RcptTo):
+            return self.behaviour.rcpt_reply
+        return None
+
+    async def on_message(self, info: SessionInfo, envelope: Envelope, body: Path) -> Reply:
+        if self.behaviour.data_replies:
+            return self.behaviour.data_replies.pop(0)
+        queue_id = body.stem
+        await asyncio.to_thread(self._store, envelope, body, queue_id)
+        return Reply.of(250, "2.0.0", f"Ok: stored as {queue_id}")
+
+    def _store(self, envelope: Envelope, body: Path, queue_id: str) -> None:
+        directory = self.behaviour.directory
+        meta = {
+            "sender": envelope.sender,
+            "recipients": [r.address for r in envelope.recipients],
+            "client_ip": envelope.client_ip,
+            "helo": envelope.helo,
+            "tls": envelope.tls,
+            "size": body.stat().st_size,
+        }
+        meta_tmp = directory / f".{queue_id}.json.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        if self.behaviour.fsync:
+            _fsync_file(body)
+            _fsync_file(meta_tmp)
+        os.replace(body, directory / f"{queue_id}.eml")
+        os.replace(meta_tmp, directory / f"{queue_id}.json")
+        if self.behaviour.fsync:
+            _fsync_file(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_sink(
+    host: str, port: int, behaviour: SinkBehaviour, limits: SessionLimits | None = None
+) -> InboundServer:
+    behaviour.directory.mkdir(parents=True, exist_ok=True)
+    spool = behaviour.directory / ".spool"
+    spool.mkdir(exist_ok=True)
+    settings = SessionSettings(
+        limits=limits or SessionLimits(max_message_size=200_000_000),
+        command_timeout=300,
+        data_timeout=180,
+        tls_handshake_timeout=60,
+        spool_dir=spool,
+        tls_context=None,
+        require_tls=False,
+    )
+    spec = ListenerSpec("sink", host, port, None, False, settings)
+    server_limits = ServerLimits(10_000, 10_000, 10, 60)
+
+    def handler_factory() -> SessionHandler:
+        return SinkHandler(behaviour)
+
+    return InboundServer([spec], handler_factory, server_limits, "sink.invalid")
+
+
+async def run_sink(host: str, port: int, behaviour: SinkBehaviour) -> None:
+    server = build_sink(host, port, behaviour)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(5)
