@@ -35,7 +35,7 @@ def unique_addresses(config: GatewayConfig) -> list[FieldProblem]:
     problems = []
     for index, listener in enumerate(config.listeners):
         key = (listener.host, listener.port)
-        if key in seen:
+        if key in seen and listener.port != 0:
             problems.append(
                 FieldProblem(
                     f"listeners[{index}].address",

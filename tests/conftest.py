@@ -1,0 +1,213 @@
+"""Shared fixtures: a real recording sink and a real gateway on loopback.
+
+Everything here uses real sockets on 127.0.0.1/::1; the gateway and the sink
+run in the test's own event loop (in-process) unless a test needs a separate
+process (signals, memory), for which ``gateway_process`` exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from smtpgate.app import build_server
+from smtpgate.config import parse_config
+from smtpgate.inbound.server import InboundServer
+from smtpgate.sink import SinkBehaviour, build_sink
+
+SMTPGATE = str(Path(sys.executable).with_name("smtpgate"))
+
+
+@dataclass
+class SinkHandle:
+    port: int
+    directory: Path
+    behaviour: SinkBehaviour
+    server: InboundServer
+
+    def messages(self) -> list[tuple[dict[str, Any], bytes]]:
+        """(envelope, body) of every stored message, oldest first."""
+        metas = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        return [(json.loads(m.read_text()), m.with_suffix(".eml").read_bytes()) for m in metas]
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[SinkHandle]:
+    behaviour = SinkBehaviour(tmp_path / "sink", fsync=False)
+    server = build_sink("127.0.0.1", 0, behaviour)
+    await server.start()
+    yield SinkHandle(server.bound_ports()["sink"], behaviour.directory, behaviour, server)
+    await server.stop(1)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into a copy of ``base`` (lists are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config(data_dir: Path, sink_port: int) -> dict[str, Any]:
+    return {
+        "gateway": {"hostname": "gw.test", "node": "gw1", "data_dir": str(data_dir)},
+        "hosted_domains": ["example.com", "example.org"],
+        "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": "none"}],
+        "send_connectors": [
+            {
+                "name": "to-sink",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink_port}},
+                "security": "none",
+                "namespaces": [{"sender": "*", "recipient": "example.com"},
+                               {"sender": "*", "recipient": "example.org"}],
+            }
+        ],
+    }
+
+
+@dataclass
+class GatewayHandle:
+    server: InboundServer
+    ports: dict[str, int]
+
+    @property
+    def port(self) -> int:
+        return self.ports["mx"]
+
+
+GatewayFactory = Callable[..., Awaitable[GatewayHandle]]
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path, sink: SinkHandle) -> AsyncIterator[GatewayFactory]:
+    started: list[InboundServer] = []
+
+    async def start(**overrides: Any) -> GatewayHandle:
+        document = merge(base_config(tmp_path / f"gw{len(started)}", sink.port), overrides)
+        server = build_server(parse_config(document))
+        await server.start()
+        started.append(server)
+        return GatewayHandle(server, server.bound_ports())
+
+    yield start
+    for server in started:
+        await server.stop(1)
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> GatewayHandle:
+    return await gateway_factory()
+
+
+@dataclass
+class Certs:
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    directory = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("gw.test", "localhost", "127.0.0.1", "::1")
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "gw.pem", directory / "gw.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf.private_key_pem.write_to_path(str(key_file))
+    with cert_file.open("wb") as out:
+        for blob in leaf.cert_chain_pems:
+            out.write(blob.bytes())
+    key_file.chmod(0o600)
+    return Certs(ca, ca_file, cert_file, key_file)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    config_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start ``smtpgate serve`` as a real process (for signals and memory)."""
+    running: list[GatewayProcess] = []
+
+    def start(sink_port: int, **overrides: Any) -> GatewayProcess:
+        port = free_port()
+        document = merge(base_config(tmp_path / "gwp", sink_port), overrides)
+        document["listeners"][0]["address"] = f"127.0.0.1:{port}"
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(document))
+        process = subprocess.Popen(
+            [SMTPGATE, "serve", "--config", str(path), "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+        )
+        handle = GatewayProcess(process, port, path)
+        running.append(handle)
+        wait_for_port(port)
+        return handle
+
+    yield start
+    for handle in running:
+        if handle.process.poll() is None:
+            handle.process.kill()
+            handle.process.wait()
+
+
+@pytest.fixture(scope="session")
+def swaks() -> str:
+    path = shutil.which("swaks")
+    assert path, "swaks is required (apt-get install swaks); .ci/run installs it"
+    return path
+
+
+async def run_tool(*argv: str, timeout: float = 60) -> tuple[int, str]:
+    """Run a command without blocking the event loop; (exit code, combined output)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode or 0, out.decode("utf-8", "replace")
