@@ -77,8 +77,10 @@ def base_config(data_dir: Path, sink_port: int) -> dict[str, Any]:
                 "name": "to-sink",
                 "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink_port}},
                 "security": "none",
-                "namespaces": [{"sender": "*", "recipient": "example.com"},
-                               {"sender": "*", "recipient": "example.org"}],
+                "namespaces": [
+                    {"sender": "*", "recipient": "example.com"},
+                    {"sender": "*", "recipient": "example.org"},
+                ],
             }
         ],
     }
@@ -183,7 +185,9 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         path.write_text(yaml.safe_dump(document))
         process = subprocess.Popen(
             [SMTPGATE, "serve", "--config", str(path), "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ},
         )
         handle = GatewayProcess(process, port, path)
         running.append(handle)

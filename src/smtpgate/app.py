@@ -17,7 +17,6 @@ from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.delivery.relay import HandOff, relay_message
 from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits
 from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
-from smtpgate.inbound.spool import clean_orphans
 from smtpgate.model.envelope import Envelope
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.relay import decide_relay, split_address
@@ -25,6 +24,7 @@ from smtpgate.policy.routing import select_connector
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import SessionLimits
+from smtpgate.spool import SpooledBody, clean_orphans
 from smtpgate.tls.context import server_context
 
 log = get_logger("smtpgate.app")
@@ -82,12 +82,12 @@ class GatewayHandler:
         self.connector = connector
         return None
 
-    async def on_message(self, info: SessionInfo, envelope: Envelope, body: Path) -> Reply:
+    async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         connector = self.connector
         self.connector = None
         if connector is None:
             return NO_ROUTE
-        queue_id = body.stem
+        queue_id = body.queue_id
         config = self.snapshot.config
         job = HandOff(connector, envelope, body, config.gateway.hostname, config.timeouts, queue_id)
         outcome = await relay_message(job)
@@ -96,7 +96,7 @@ class GatewayHandler:
             queue_id=queue_id,
             sender=envelope.sender,
             rcpts=len(envelope.recipients),
-            size=body.stat().st_size,
+            size=body.size,
             connector=connector.name,
             tls=outcome.tls,
             result=outcome.reply.text(),

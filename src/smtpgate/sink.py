@@ -24,6 +24,7 @@ from smtpgate.model.envelope import Envelope
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import SessionLimits
+from smtpgate.spool import SpooledBody
 
 
 def parse_reply(text: str) -> Reply:
@@ -53,14 +54,14 @@ class SinkHandler:
             return self.behaviour.rcpt_reply
         return None
 
-    async def on_message(self, info: SessionInfo, envelope: Envelope, body: Path) -> Reply:
+    async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         if self.behaviour.data_replies:
             return self.behaviour.data_replies.pop(0)
-        queue_id = body.stem
+        queue_id = body.queue_id
         await asyncio.to_thread(self._store, envelope, body, queue_id)
         return Reply.of(250, "2.0.0", f"Ok: stored as {queue_id}")
 
-    def _store(self, envelope: Envelope, body: Path, queue_id: str) -> None:
+    def _store(self, envelope: Envelope, body: SpooledBody, queue_id: str) -> None:
         directory = self.behaviour.directory
         meta = {
             "sender": envelope.sender,
@@ -68,14 +69,13 @@ class SinkHandler:
             "client_ip": envelope.client_ip,
             "helo": envelope.helo,
             "tls": envelope.tls,
-            "size": body.stat().st_size,
+            "size": body.size,
         }
         meta_tmp = directory / f".{queue_id}.json.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=1))
+        body.save_as(directory / f"{queue_id}.eml", fsync=self.behaviour.fsync)
         if self.behaviour.fsync:
-            _fsync_file(body)
             _fsync_file(meta_tmp)
-        os.replace(body, directory / f"{queue_id}.eml")
         os.replace(meta_tmp, directory / f"{queue_id}.json")
         if self.behaviour.fsync:
             _fsync_file(directory)

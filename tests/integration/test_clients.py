@@ -51,8 +51,12 @@ async def test_smtputf8_addresses_pass_through(gateway: GatewayHandle, sink: Sin
     def send() -> None:
         with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
             client.ehlo("client.example")
-            client.sendmail("jörg@bücher.example", ["zoë@example.com"],
-                            "Subject: utf8\r\n\r\nhi\r\n".encode(), mail_options=["SMTPUTF8"])
+            client.sendmail(
+                "jörg@bücher.example",
+                ["zoë@example.com"],
+                b"Subject: utf8\r\n\r\nhi\r\n",
+                mail_options=["SMTPUTF8"],
+            )
 
     await asyncio.to_thread(send)
     [(meta, _)] = sink.messages()
@@ -61,9 +65,7 @@ async def test_smtputf8_addresses_pass_through(gateway: GatewayHandle, sink: Sin
 
 
 async def test_ipv6_listener(gateway_factory: GatewayFactory, sink: SinkHandle) -> None:
-    gw = await gateway_factory(
-        listeners=[{"name": "mx", "address": "[::1]:0", "security": "none"}]
-    )
+    gw = await gateway_factory(listeners=[{"name": "mx", "address": "[::1]:0", "security": "none"}])
     await asyncio.to_thread(_send, gw.port, _message(), host="::1")
     [(meta, body)] = sink.messages()
     assert meta["recipients"] == ["alice@example.com"]
@@ -86,8 +88,16 @@ async def test_swaks_plain_and_pipelined(
 ) -> None:
     for extra in ([], ["--pipeline"]):
         code, out = await run_tool(
-            swaks, "--server", f"127.0.0.1:{gateway.port}", "--to", "alice@example.com",
-            "--from", "bob@elsewhere.example", "--helo", "client.example", *extra,
+            swaks,
+            "--server",
+            f"127.0.0.1:{gateway.port}",
+            "--to",
+            "alice@example.com",
+            "--from",
+            "bob@elsewhere.example",
+            "--helo",
+            "client.example",
+            *extra,
         )
         assert code == 0, out
         assert "250 2.0.0 Ok: queued as" in out
@@ -98,7 +108,11 @@ async def test_swaks_relay_attempt_is_refused(
     gateway: GatewayHandle, sink: SinkHandle, swaks: str
 ) -> None:
     code, out = await run_tool(
-        swaks, "--server", f"127.0.0.1:{gateway.port}", "--to", "victim@foreign.example",
+        swaks,
+        "--server",
+        f"127.0.0.1:{gateway.port}",
+        "--to",
+        "victim@foreign.example",
     )
     assert code != 0
     assert "554 5.7.1 <victim@foreign.example>: Relay access denied" in out
@@ -107,8 +121,9 @@ async def test_swaks_relay_attempt_is_refused(
 
 def _tls_listener(security: str, certs: Certs) -> dict[str, object]:
     return {
-        "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": security,
-                       "certificate": "gw"}],
+        "listeners": [
+            {"name": "mx", "address": "127.0.0.1:0", "security": security, "certificate": "gw"}
+        ],
         "certificates": [{"name": "gw", "cert": str(certs.cert_file), "key": str(certs.key_file)}],
     }
 
@@ -118,7 +133,12 @@ async def test_swaks_starttls(
 ) -> None:
     gw = await gateway_factory(**_tls_listener("starttls", certs))
     code, out = await run_tool(
-        swaks, "--server", f"127.0.0.1:{gw.port}", "--to", "alice@example.com", "--tls",
+        swaks,
+        "--server",
+        f"127.0.0.1:{gw.port}",
+        "--to",
+        "alice@example.com",
+        "--tls",
     )
     assert code == 0, out
     assert "TLS started" in out
@@ -132,7 +152,11 @@ async def test_swaks_implicit_tls(
 ) -> None:
     gw = await gateway_factory(**_tls_listener("implicit-tls", certs))
     code, out = await run_tool(
-        swaks, "--server", f"127.0.0.1:{gw.port}", "--to", "alice@example.com",
+        swaks,
+        "--server",
+        f"127.0.0.1:{gw.port}",
+        "--to",
+        "alice@example.com",
         "--tls-on-connect",
     )
     assert code == 0, out
@@ -151,7 +175,9 @@ async def test_require_starttls_refuses_mail_in_the_clear(
             context = ssl.create_default_context(cafile=str(certs.ca_file))
             client.starttls(context=context)
             client.ehlo("client.example")
-            client.sendmail("a@elsewhere.example", ["alice@example.com"], b"Subject: x\r\n\r\nx\r\n")
+            client.sendmail(
+                "a@elsewhere.example", ["alice@example.com"], b"Subject: x\r\n\r\nx\r\n"
+            )
             return refused
 
     code, text = await asyncio.to_thread(attempt)

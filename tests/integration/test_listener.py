@@ -20,7 +20,8 @@ async def test_per_ip_connection_limit(gateway_factory: GatewayFactory) -> None:
     first, w1 = await _greeting(gw.port)
     second, w2 = await _greeting(gw.port)
     third, w3 = await _greeting(gw.port)
-    assert first.startswith(b"220 ") and second.startswith(b"220 ")
+    assert first.startswith(b"220 ")
+    assert second.startswith(b"220 ")
     assert third.startswith(b"421 4.7.0")
     for writer in (w1, w2, w3):
         writer.close()
@@ -68,8 +69,12 @@ async def _send_through_proxy(port: int, header: bytes) -> bytes:
     greeting = await asyncio.wait_for(reader.readline(), 5)
     if not greeting:
         return b""
-    for line in (b"HELO c.example\r\n", b"MAIL FROM:<a@x.example>\r\n",
-                 b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n"):
+    for line in (
+        b"HELO c.example\r\n",
+        b"MAIL FROM:<a@x.example>\r\n",
+        b"RCPT TO:<alice@example.com>\r\n",
+        b"DATA\r\n",
+    ):
         writer.write(line)
         await reader.readline()
     writer.write(b"Subject: proxied\r\n\r\nhi\r\n.\r\n")
@@ -81,7 +86,9 @@ async def _send_through_proxy(port: int, header: bytes) -> bytes:
 def _v2(ip: str, port: int) -> bytes:
     address = ipaddress.ip_address(ip)
     if address.version == 4:
-        body = address.packed + ipaddress.ip_address("127.0.0.1").packed + struct.pack("!HH", port, 25)
+        body = (
+            address.packed + ipaddress.ip_address("127.0.0.1").packed + struct.pack("!HH", port, 25)
+        )
         return V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, len(body)) + body
     body = address.packed + ipaddress.ip_address("::1").packed + struct.pack("!HH", port, 25)
     return V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x21, len(body)) + body
@@ -91,8 +98,9 @@ async def test_proxy_protocol_v1_and_v2_name_the_real_client(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
     gw = await gateway_factory(
-        listeners=[{"name": "mx", "address": "127.0.0.1:0", "security": "none",
-                    "proxy_protocol": True}]
+        listeners=[
+            {"name": "mx", "address": "127.0.0.1:0", "security": "none", "proxy_protocol": True}
+        ]
     )
     v1 = b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n"
     assert (await _send_through_proxy(gw.port, v1)).startswith(b"250 2.0.0")
@@ -106,8 +114,9 @@ async def test_proxy_listener_closes_connections_without_a_header(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
     gw = await gateway_factory(
-        listeners=[{"name": "mx", "address": "127.0.0.1:0", "security": "none",
-                    "proxy_protocol": True}]
+        listeners=[
+            {"name": "mx", "address": "127.0.0.1:0", "security": "none", "proxy_protocol": True}
+        ]
     )
     assert await _send_through_proxy(gw.port, b"HELO sneaky.example\r\n") == b""
     assert sink.messages() == []

@@ -19,7 +19,9 @@ async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
-async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> bytes:
+async def _command(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes
+) -> bytes:
     writer.write(line + b"\r\n")
     reply = await asyncio.wait_for(reader.readline(), 10)
     while reply[3:4] == b"-":
@@ -101,7 +103,9 @@ def test_config_check_names_every_bad_field(tmp_path: Path) -> None:
         "  - {name: sub, address: '127.0.0.1:2587', securty: none}\n"
     )
     result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(path)], capture_output=True, text=True,
+        [SMTPGATE, "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
         check=False,
     )
     assert result.returncode == 1
@@ -118,7 +122,9 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
         "  - {name: mx, address: '127.0.0.1:2525', security: none}\n"
     )
     result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(path)], capture_output=True, text=True,
+        [SMTPGATE, "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
         check=False,
     )
     assert result.returncode == 1
@@ -129,25 +135,39 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
 
 def test_config_check_accepts_the_example_and_warns_about_smtps_on_25(tmp_path: Path) -> None:
     example = Path(__file__).parents[2] / "examples" / "gateway.yaml"
-    result = subprocess.run([SMTPGATE, "config", "check", "--config", str(example)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [SMTPGATE, "config", "check", "--config", str(example)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     path = tmp_path / "smtps25.yaml"
     path.write_text(
         "certificates: [{name: c, cert: c.pem, key: c.key}]\n"
         "listeners: [{name: mx, address: '127.0.0.1:25', security: implicit-tls, certificate: c}]\n"
     )
-    result = subprocess.run([SMTPGATE, "config", "check", "--config", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [SMTPGATE, "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0
-    assert "not RFC-compliant" in result.stderr and "465" in result.stderr
+    assert "not RFC-compliant" in result.stderr
+    assert "465" in result.stderr
 
 
 def test_serve_with_a_bad_configuration_says_why(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("listeners: [{name: mx, address: nowhere}]\n")
-    result = subprocess.run([SMTPGATE, "serve", "--config", str(path)],
-                            capture_output=True, text=True, check=False, timeout=30)
+    result = subprocess.run(
+        [SMTPGATE, "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "listeners[0].address" in result.stderr
     assert "Traceback" not in result.stderr

@@ -42,9 +42,13 @@ async def test_next_hop_refusing_a_recipient_fails_the_whole_message(
 async def test_unreachable_smarthost_gives_451(gateway_factory: GatewayFactory) -> None:
     dead = free_port()
     gw = await gateway_factory(
-        send_connectors=[{"name": "dead", "deliver": {"smarthost": {"host": "127.0.0.1",
-                                                                     "port": dead}},
-                          "security": "none"}]
+        send_connectors=[
+            {
+                "name": "dead",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": dead}},
+                "security": "none",
+            }
+        ]
     )
     with pytest.raises(smtplib.SMTPDataError) as caught:
         await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
@@ -58,19 +62,34 @@ async def test_cheapest_connector_wins_and_routes_split_transactions(
     dead = free_port()
     gw = await gateway_factory(
         send_connectors=[
-            {"name": "sink", "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
-             "security": "none", "cost": 5, "namespaces": [{"recipient": "example.com"}]},
-            {"name": "dearer", "deliver": {"smarthost": {"host": "127.0.0.1", "port": dead}},
-             "security": "none", "cost": 50},
-            {"name": "org", "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
-             "security": "none", "cost": 10, "namespaces": [{"recipient": "example.org"}]},
+            {
+                "name": "sink",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
+                "security": "none",
+                "cost": 5,
+                "namespaces": [{"recipient": "example.com"}],
+            },
+            {
+                "name": "dearer",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": dead}},
+                "security": "none",
+                "cost": 50,
+            },
+            {
+                "name": "org",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
+                "security": "none",
+                "cost": 10,
+                "namespaces": [{"recipient": "example.org"}],
+            },
         ]
     )
     refused = await asyncio.to_thread(_send, gw.port, ["alice@example.com", "bob@example.org"])
     assert refused["bob@example.org"][0] == 452
     await asyncio.to_thread(_send, gw.port, ["bob@example.org"])
     assert [meta["recipients"] for meta, _ in sink.messages()] == [
-        ["alice@example.com"], ["bob@example.org"]
+        ["alice@example.com"],
+        ["bob@example.org"],
     ]
 
 

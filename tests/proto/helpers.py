@@ -11,8 +11,13 @@ from smtpgate.proto.server import ServerConnection, SessionLimits
 class Driver:
     """Answers every event as a permissive server would, recording what happened."""
 
-    def __init__(self, limits: SessionLimits | None = None, *, starttls: bool = False,
-                 auth: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        limits: SessionLimits | None = None,
+        *,
+        starttls: bool = False,
+        auth: tuple[str, ...] = (),
+    ) -> None:
         self.conn = ServerConnection(limits)
         self.starttls = starttls
         self.auth = auth

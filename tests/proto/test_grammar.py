@@ -42,7 +42,11 @@ def test_valid_paths(text: str, sender: bool, utf8: bool, expected: str) -> None
         ("<a@b.example>x", False, "5.1.3"),
         ("<@relay.example user@b.example>", False, "5.1.3"),
         ("<" + "x" * 65 + "@b.example>", False, "5.1.3"),  # local part > 64
-        ("<a@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 63 + "." + "g" * 63 + ".example>", False, "5.1.3"),
+        (
+            "<a@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 63 + "." + "g" * 63 + ".example>",
+            False,
+            "5.1.3",
+        ),
         ("<a@b..example>", False, "5.1.3"),
         ("<a@b.example.>", False, "5.1.3"),  # trailing dot
         ("<a@-b.example>", False, "5.1.3"),
@@ -97,7 +101,9 @@ def test_rcpt_parameters() -> None:
     assert parse_rcpt_params(split_params("NOTIFY=NEVER")).notify == frozenset()
 
 
-@pytest.mark.parametrize("text", ["NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=rfc822", "ORCPT=;x"])
+@pytest.mark.parametrize(
+    "text", ["NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=rfc822", "ORCPT=;x"]
+)
 def test_bad_rcpt_parameters(text: str) -> None:
     with pytest.raises(SyntaxProblem):
         parse_rcpt_params(split_params(text))
@@ -111,8 +117,15 @@ def test_xtext() -> None:
 
 @pytest.mark.parametrize(
     ("arg", "expected"),
-    [("10", (10, False)), ("0 LAST", (0, True)), ("5 last", (5, True)), ("", None), ("x", None),
-     ("5 FIRST", None), ("-1", None)],
+    [
+        ("10", (10, False)),
+        ("0 LAST", (0, True)),
+        ("5 last", (5, True)),
+        ("", None),
+        ("x", None),
+        ("5 FIRST", None),
+        ("-1", None),
+    ],
 )
 def test_bdat_argument(arg: str, expected: tuple[int, bool] | None) -> None:
     assert parse_bdat(arg) == expected

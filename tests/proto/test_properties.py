@@ -42,8 +42,10 @@ def test_any_body_round_trips_or_is_refused_never_split(pieces: list[bytes], cut
         out += d.feed(stream[i : i + cut])
     completes = [e for e in d.events if isinstance(e, ev.MessageComplete)]
     assert len(completes) <= 1
-    clean = b"\x00" not in body and body.replace(b"\r\n", b"").count(b"\r") == 0 and (
-        body.replace(b"\r\n", b"").count(b"\n") == 0
+    clean = (
+        b"\x00" not in body
+        and body.replace(b"\r\n", b"").count(b"\r") == 0
+        and (body.replace(b"\r\n", b"").count(b"\n") == 0)
     )
     if clean:
         expected = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
@@ -57,9 +59,26 @@ def test_any_body_round_trips_or_is_refused_never_split(pieces: list[bytes], cut
 commands = st.lists(
     st.one_of(
         st.sampled_from(
-            [b"EHLO x.example", b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>",
-             b"DATA", b"BDAT 3", b"BDAT 2 LAST", b"RSET", b"NOOP", b"QUIT", b"STARTTLS",
-             b"AUTH PLAIN", b"VRFY x", b".", b"", b"MAIL FROM:<>", b"RCPT TO:<>", b"*"]
+            [
+                b"EHLO x.example",
+                b"HELO x",
+                b"MAIL FROM:<a@b.example>",
+                b"RCPT TO:<c@d.example>",
+                b"DATA",
+                b"BDAT 3",
+                b"BDAT 2 LAST",
+                b"RSET",
+                b"NOOP",
+                b"QUIT",
+                b"STARTTLS",
+                b"AUTH PLAIN",
+                b"VRFY x",
+                b".",
+                b"",
+                b"MAIL FROM:<>",
+                b"RCPT TO:<>",
+                b"*",
+            ]
         ),
         st.binary(max_size=30),
     ),

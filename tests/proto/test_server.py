@@ -14,8 +14,17 @@ from tests.proto.helpers import Driver, codes
 def test_ehlo_advertises_the_extensions_of_the_issue() -> None:
     d = Driver(starttls=True, auth=("PLAIN", "LOGIN"))
     out = d.feed(b"EHLO client.example\r\n")
-    for keyword in ("PIPELINING", "SIZE 10240000", "8BITMIME", "SMTPUTF8",
-                    "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS", "AUTH PLAIN LOGIN"):
+    for keyword in (
+        "PIPELINING",
+        "SIZE 10240000",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "DSN",
+        "STARTTLS",
+        "AUTH PLAIN LOGIN",
+    ):
         assert f"250-{keyword}\r\n" in out or f"250 {keyword}\r\n" in out
 
 
@@ -32,7 +41,9 @@ def test_helo_gets_a_single_line() -> None:
 def test_a_whole_transaction_with_pipelining_is_answered_in_order() -> None:
     d = Driver()
     d.feed(b"EHLO c.example\r\n")
-    out = d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\nDATA\r\n")
+    out = d.feed(
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\nDATA\r\n"
+    )
     assert codes(out) == ["250 2.0.0", "250 2.0.0", "250 2.0.0", "354"]
     out = d.feed(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n")
     assert codes(out) == ["250 2.0.0", "221 2.0.0"]
@@ -119,7 +130,9 @@ def test_next_event_before_reply_is_our_bug() -> None:
 # -- strictness: bare CR/LF, NUL, smuggling -----------------------------------
 
 
-@pytest.mark.parametrize("line", [b"NOOP\n", b"NO\rOP\r\n", b"MAIL FROM:<a@b.example>\nRCPT TO:<x@y>\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"NOOP\n", b"NO\rOP\r\n", b"MAIL FROM:<a@b.example>\nRCPT TO:<x@y>\r\n"]
+)
 def test_bare_newline_in_a_command_is_refused_and_closes(line: bytes) -> None:
     d = Driver()
     d.feed(b"EHLO c.example\r\n")
@@ -276,7 +289,9 @@ def test_mail_gets_room_for_its_parameters() -> None:
     d = Driver()
     d.feed(b"EHLO c.example\r\n")
     envid = b"E" * 100
-    out = d.feed(b"MAIL FROM:<" + b"a" * 60 + b"@b.example> SIZE=10 RET=HDRS ENVID=" + envid + b"\r\n")
+    out = d.feed(
+        b"MAIL FROM:<" + b"a" * 60 + b"@b.example> SIZE=10 RET=HDRS ENVID=" + envid + b"\r\n"
+    )
     assert codes(out) == ["250 2.0.0"]
 
 
@@ -310,7 +325,9 @@ def test_header_size_limit() -> None:
     d = Driver(SessionLimits(max_header_size=1024))
     d.transaction()
     d.feed(b"DATA\r\n")
-    out = d.feed(b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(40)) + b"\r\nbody\r\n.\r\n")
+    out = d.feed(
+        b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(40)) + b"\r\nbody\r\n.\r\n"
+    )
     assert codes(out) == ["552 5.3.4"]
 
 

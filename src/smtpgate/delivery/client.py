@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import ssl
-from pathlib import Path
 
 from smtpgate.errors import DeliveryError
 from smtpgate.proto.replies import Reply
+from smtpgate.spool import SpooledBody
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 CHUNK = 65536
@@ -131,39 +132,36 @@ class SmtpClient:
             raise DeliveryError(f"TLS handshake failed: {exc}", permanent=False) from exc
         self._note_tls()
 
-    async def send_body(self, path: Path, data_end_timeout: float) -> Reply:
+    async def send_body(self, body: SpooledBody, data_end_timeout: float) -> Reply:
         """DATA or BDAT, whichever the server supports; returns the final reply."""
         if "CHUNKING" in self.extensions:
-            return await self._send_bdat(path, data_end_timeout)
-        return await self._send_data(path, data_end_timeout)
+            return await self._send_bdat(body, data_end_timeout)
+        return await self._send_data(body, data_end_timeout)
 
-    async def _send_data(self, path: Path, data_end_timeout: float) -> Reply:
+    async def _send_data(self, body: SpooledBody, data_end_timeout: float) -> Reply:
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
         at_line_start, last = True, b"\n"
-        with path.open("rb") as body:
-            while chunk := body.read(CHUNK):
-                self.writer.write(stuff_dots(chunk, at_line_start))
-                at_line_start = chunk.endswith(b"\n")
-                last = chunk[-1:]
-                await self._drain()
+        for chunk in body.chunks(CHUNK):
+            self.writer.write(stuff_dots(chunk, at_line_start))
+            at_line_start = chunk.endswith(b"\n")
+            last = chunk[-1:]
+            await self._drain()
         self.writer.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
         return await self.read_reply(data_end_timeout)
 
-    async def _send_bdat(self, path: Path, data_end_timeout: float) -> Reply:
-        size = path.stat().st_size
+    async def _send_bdat(self, body: SpooledBody, data_end_timeout: float) -> Reply:
         sent = 0
-        with path.open("rb") as body:
-            while True:
-                chunk = body.read(CHUNK * 16)
-                sent += len(chunk)
-                last = sent >= size
-                self.writer.write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode())
-                self.writer.write(chunk)
-                reply = await self.read_reply(data_end_timeout if last else None)
-                if last or reply.code != 250:
-                    return reply
+        for chunk in itertools.chain(body.chunks(CHUNK * 16), [b""] if body.size == 0 else []):
+            sent += len(chunk)
+            last = sent >= body.size
+            self.writer.write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode())
+            self.writer.write(chunk)
+            reply = await self.read_reply(data_end_timeout if last else None)
+            if last or reply.code != 250:
+                return reply
+        raise DeliveryError("body ended early", permanent=False)
 
     async def _drain(self) -> None:
         try:

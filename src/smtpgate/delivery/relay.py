@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 
 from smtpgate.config.schema import SendConnector, Timeouts
 from smtpgate.delivery.client import SmtpClient
 from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import Envelope, MailParams, Recipient
 from smtpgate.proto.replies import Reply
+from smtpgate.spool import SpooledBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,7 @@ class HandOff:
 
     connector: SendConnector
     envelope: Envelope
-    body: Path
+    body: SpooledBody
     helo: str
     timeouts: Timeouts
     queue_id: str
@@ -135,7 +135,7 @@ async def _converse(client: SmtpClient, job: HandOff) -> Outcome:
     if refusal is not None:
         return refusal
     envelope = job.envelope
-    size = job.body.stat().st_size
+    size = job.body.size
     mail = mail_command(envelope.sender, envelope.mail_params, size, client.extensions)
     reply = await client.command(mail)
     if reply.code != 250:

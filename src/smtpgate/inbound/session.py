@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from smtpgate.inbound.spool import SpoolFile, new_queue_id
 from smtpgate.inbound.trace import TraceFacts, received_header
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.log import get_logger
@@ -35,6 +34,7 @@ from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import ServerConnection, SessionLimits, State
+from smtpgate.spool import SpooledBody, new_queue_id
 
 log = get_logger("smtpgate.session")
 
@@ -84,7 +84,7 @@ class SessionHandler(Protocol):
     async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
         """Per command: ``None`` for the default answer, or the reply to give."""
 
-    async def on_message(self, info: SessionInfo, envelope: Envelope, body: Path) -> Reply:
+    async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         """A complete, checked body: hand it on and return the final reply."""
 
 
@@ -118,10 +118,13 @@ class Session:
         self.handler = handler
         self.settings = settings
         self.conn = ServerConnection(settings.limits, tls_active=tls_active)
-        self.spool: SpoolFile | None = None
+        self.spool: SpooledBody | None = None
         self.busy = False  # receiving or handing on a message
         self.stopping = False
         self._reading = False
+        self._spool_failed = False
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         try:
@@ -129,6 +132,8 @@ class Session:
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("connection lost", client=self.info.client_ip, error=str(exc))
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self._drop_spool()
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -156,23 +161,44 @@ class Session:
 
     async def _read(self) -> bytes:
         body = self.conn.state in (State.DATA, State.BDAT)
-        timeout = self.settings.data_timeout if body else self.settings.command_timeout
+        self._arm(self.settings.data_timeout if body else self.settings.command_timeout)
         self._reading = True
         try:
-            async with asyncio.timeout(timeout):
-                return await self.reader.read(READ_SIZE)
-        except TimeoutError:
-            self.writer.write(self.conn.close_with(TIMEOUT))
-            log.info("timeout", client=self.info.client_ip, state=self.conn.state.value)
-            return b""
+            return await self.reader.read(READ_SIZE)
         finally:
             self._reading = False
+            self._deadline = None
+
+    def _arm(self, timeout: float) -> None:
+        """Set the read deadline; one timer per session, moved lazily.
+
+        Re-arming on every read costs one clock read; the timer only fires
+        (and reschedules itself) when a deadline might have passed.
+        """
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # not reading: the next read re-arms
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._check_deadline)
+            return
+        log.info("timeout", client=self.info.client_ip, state=self.conn.state.value)
+        self.writer.write(self.conn.close_with(TIMEOUT))
+        self.writer.close()  # the pending read ends with EOF
 
     async def _flush(self) -> None:
         out = self.conn.data_to_send()
         if out:
             self.writer.write(out)
-            await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size() > 65536:
+                await self.writer.drain()
 
     async def _process(self) -> None:
         conn = self.conn
@@ -251,21 +277,21 @@ class Session:
     def _open_spool(self) -> bool:
         if self.spool is not None:
             return True
-        try:
-            self.spool = SpoolFile(self.settings.spool_dir, new_queue_id())
-        except OSError as exc:
-            log.error("spool open failed", error=str(exc))
-            return False
+        self.spool = SpooledBody(self.settings.spool_dir, new_queue_id())
         self.busy = True
         return True
 
     def _spool_write(self, data: bytes) -> None:
-        if self.spool is None and not self._open_spool():
-            return
+        if self.spool is None:
+            self._open_spool()
         assert self.spool is not None
-        if self.spool.size == 0:
-            self.spool.write(self._trace_header(self.spool.queue_id))
-        self.spool.write(data)
+        try:
+            if self.spool.size == 0:
+                self.spool.write(self._trace_header(self.spool.queue_id))
+            self.spool.write(data)
+        except OSError as exc:  # the message is refused at its end, never half-kept
+            log.error("spool write failed", queue_id=self.spool.queue_id, error=str(exc))
+            self._spool_failed = True
 
     def _trace_header(self, queue_id: str) -> bytes:
         info = self.info
@@ -283,26 +309,27 @@ class Session:
         return received_header(facts, datetime.now(UTC))
 
     async def _message_complete(self) -> Reply:
-        if self.spool is None and not self._open_spool():  # "BDAT 0 LAST"
-            return SPOOL_FAILED
+        if self.spool is None or self.spool.size == 0:  # an empty body ("BDAT 0 LAST")
+            self._spool_write(b"")
         spool = self.spool
         assert spool is not None
         try:
-            if spool.size == 0:
-                spool.write(self._trace_header(spool.queue_id))
-            path = spool.close()
+            spool.finish()
         except OSError as exc:
             log.error("spool write failed", queue_id=spool.queue_id, error=str(exc))
+            self._spool_failed = True
+        if self._spool_failed:
             self._end_message()
             return SPOOL_FAILED
         try:
-            reply = await self.handler.on_message(self.info, self.info.envelope(), path)
+            reply = await self.handler.on_message(self.info, self.info.envelope(), spool)
         finally:
             self._end_message()
         return reply
 
     def _end_message(self) -> None:
         self._drop_spool()
+        self._spool_failed = False
         self.info.sender, self.info.mail_event = None, None
         self.info.recipients = []
         self.busy = False

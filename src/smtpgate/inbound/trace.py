@@ -34,7 +34,7 @@ def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
 
 def _clean(text: str) -> str:
     """Keep header text to printable ASCII on one line."""
-    return "".join(ch if " " < ch <= "~" else "?" for ch in text)[:255]
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:255]
 
 
 def received_header(facts: TraceFacts, when: datetime) -> bytes:

@@ -1,0 +1,122 @@
+"""Message bodies while they are received and handed on, and queue ids.
+
+A :class:`SpooledBody` keeps a body in memory up to ``threshold`` octets and
+spills it to a private file (mode 0600) beyond that, so a 50 MB message costs
+one read buffer of memory, while the common small message never touches the
+disk until it is made durable. A session that ends early discards its body;
+files left by a crash are removed at start (:func:`clean_orphans`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+SPILL_THRESHOLD = 128 * 1024
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+_COUNTER = itertools.count()
+
+
+def _encode(number: int, width: int = 0) -> str:
+    digits: list[str] = []
+    while number or len(digits) < width:
+        number, rest = divmod(number, len(_ALPHABET))
+        digits.append(_ALPHABET[rest])
+    return "".join(reversed(digits))
+
+
+def new_queue_id() -> str:
+    """A short id, sortable by time, unique across processes on one host."""
+    base = len(_ALPHABET)
+    now = time.time_ns() // 1000
+    process = os.getpid() % (base * base)
+    return _encode(now) + _encode(process, 2) + _encode(next(_COUNTER) % base**3, 3)
+
+
+class SpooledBody:
+    """One message body, in memory or (when large) in a file under ``directory``."""
+
+    def __init__(self, directory: Path, queue_id: str, threshold: int = SPILL_THRESHOLD) -> None:
+        self.queue_id = queue_id
+        self.directory = directory
+        self.threshold = threshold
+        self.size = 0
+        self.path: Path | None = None  # set once the body has spilled to disk
+        self._memory = bytearray()
+        self._file: BinaryIO | None = None
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._memory += data
+        if len(self._memory) > self.threshold:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.path = self.directory / f"{self.queue_id}.tmp"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=65536)
+        self._file.write(bytes(self._memory))
+        self._memory = bytearray()
+
+    def finish(self) -> None:
+        """No more writes: flush what is buffered."""
+        if self._file is not None:
+            self._file.close()
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]:
+        """Read the body back in pieces of at most ``size`` octets."""
+        if self.path is None:
+            view = memoryview(self._memory)
+            for start in range(0, len(view), size):
+                yield bytes(view[start : start + size])
+            return
+        with self.path.open("rb") as body:
+            while chunk := body.read(size):
+                yield chunk
+
+    def save_as(self, target: Path, *, fsync: bool) -> None:
+        """Make the body a file at ``target`` (durable when ``fsync``)."""
+        if self.path is not None:
+            if fsync:
+                _fsync(self.path)
+            os.replace(self.path, target)
+            self.path = None
+            return
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(self._memory)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+
+    def discard(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+        self._memory = bytearray()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_orphans(directory: Path) -> int:
+    """Remove spool files left by a crash; returns how many."""
+    removed = 0
+    for path in directory.glob("*.tmp"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
