@@ -58,6 +58,7 @@ async def serve_smtpgate(port: int, spool: Path) -> None:
     from smtpgate.proto import events as ev
     from smtpgate.proto.replies import Reply
     from smtpgate.proto.server import SessionLimits
+    from smtpgate.spool import SpooledBody
 
     configure("warning")
     ok = Reply.of(250, "2.0.0", "Ok: accepted")
@@ -66,19 +67,21 @@ async def serve_smtpgate(port: int, spool: Path) -> None:
         async def on_connect(self, info: SessionInfo) -> Reply | None:
             return None
 
-        async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+        def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
             return None
 
-        async def on_message(self, info: SessionInfo, envelope: Envelope, body: Path) -> Reply:
+        async def on_message(
+            self, info: SessionInfo, envelope: Envelope, body: SpooledBody
+        ) -> Reply:
             return ok
 
     settings = SessionSettings(SessionLimits(), 300, 180, 60, spool, None, False)
-    spec = ListenerSpec("bench", "127.0.0.1", port, None, False, settings)
+    spec = ListenerSpec("bench", "127.0.0.1", port, None, settings)
 
     def factory() -> SessionHandler:
         return Accept()
 
-    server = InboundServer([spec], factory, ServerLimits(10_000, 10_000, 10, 60), "bench.test")
+    server = InboundServer([spec], factory, ServerLimits(10_000, 10_000, 60), "bench.test")
     await server.start()
     await asyncio.Event().wait()
 

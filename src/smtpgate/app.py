@@ -62,7 +62,7 @@ class GatewayHandler:
         log.info("connect", listener=info.listener, client=info.client_ip)
         return None
 
-    async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
         if isinstance(event, ev.MailFrom):
             self.connector = None
         if isinstance(event, ev.RcptTo):
@@ -134,6 +134,8 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
             spool_dir=spool_dir,
             tls_context=context if listener.security in ("starttls", "require-starttls") else None,
             require_tls=listener.security == "require-starttls",
+            proxy_protocol=listener.proxy_protocol,
+            proxy_timeout=config.timeouts.proxy_header,
         )
         implicit = context if listener.security == "implicit-tls" else None
         specs.append(
@@ -142,7 +144,6 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
                 listener.host,
                 listener.port,
                 implicit,
-                listener.proxy_protocol,
                 settings,
             )
         )
@@ -159,7 +160,6 @@ def build_server(config: GatewayConfig) -> InboundServer:
     limits = ServerLimits(
         max_connections=config.limits.max_connections,
         max_connections_per_ip=config.limits.max_connections_per_ip,
-        proxy_header_timeout=config.timeouts.proxy_header,
         tls_handshake_timeout=config.timeouts.tls_handshake,
     )
 

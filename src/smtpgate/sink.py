@@ -49,7 +49,7 @@ class SinkHandler:
     async def on_connect(self, info: SessionInfo) -> Reply | None:
         return None
 
-    async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
         if isinstance(event, ev.RcptTo):
             return self.behaviour.rcpt_reply
         return None
@@ -104,8 +104,8 @@ def build_sink(
         tls_context=None,
         require_tls=False,
     )
-    spec = ListenerSpec("sink", host, port, None, False, settings)
-    server_limits = ServerLimits(10_000, 10_000, 10, 60)
+    spec = ListenerSpec("sink", host, port, None, settings)
+    server_limits = ServerLimits(10_000, 10_000, 60)
 
     def handler_factory() -> SessionHandler:
         return SinkHandler(behaviour)

@@ -1,20 +1,25 @@
-"""One inbound SMTP session: socket ↔ protocol core ↔ handler.
+"""One inbound SMTP session: transport ↔ protocol core ↔ handler.
 
-The session owns the only loop that writes to the socket (the chasquid
-shape): it reads, feeds the core, asks the handler about each command event,
-and writes the replies of a pipelined group in one write. It decides nothing
-about relay or delivery itself; the :class:`SessionHandler` does.
+The session is an ``asyncio.Protocol``: bytes from ``data_received`` go
+straight into the sans-IO core and the replies of a pipelined group go out in
+one write, with no coroutine per read. Only real waits run as a task (the
+greeting hook, the end-of-message hand-off, the STARTTLS handshake); while one
+runs, reading is paused, so pipelined input waits its turn. This is the one
+place that writes to the socket (the chasquid shape). It decides nothing
+about relay or delivery: the :class:`SessionHandler` does.
 
 Rules kept here:
 
 * Phase timeouts (RFC 5321 §4.5.3.2): ``command`` while waiting for a
-  command, ``data`` between reads of a body, reset whenever bytes arrive;
-  on expiry ``421 4.4.2`` and close.
-* On a ``require-starttls`` listener MAIL before STARTTLS gets
-  ``530 5.7.0`` (RFC 3207 §4).
-* A body streams to a spool file; memory stays at one read buffer.
-* On shutdown an idle session gets ``421 4.3.2``; a session receiving or
-  handing on a message finishes it first.
+  command, ``data`` between reads of a body, re-armed whenever bytes arrive;
+  on expiry ``421 4.4.2`` and close. One timer per session, moved lazily.
+* On a ``require-starttls`` listener MAIL before STARTTLS gets ``530 5.7.0``
+  (RFC 3207 §4).
+* Bodies stream into a :class:`~smtpgate.spool.SpooledBody`.
+* On shutdown an idle session gets ``421 4.3.2`` at once; a session inside a
+  message body or hand-off finishes it first.
+* A client that disconnects during the hand-off cancels it: it was not told
+  250, so it will send again, and the next hop discards an unfinished DATA.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
+from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
 from smtpgate.inbound.trace import TraceFacts, received_header
-from smtpgate.model.envelope import Envelope, Recipient
+from smtpgate.model.envelope import Envelope, MailParams, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
@@ -38,11 +45,12 @@ from smtpgate.spool import SpooledBody, new_queue_id
 
 log = get_logger("smtpgate.session")
 
-READ_SIZE = 65536
 TIMEOUT = Reply.of(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
 MUST_STARTTLS = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
 SPOOL_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error")
+HAND_OFF_FAILED = Reply.of(451, "4.3.0", "Error: local error in processing")
+_NO_PARAMS = MailParams()
 
 
 @dataclass
@@ -58,15 +66,14 @@ class SessionInfo:
     esmtp: bool = False
     auth_user: str | None = None
     sender: str | None = None
-    mail_event: ev.MailFrom | None = None
+    mail_params: MailParams = _NO_PARAMS
     recipients: list[Recipient] = field(default_factory=list)
 
     def envelope(self) -> Envelope:
-        params = self.mail_event.params if self.mail_event else ev.MailFrom("").params
         return Envelope(
             sender=self.sender or "",
             recipients=tuple(self.recipients),
-            mail_params=params,
+            mail_params=self.mail_params,
             helo=self.helo,
             client_ip=self.client_ip,
             client_port=self.client_port,
@@ -76,13 +83,13 @@ class SessionInfo:
 
 
 class SessionHandler(Protocol):
-    """What the session asks about; the gateway and the sink each provide one."""
+    """What the session asks; the gateway and the sink each provide one."""
 
     async def on_connect(self, info: SessionInfo) -> Reply | None:
         """Before the greeting: ``None`` for 220, or a 554/421 refusal."""
 
-    async def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
-        """Per command: ``None`` for the default answer, or the reply to give."""
+    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+        """Per command, a pure decision: ``None`` for the default answer."""
 
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         """A complete, checked body: hand it on and return the final reply."""
@@ -97,84 +104,225 @@ class SessionSettings:
     spool_dir: Path
     tls_context: ssl.SSLContext | None  # None: STARTTLS not offered
     require_tls: bool
+    proxy_protocol: bool = False
+    proxy_timeout: float = 10.0
 
 
-class Session:
+class SessionHost(Protocol):
+    """The listener side a session reports to (connection limits, shutdown)."""
+
+    hostname: str
+
+    def admit(self, session: Session) -> Reply | None: ...
+
+    def forget(self, session: Session) -> None: ...
+
+    def new_handler(self) -> SessionHandler: ...
+
+
+class Session(asyncio.Protocol):
     """Drives one connection from greeting to close."""
 
-    def __init__(  # noqa: PLR0913 - a session is made of exactly these parts
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        info: SessionInfo,
-        handler: SessionHandler,
-        settings: SessionSettings,
-        *,
-        tls_active: bool = False,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.info = info
-        self.handler = handler
+    def __init__(self, host: SessionHost, listener: str, settings: SessionSettings) -> None:
+        self.host = host
+        self.listener = listener
         self.settings = settings
-        self.conn = ServerConnection(settings.limits, tls_active=tls_active)
+        self.handler = host.new_handler()
+        self.conn = ServerConnection(settings.limits)
+        self.transport: asyncio.Transport | None = None
+        self.info = SessionInfo(listener, "?", 0, host.hostname)
         self.spool: SpooledBody | None = None
-        self.busy = False  # receiving or handing on a message
         self.stopping = False
-        self._reading = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+        self._proxy_buffer: bytearray | None = bytearray() if settings.proxy_protocol else None
+        self._admitted = False
         self._spool_failed = False
+        self._write_paused = False
+        self._reading_paused = False
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._tls_early: bytearray | None = None
 
-    async def run(self) -> None:
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.info.client_ip, self.info.client_port = str(peer[0]), int(peer[1])
+        self.info.tls = tls_summary(transport)
+        self.conn.tls_active = self.info.tls is not None
+        if self._proxy_buffer is not None:
+            self._arm(self.settings.proxy_timeout)
+            return
+        self._admit()
+
+    def data_received(self, data: bytes) -> None:
+        if self._proxy_buffer is not None:
+            self._proxy_data(data)
+            return
+        if self._tls_early is not None:
+            # Decrypted bytes that beat our coroutine's resumption after the
+            # handshake; plaintext can no longer arrive (reading was paused
+            # at STARTTLS and the core discarded what came with it).
+            self._tls_early += data
+            return
+        self.conn.receive_data(data)
+        if self._task is None and self.conn.state is not State.CONNECTED:
+            self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False  # the client is gone: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        self._drop_spool()
+        if self._admitted:
+            self.host.forget(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        refusal = self.host.admit(self)
+        if refusal is not None:
+            log.info("connection refused", client=self.info.client_ip, reply=refusal.text())
+            self._write_and_close(refusal.to_bytes())
+            return
+        self._admitted = True
+        # Reading stays on during the greeting hook: a client that talks
+        # before the greeting is a protocol violation the core must see.
+        self._spawn(self._greet(), pause_reading=False)
+
+    def _proxy_data(self, data: bytes) -> None:
+        buffer = self._proxy_buffer
+        assert buffer is not None
+        buffer += data
         try:
-            await self._converse()
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            log.debug("connection lost", client=self.info.client_ip, error=str(exc))
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._drop_spool()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            parsed = parse_proxy_header(bytes(buffer))
+        except ProxyHeaderError:
+            self._close()
+            return
+        if parsed is None:
+            return
+        self._proxy_buffer = None
+        self._deadline = None
+        if parsed.client is not None:
+            self.info.client_ip, self.info.client_port = parsed.client
+        rest = bytes(buffer[parsed.header_length :])
+        if rest:
+            self.conn.receive_data(rest)  # before the greeting: a violation the core reports
+        self._admit()
 
-    def request_stop(self) -> bool:
-        """Ask the session to end; True if it can be interrupted right away."""
-        self.stopping = True
-        return self._reading and not self.busy
-
-    async def _converse(self) -> None:
+    async def _greet(self) -> None:
         refusal = await self.handler.on_connect(self.info)
         self.conn.greet(refusal or Reply.of(220, None, f"{self.info.hostname} ESMTP smtpgate"))
-        await self._flush()
-        while not self.conn.closing:
-            if self.stopping and not self.busy:
-                self.writer.write(self.conn.close_with(SHUTTING_DOWN))
-                break
-            data = await self._read()
-            if not data:
-                break
-            self.conn.receive_data(data)
-            await self._process()
-            await self._flush()
 
-    async def _read(self) -> bytes:
-        body = self.conn.state in (State.DATA, State.BDAT)
-        self._arm(self.settings.data_timeout if body else self.settings.command_timeout)
-        self._reading = True
-        try:
-            return await self.reader.read(READ_SIZE)
-        finally:
-            self._reading = False
-            self._deadline = None
+    def request_stop(self) -> None:
+        """Shut down: at once when idle, after the current message otherwise."""
+        self.stopping = True
+        if self._idle():
+            self._write_and_close(self.conn.close_with(SHUTTING_DOWN))
+
+    def _idle(self) -> bool:
+        return self._task is None and self.conn.state not in (State.DATA, State.BDAT)
+
+    # -- the pump ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Turn buffered input into replies until more input or a wait is needed."""
+        conn = self.conn
+        while self._task is None:
+            event = conn.next_event()
+            kind = type(event)
+            if kind is ev.NeedData:
+                break
+            if kind is ev.MessageData:
+                self._spool_write(event.data)  # type: ignore[union-attr]
+            elif kind is ev.MessageComplete:
+                self._spawn(self._message_complete())
+            elif kind is ev.StartTls:
+                self._spawn(self._starttls())
+            elif kind is ev.MessageRejected:
+                log.info("message refused", client=self.info.client_ip, reply=event.reply.text())  # type: ignore[union-attr]
+                self._end_message()
+            elif kind is not ev.AuthAborted:
+                conn.reply(self._answer(event))
+        self._after_pump()
+
+    def _after_pump(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        out = self.conn.data_to_send()
+        if self._task is not None:
+            if out:
+                transport.write(out)
+            return
+        if self.conn.closing:
+            self._write_and_close(out)
+        elif self.stopping and self._idle():
+            self._write_and_close(out + self.conn.close_with(SHUTTING_DOWN))
+        else:
+            if out:
+                transport.write(out)
+            body = self.conn.state in (State.DATA, State.BDAT)
+            self._arm(self.settings.data_timeout if body else self.settings.command_timeout)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], *, pause_reading: bool = True) -> None:
+        self._deadline = None
+        self._task = asyncio.get_running_loop().create_task(work)
+        self._task.add_done_callback(self._task_done)
+        if pause_reading:
+            self._update_reading()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("session task failed", client=self.info.client_ip, error=repr(error))
+            self._write_and_close(self.conn.close_with(HAND_OFF_FAILED))
+            return
+        self._update_reading()
+        self._pump()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._task is not None or self._write_paused
+        if pause and not self._reading_paused:
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            transport.resume_reading()
+        self._reading_paused = pause
+
+    def _write_and_close(self, out: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if out:
+                self.transport.write(out)
+            self.transport.close()
+
+    def _close(self) -> None:
+        self._write_and_close(b"")
+
+    # -- timeouts --------------------------------------------------------------------
 
     def _arm(self, timeout: float) -> None:
-        """Set the read deadline; one timer per session, moved lazily.
-
-        Re-arming on every read costs one clock read; the timer only fires
-        (and reschedules itself) when a deadline might have passed.
-        """
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + timeout
         if self._timer is None:
@@ -184,110 +332,67 @@ class Session:
         self._timer = None
         deadline = self._deadline
         if deadline is None:
-            return  # not reading: the next read re-arms
+            return  # busy, not waiting for the client: the next wait re-arms
         loop = asyncio.get_running_loop()
         if loop.time() < deadline:
             self._timer = loop.call_at(deadline, self._check_deadline)
             return
         log.info("timeout", client=self.info.client_ip, state=self.conn.state.value)
-        self.writer.write(self.conn.close_with(TIMEOUT))
-        self.writer.close()  # the pending read ends with EOF
+        if self._proxy_buffer is not None:
+            self._close()
+        else:
+            self._write_and_close(self.conn.close_with(TIMEOUT))
 
-    async def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.writer.write(out)
-            if self.writer.transport.get_write_buffer_size() > 65536:
-                await self.writer.drain()
+    # -- commands --------------------------------------------------------------------
 
-    async def _process(self) -> None:
-        conn = self.conn
-        while True:
-            event = conn.next_event()
-            if isinstance(event, ev.NeedData):
-                return
-            if isinstance(event, ev.MessageData):
-                self._spool_write(event.data)
-            elif isinstance(event, ev.MessageRejected):
-                log.info("message refused", client=self.info.client_ip, reply=event.reply.text())
-                self._end_message()
-            elif isinstance(event, ev.AuthAborted):
-                continue
-            elif isinstance(event, ev.StartTls):
-                await self._starttls()
-                return
-            else:
-                conn.reply(await self._answer(event))
-
-    async def _answer(self, event: ev.Event) -> Reply:
-        if isinstance(event, ev.MessageComplete):
-            return await self._message_complete()
-        if (
-            isinstance(event, ev.MailFrom)
-            and self.settings.require_tls
-            and not self.conn.tls_active
-        ):
+    def _answer(self, event: ev.Event) -> Reply:
+        if type(event) is ev.MailFrom and self.settings.require_tls and not self.conn.tls_active:
             return MUST_STARTTLS
-        custom = await self.handler.on_command(self.info, event)
-        reply = custom or self._default(event)
+        reply = self.handler.on_command(self.info, event) or self._default(event)
         if reply.code < 400:
             self._remember(event)
         return reply
 
     def _default(self, event: ev.Event) -> Reply:
-        if isinstance(event, ev.Hello):
+        kind = type(event)
+        if kind is ev.Hello:
             offer = self.settings.tls_context is not None
             return self.conn.ehlo_reply(self.info.hostname, starttls=offer)
-        if isinstance(event, ev.MailFrom):
-            return Reply.of(250, "2.1.0", "Ok")
-        if isinstance(event, ev.RcptTo):
-            return Reply.of(250, "2.1.5", "Ok")
-        if isinstance(event, ev.DataRequested):
-            return r.START_INPUT if self._open_spool() else SPOOL_FAILED
-        if isinstance(event, ev.Quit):
+        if kind is ev.MailFrom:
+            return r.SENDER_OK
+        if kind is ev.RcptTo:
+            return r.RECIPIENT_OK
+        if kind is ev.DataRequested:
+            return r.START_INPUT
+        if kind is ev.Quit:
             return r.BYE
-        if isinstance(event, ev.Verify):
+        if kind is ev.Verify:
             return r.VRFY_CANNOT
-        if isinstance(event, ev.Help):
+        if kind is ev.Help:
             return r.HELP
-        if isinstance(event, (ev.AuthRequested, ev.AuthResponse)):
+        if kind is ev.AuthRequested or kind is ev.AuthResponse:
             return r.AUTH_UNAVAILABLE
         return r.OK  # RSET, NOOP
 
     def _remember(self, event: ev.Event) -> None:
         info = self.info
-        if isinstance(event, ev.Hello):
-            info.helo, info.esmtp = event.name, event.extended
-            self._reset_transaction()
-        elif isinstance(event, ev.MailFrom):
-            info.sender, info.mail_event = event.sender, event
-        elif isinstance(event, ev.RcptTo):
+        if isinstance(event, ev.RcptTo):
             info.recipients.append(Recipient(event.recipient, event.params))
+        elif isinstance(event, ev.MailFrom):
+            info.sender, info.mail_params = event.sender, event.params
+        elif isinstance(event, ev.Hello):
+            info.helo, info.esmtp = event.name, event.extended
+            self._end_message()
         elif isinstance(event, ev.Reset):
-            self._reset_transaction()
+            self._end_message()
 
-    def _reset_transaction(self) -> None:
-        self._drop_spool()
-        self.info.sender, self.info.mail_event = None, None
-        self.info.recipients = []
-        self.busy = False
-
-    # -- the body -------------------------------------------------------------
-
-    def _open_spool(self) -> bool:
-        if self.spool is not None:
-            return True
-        self.spool = SpooledBody(self.settings.spool_dir, new_queue_id())
-        self.busy = True
-        return True
+    # -- the body --------------------------------------------------------------------
 
     def _spool_write(self, data: bytes) -> None:
         if self.spool is None:
-            self._open_spool()
-        assert self.spool is not None
+            self.spool = SpooledBody(self.settings.spool_dir, new_queue_id())
+            data = self._trace_header(self.spool.queue_id) + data
         try:
-            if self.spool.size == 0:
-                self.spool.write(self._trace_header(self.spool.queue_id))
             self.spool.write(data)
         except OSError as exc:  # the message is refused at its end, never half-kept
             log.error("spool write failed", queue_id=self.spool.queue_id, error=str(exc))
@@ -308,8 +413,8 @@ class Session:
         )
         return received_header(facts, datetime.now(UTC))
 
-    async def _message_complete(self) -> Reply:
-        if self.spool is None or self.spool.size == 0:  # an empty body ("BDAT 0 LAST")
+    async def _message_complete(self) -> None:
+        if self.spool is None:  # an empty body ("BDAT 0 LAST")
             self._spool_write(b"")
         spool = self.spool
         assert spool is not None
@@ -320,51 +425,77 @@ class Session:
             self._spool_failed = True
         if self._spool_failed:
             self._end_message()
-            return SPOOL_FAILED
+            self.conn.reply(SPOOL_FAILED)
+            return
         try:
             reply = await self.handler.on_message(self.info, self.info.envelope(), spool)
         finally:
             self._end_message()
-        return reply
+        self.conn.reply(reply)
 
     def _end_message(self) -> None:
         self._drop_spool()
         self._spool_failed = False
-        self.info.sender, self.info.mail_event = None, None
-        self.info.recipients = []
-        self.busy = False
+        info = self.info
+        info.sender, info.mail_params, info.recipients = None, _NO_PARAMS, []
 
     def _drop_spool(self) -> None:
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
 
-    # -- STARTTLS -------------------------------------------------------------
+    # -- STARTTLS --------------------------------------------------------------------
 
     async def _starttls(self) -> None:
         context = self.settings.tls_context
+        transport = self.transport
         assert context is not None  # the core only emits StartTls when offered
+        assert transport is not None
         self.conn.reply(r.READY_FOR_TLS)
-        await self._flush()
+        transport.write(self.conn.data_to_send())
+        loop = asyncio.get_running_loop()
+        self._tls_early = bytearray()
         try:
-            async with asyncio.timeout(self.settings.tls_handshake_timeout):
-                await self.writer.start_tls(context)
-        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            secure = await loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.settings.tls_handshake_timeout,
+            )
+        except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
+            self._tls_early = None
             log.info("TLS handshake failed", client=self.info.client_ip, error=str(exc))
-            self.conn.close_with(TIMEOUT)  # nothing can be written in the clear now
+            self.conn.close_with(TIMEOUT)  # nothing more can be said in the clear
+            transport.abort()
             return
+        self.transport = cast(asyncio.Transport, secure)
+        self._reading_paused = False
         self.conn.tls_started()
-        self.info.tls = tls_summary(self.writer)
+        self.info.tls = tls_summary(self.transport)
         self.info.helo, self.info.esmtp = "", False
-        self._reset_transaction()
+        self._end_message()
+        early, self._tls_early = bytes(self._tls_early), None
+        if early:
+            self.conn.receive_data(early)
 
 
-def tls_summary(writer: asyncio.StreamWriter) -> str | None:
+def tls_summary(transport: asyncio.BaseTransport) -> str | None:
     """``"TLSv1.3 TLS_AES_256_GCM_SHA384 (256 bits)"`` for the Received header."""
-    ssl_object = writer.get_extra_info("ssl_object")
+    ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
     cipher = ssl_object.cipher()
     if not cipher:
         return str(ssl_object.version())
     return f"{ssl_object.version()} {cipher[0]} ({cipher[2]} bits)"
+
+
+async def wait_closed(sessions: list[Session], timeout: float) -> list[Session]:
+    """Wait for sessions to end; returns those still open after ``timeout``."""
+    if not sessions:
+        return []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(s.done for s in sessions))
+    return [s for s in sessions if not s.done.done()]

@@ -8,8 +8,9 @@ comment, the way Postfix does, so a reader can see how the hop was secured.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,11 @@ def _clean(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:255]
 
 
+@lru_cache(maxsize=4)
+def _date(seconds: int) -> str:
+    return format_datetime(datetime.fromtimestamp(seconds, UTC))
+
+
 def received_header(facts: TraceFacts, when: datetime) -> bytes:
     """A folded ``Received:`` header, CRLF-terminated."""
     name = _clean(facts.client_name or "unknown")
@@ -50,5 +56,5 @@ def received_header(facts: TraceFacts, when: datetime) -> bytes:
     if facts.recipient:
         lines.append(f"\tfor <{_clean(facts.recipient)}>")
     lines[-1] += ";"
-    lines.append(f"\t{format_datetime(when)}")
+    lines.append(f"\t{_date(int(when.timestamp()))}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")

@@ -24,6 +24,8 @@ from smtpgate.proto.replies import NON_ASCII_ADDRESS, Reply
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+_NO_MAIL_PARAMS = MailParams()
+_NO_RCPT_PARAMS = RcptParams()
 
 
 class SyntaxProblem(Exception):  # noqa: N818 - a value carrying a reply, not an "error" of ours
@@ -138,6 +140,8 @@ def parse_path(text: str, *, sender: bool, smtputf8: bool) -> tuple[str, str]:
 
 def _closing_bracket(text: str) -> int:
     """Index of the ``>`` closing the path, skipping quoted local parts."""
+    if '"' not in text:
+        return text.find(">")
     quoted = escaped = False
     for i, ch in enumerate(text):
         if escaped:
@@ -201,6 +205,8 @@ def _choice(key: str, value: str | None, allowed: tuple[str, ...]) -> str:
 
 def parse_mail_params(params: dict[str, str | None]) -> MailParams:
     """Interpret MAIL FROM parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH)."""
+    if not params:
+        return _NO_MAIL_PARAMS
     size: int | None = None
     raw_size = params.get("SIZE")
     if "SIZE" in params:
@@ -254,6 +260,8 @@ def _parse_orcpt(value: str | None) -> tuple[str, str]:
 
 def parse_rcpt_params(params: dict[str, str | None]) -> RcptParams:
     """Interpret RCPT TO parameters (NOTIFY, ORCPT)."""
+    if not params:
+        return _NO_RCPT_PARAMS
     for key in params:
         if key not in {"NOTIFY", "ORCPT"}:
             raise _unsupported(key)

@@ -13,7 +13,7 @@ Rules kept here:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
@@ -25,6 +25,7 @@ class Reply:
     code: int
     status: str | None
     lines: tuple[str, ...]
+    _wire: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -39,6 +40,7 @@ class Reply:
         for line in self.lines:
             if "\r" in line or "\n" in line:
                 raise ValueError("reply text must not contain CR or LF")
+        object.__setattr__(self, "_wire", self._render())
 
     @classmethod
     def of(cls, code: int, status: str | None, *lines: str) -> Reply:
@@ -63,7 +65,10 @@ class Reply:
         return f"{self.code} {prefix}" + " / ".join(self.lines)
 
     def to_bytes(self) -> bytes:
-        """Render as wire bytes; every line but the last uses ``code-``."""
+        """The wire bytes; every line but the last uses ``code-``."""
+        return self._wire
+
+    def _render(self) -> bytes:
         prefix = f"{self.status} " if self.status else ""
         last = len(self.lines) - 1
         out = [
@@ -76,6 +81,8 @@ class Reply:
 # Replies the protocol core sends on its own (syntax, sequence and limits).
 # Texts follow Postfix where it has one, so operators recognise them.
 OK = Reply.of(250, "2.0.0", "Ok")
+SENDER_OK = Reply.of(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
 BYE = Reply.of(221, "2.0.0", "Bye")
 START_INPUT = Reply.of(354, None, "End data with <CR><LF>.<CR><LF>")
 READY_FOR_TLS = Reply.of(220, "2.0.0", "Ready to start TLS")
