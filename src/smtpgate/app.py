@@ -8,14 +8,17 @@ the end of the message. Nothing here parses SMTP or decides policy itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.delivery.relay import HandOff, relay_message
-from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits
+from smtpgate.inbound.server import (
+    InboundServer,
+    ListenerSpec,
+    ServerLimits,
+    until_stop_signal,
+)
 from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
 from smtpgate.model.envelope import Envelope
 from smtpgate.observe.log import get_logger
@@ -170,19 +173,12 @@ def build_server(config: GatewayConfig) -> InboundServer:
     return InboundServer(specs, handler_factory, limits, config.gateway.hostname)
 
 
-async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = build_server(config)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    if ready is not None:
-        ready.set()
     log.info("gateway ready", node=config.gateway.node, hostname=config.gateway.hostname)
-    await stop.wait()
+    await until_stop_signal()
     log.info("shutting down", grace=config.timeouts.shutdown_grace)
     await server.stop(config.timeouts.shutdown_grace)
 

@@ -11,20 +11,18 @@ It runs on the same protocol core and session code as the gateway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits
+from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits, until_stop_signal
 from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
 from smtpgate.model.envelope import Envelope
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import SessionLimits
-from smtpgate.spool import SpooledBody
+from smtpgate.spool import SpooledBody, fsync_path
 
 
 def parse_reply(text: str) -> Reply:
@@ -75,18 +73,10 @@ class SinkHandler:
         meta_tmp.write_text(json.dumps(meta, indent=1))
         body.save_as(directory / f"{queue_id}.eml", fsync=self.behaviour.fsync)
         if self.behaviour.fsync:
-            _fsync_file(meta_tmp)
+            fsync_path(meta_tmp)
         os.replace(meta_tmp, directory / f"{queue_id}.json")
         if self.behaviour.fsync:
-            _fsync_file(directory)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(directory)
 
 
 def build_sink(
@@ -116,10 +106,5 @@ def build_sink(
 async def run_sink(host: str, port: int, behaviour: SinkBehaviour) -> None:
     server = build_sink(host, port, behaviour)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await until_stop_signal()
     await server.stop(5)

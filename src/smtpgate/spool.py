@@ -78,7 +78,7 @@ class SpooledBody:
         """Make the body a file at ``target`` (durable when ``fsync``)."""
         if self.path is not None:
             if fsync:
-                _fsync(self.path)
+                fsync_path(self.path)
             os.replace(self.path, target)
             self.path = None
             return
@@ -98,7 +98,8 @@ class SpooledBody:
         self._memory = bytearray()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -93,6 +93,11 @@ async def test_50_mb_message_streams_without_growing_memory(
     assert all(size > 50_000_000 for size in stored)
 
 
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    argv = [SMTPGATE, "config", "check", "--config", str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
 def test_config_check_names_every_bad_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
@@ -102,12 +107,7 @@ def test_config_check_names_every_bad_field(tmp_path: Path) -> None:
         "  - {name: mx, address: '127.0.0.1:2525', security: starttls}\n"
         "  - {name: sub, address: '127.0.0.1:2587', securty: none}\n"
     )
-    result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _check(path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     for expected in ("hosted_domains[1]", "listeners[0].address", "listeners[2].securty"):
@@ -121,12 +121,7 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
         "  - {name: mx, address: '127.0.0.1:2525', security: starttls}\n"
         "  - {name: mx, address: '127.0.0.1:2525', security: none}\n"
     )
-    result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _check(path)
     assert result.returncode == 1
     assert "listeners[0].certificate: security starttls needs a server certificate" in result.stderr
     assert "listeners[1].name: duplicate name 'mx'" in result.stderr
@@ -135,24 +130,14 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
 
 def test_config_check_accepts_the_example_and_warns_about_smtps_on_25(tmp_path: Path) -> None:
     example = Path(__file__).parents[2] / "examples" / "gateway.yaml"
-    result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(example)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _check(example)
     assert result.returncode == 0, result.stderr
     path = tmp_path / "smtps25.yaml"
     path.write_text(
         "certificates: [{name: c, cert: c.pem, key: c.key}]\n"
         "listeners: [{name: mx, address: '127.0.0.1:25', security: implicit-tls, certificate: c}]\n"
     )
-    result = subprocess.run(
-        [SMTPGATE, "config", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _check(path)
     assert result.returncode == 0
     assert "not RFC-compliant" in result.stderr
     assert "465" in result.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import ssl
 from collections import Counter
 from collections.abc import Callable
@@ -138,3 +139,13 @@ class InboundServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+
+
+async def until_stop_signal() -> None:
+    """Return when SIGTERM or SIGINT arrives (the graceful-shutdown request)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
