@@ -70,6 +70,9 @@ async def serve_smtpgate(port: int, spool: Path) -> None:
         def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
             return None
 
+        async def on_auth(self, info: SessionInfo, username: str, password: str) -> Reply:
+            return Reply.of(535, "5.7.8", "no")
+
         async def on_message(
             self, info: SessionInfo, envelope: Envelope, body: SpooledBody
         ) -> Reply:

@@ -1,42 +1,154 @@
-"""Table tests for the pure policy functions: relay and routing."""
+"""Table tests for the pure policy functions: relay, spoofing, routing, TLS."""
 
 from __future__ import annotations
 
 import pytest
 
-from smtpgate.config.schema import Namespace, SendConnector
-from smtpgate.policy.relay import decide_relay, split_address
+from smtpgate.config.schema import Namespace, RelayMode, SendConnector
+from smtpgate.policy.profile import Profile, ProfileMatch
+from smtpgate.policy.relay import (
+    decide_connect,
+    decide_relay,
+    decide_sender,
+    relay_rights,
+    spam_checked,
+    split_address,
+)
 from smtpgate.policy.routing import domain_matches, select_connector
+from smtpgate.policy.tls import decide_mail_tls, inbound_tls_required
 
 HOSTED = frozenset({"example.com", "xn--bcher-kva.example"})
+MODES: tuple[RelayMode, ...] = ("none", "full", "restricted-external", "restricted-internal")
+
+# mode -> (hosted recipient accepted, foreign recipient accepted, spam-checked by default)
+RELAY_TABLE: dict[RelayMode, tuple[bool, bool, bool]] = {
+    "none": (True, False, True),
+    "full": (True, True, False),
+    "restricted-external": (True, False, True),
+    "restricted-internal": (True, False, False),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("authenticated_as", [None, *MODES])
+@pytest.mark.parametrize("recipient", ["alice@example.com", "victim@foreign.example"])
+def test_relay_every_mode_hosted_or_foreign_authenticated_or_not(
+    mode: RelayMode, authenticated_as: RelayMode | None, recipient: str
+) -> None:
+    connection = Profile("conn", mode, False)
+    auth = Profile("users", authenticated_as, False) if authenticated_as else None
+    rights = relay_rights(connection, auth)
+    effective = rights.mode
+    if authenticated_as is not None and (mode == "full" or authenticated_as == "full"):
+        assert effective == "full"
+    hosted_ok, foreign_ok, _ = RELAY_TABLE[effective]
+    expected = hosted_ok if recipient.endswith("@example.com") else foreign_ok
+    verdict = decide_relay(effective, recipient, HOSTED)
+    assert verdict.accepted is expected
+    if not expected:
+        assert verdict.reply is not None
+        assert (verdict.reply.code, verdict.reply.status) == (554, "5.7.1")
 
 
 @pytest.mark.parametrize(
-    ("recipient", "accepted"),
+    ("connection", "auth", "effective"),
     [
-        ("alice@example.com", True),
-        ("Alice@EXAMPLE.COM", True),
-        ("jörg@bücher.example", True),  # IDNA-normalised
-        ("alice@sub.example.com", False),  # subdomains are not hosted unless listed
-        ("alice@example.com.evil.example", False),
-        ("victim@foreign.example", False),
-        ("victim%foreign.example@example.com", False),  # percent hack
-        ("foreign.example!victim@example.com", False),  # bang path
-        ('"victim@foreign.example"@example.com', False),  # quoted @
-        ("alice@[127.0.0.1]", False),  # IP literal
+        ("none", None, "none"),
+        ("none", "full", "full"),
+        ("full", "none", "full"),  # never less than the connection's own rights
+        ("restricted-external", "restricted-internal", "restricted-internal"),
+        ("restricted-internal", "restricted-external", "restricted-internal"),
     ],
 )
-def test_relay_none_accepts_only_hosted_domains(recipient: str, accepted: bool) -> None:
-    verdict = decide_relay(recipient, HOSTED)
+def test_authenticated_sessions_get_the_more_permissive_mode(
+    connection: RelayMode, auth: RelayMode | None, effective: RelayMode
+) -> None:
+    auth_profile = Profile("users", auth, False) if auth else None
+    assert relay_rights(Profile("c", connection, False), auth_profile).mode == effective
+
+
+@pytest.mark.parametrize(("mode", "check_outbound", "checked"), [
+    ("none", False, True), ("restricted-external", False, True),
+    ("full", False, False), ("restricted-internal", False, False),
+    ("full", True, True), ("restricted-internal", True, True), ("none", True, True),
+])
+def test_spam_check_decision(mode: RelayMode, check_outbound: bool, checked: bool) -> None:
+    assert spam_checked(mode, check_outbound)[0] is checked
+
+
+def test_blocked_profile_is_refused_at_connect() -> None:
+    verdict = decide_connect(Profile("bad", "blocked", False))
+    assert verdict.reply is not None
+    assert verdict.reply.text() == "554 5.7.1 Access denied"
+    assert decide_connect(Profile("ok", "none", False)).accepted
+    assert not decide_relay("blocked", "alice@example.com", HOSTED).accepted
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "victim%foreign.example@example.com",  # percent hack
+        "foreign.example!victim@example.com",  # bang path
+        '"victim@foreign.example"@example.com',  # quoted @
+    ],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_sender_specified_routing_only_for_trusted_modes(recipient: str, mode: RelayMode) -> None:
+    trusted = mode in ("full", "restricted-internal")
+    assert decide_relay(mode, recipient, HOSTED).accepted is trusted
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ["alice@sub.example.com", "alice@example.com.evil.example", "alice@[127.0.0.1]",
+     "alice@[IPv6:::1]", "alice@exampl.com"],
+)
+@pytest.mark.parametrize("mode", ["none", "restricted-external", "restricted-internal"])
+def test_nothing_but_a_hosted_domain_passes(recipient: str, mode: RelayMode) -> None:
+    assert not decide_relay(mode, recipient, HOSTED).accepted
+
+
+def test_hosted_domains_match_case_insensitively_and_by_idna() -> None:
+    assert decide_relay("none", "Alice@EXAMPLE.COM", HOSTED).accepted
+    assert decide_relay("none", "jörg@bücher.example", HOSTED).accepted
+    assert split_address("User@Bücher.Example") == ("User", "xn--bcher-kva.example")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spoof_detection", [True, False])
+@pytest.mark.parametrize("sender", ["ceo@example.com", "someone@foreign.example", ""])
+def test_spoof_detection(mode: RelayMode, spoof_detection: bool, sender: str) -> None:
+    verdict = decide_sender(mode, sender, HOSTED, spoof_detection)
+    spoofing = sender.endswith("@example.com") and mode in ("none", "restricted-external")
+    assert verdict.accepted is not (spoofing and spoof_detection)
+    if not verdict.accepted:
+        assert verdict.reply is not None
+        assert (verdict.reply.code, verdict.reply.status) == (553, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    ("connection_tls", "sender_tls", "tls_active", "accepted"),
+    [
+        (False, None, False, True),
+        (True, None, False, False),
+        (True, None, True, True),
+        (False, True, False, False),  # the sender domain's profile requires TLS
+        (False, False, False, True),
+        (False, True, True, True),
+    ],
+)
+def test_inbound_tls_requirement(
+    connection_tls: bool, sender_tls: bool | None, tls_active: bool, accepted: bool
+) -> None:
+    connection = ProfileMatch(Profile("c", "none", connection_tls), "client-ip", "192.0.2.1")
+    sender = (ProfileMatch(Profile("s", "none", sender_tls), "sender-domain", "partner.example")
+              if sender_tls is not None else None)
+    required, why = inbound_tls_required(connection, sender)
+    verdict = decide_mail_tls(required, why, tls_active)
     assert verdict.accepted is accepted
     if not accepted:
         assert verdict.reply is not None
-        assert (verdict.reply.code, verdict.reply.status) == (554, "5.7.1")
-    assert verdict.reason
-
-
-def test_split_address_normalises_the_domain() -> None:
-    assert split_address("User@Bücher.Example") == ("User", "xn--bcher-kva.example")
+        assert verdict.reply.text().startswith("530 5.7.0")
 
 
 @pytest.mark.parametrize(
@@ -62,16 +174,12 @@ def test_domain_patterns(pattern: str, domain: str, matches: bool) -> None:
 def _connector(
     name: str, cost: int, *namespaces: tuple[str, str], roles: list[str] | None = None
 ) -> SendConnector:
-    return SendConnector.model_validate(
-        {
-            "name": name,
-            "cost": cost,
-            "roles": roles or [],
-            "deliver": {"smarthost": {"host": "127.0.0.1"}},
-            "namespaces": [Namespace(sender=s, recipient=r).model_dump() for s, r in namespaces]
-            or [{"sender": "*", "recipient": "*"}],
-        }
-    )
+    return SendConnector.model_validate({
+        "name": name, "cost": cost, "roles": roles or [],
+        "deliver": {"smarthost": {"host": "127.0.0.1"}},
+        "namespaces": [Namespace(sender=s, recipient=r).model_dump() for s, r in namespaces]
+        or [{"sender": "*", "recipient": "*"}],
+    })
 
 
 CONNECTORS = [

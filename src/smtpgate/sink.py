@@ -59,6 +59,9 @@ class SinkHandler:
         await asyncio.to_thread(self._store, envelope, body, queue_id)
         return Reply.of(250, "2.0.0", f"Ok: stored as {queue_id}")
 
+    async def on_auth(self, info: SessionInfo, username: str, password: str) -> Reply:
+        return Reply.of(535, "5.7.8", "The sink accepts no credentials")
+
     def _store(self, envelope: Envelope, body: SpooledBody, queue_id: str) -> None:
         directory = self.behaviour.directory
         meta = {

@@ -1,21 +1,23 @@
-"""``smtpgate``: serve, check configuration, run a recording sink.
+"""``smtpgate``: serve, check configuration, explain policy, credentials, sink.
 
 Every command exits 0 on success, 1 when the thing it checked is wrong (a bad
-configuration), 2 on bad usage. Errors are printed as sentences with the
-field path, never as tracebacks.
+configuration, a refused delivery), 2 on bad usage. Errors are printed as
+sentences with the field path, never as tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from smtpgate import __version__
-from smtpgate.config.load import load_config
-from smtpgate.config.schema import parse_listen_address
+from smtpgate.config.load import notices, parse_config, read_document
+from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
 from smtpgate.errors import ConfigError
 from smtpgate.observe.log import configure
@@ -36,6 +38,41 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
 
+    policy = commands.add_parser("policy", help="policy tools")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    explain = policy_commands.add_parser(
+        "explain", help="show every decision the gateway would make for a client"
+    )
+    explain.add_argument("--config", type=Path, required=True)
+    explain.add_argument("--client-ip", required=True)
+    explain.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        help="a forward-confirmed host name of the client (no DNS lookup)",
+    )
+    explain.add_argument(
+        "--lookup", action="store_true", help="find confirmed host names with DNS (gateway.dns)"
+    )
+    explain.add_argument("--helo")
+    explain.add_argument("--sender")
+    explain.add_argument("--recipient", action="append", default=[])
+    explain.add_argument("--tls", action="store_true", help="the client has done STARTTLS")
+    explain.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
+    explain.add_argument("--json", action="store_true")
+
+    credentials = commands.add_parser("credentials", help="SMTP AUTH credentials")
+    cred_commands = credentials.add_subparsers(dest="credentials_command", required=True)
+    encrypt = cred_commands.add_parser(
+        "encrypt", help="encrypt a password (read from standard input) for the configuration"
+    )
+    encrypt.add_argument("--config", type=Path, required=True)
+    send = cred_commands.add_parser(
+        "send", help="mail a profile's user names and passwords to gateway.admin_address"
+    )
+    send.add_argument("profile")
+    send.add_argument("--config", type=Path, required=True)
+
     sink = commands.add_parser("sink", help="run a recording SMTP server")
     sink.add_argument("--listen", default="127.0.0.1:2526", help="HOST:PORT (default %(default)s)")
     sink.add_argument("--dir", type=Path, default=Path("var/sink"), help="where messages go")
@@ -50,30 +87,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(path: Path, exc: ConfigError) -> int:
+    print(f"{path}: configuration is invalid:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def _load(path: Path, *, announce: bool) -> GatewayConfig:
+    document = read_document(path)
+    config = parse_config(document)
+    if announce:
+        for notice in notices(document):
+            print(f"notice: {notice}", file=sys.stderr)
+        for warning in warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
 def _config_check(path: Path) -> int:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"{path}: configuration is invalid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    for warning in warnings(config):
-        print(f"warning: {warning}", file=sys.stderr)
+    _load(path, announce=True)
     print(f"{path}: configuration is valid")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     configure(args.log_level, json=args.log_json)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: configuration is invalid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    from smtpgate.app import run  # noqa: PLC0415 - keep `config check` light
+    config = _load(args.config, announce=True)
+    from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
 
     try:
         run(config)
@@ -81,6 +122,60 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from smtpgate.dns import DnsResolver, confirmed_names  # noqa: PLC0415
+    from smtpgate.policy.explain import Facts, explain  # noqa: PLC0415
+    from smtpgate.policy.profile import ProfileIndex  # noqa: PLC0415
+
+    config = _load(args.config, announce=False)
+    names = list(args.hostname)
+    if args.lookup:
+        resolver = DnsResolver(config.gateway.dns)
+        names += asyncio.run(confirmed_names(resolver, args.client_ip))
+    users = {
+        c.username: p.name for p in config.connection_profiles for c in p.smtp_auth.credentials
+    }
+    facts = Facts(
+        args.client_ip,
+        tuple(names),
+        args.helo,
+        args.sender,
+        tuple(args.recipient),
+        args.tls,
+        args.auth,
+    )
+    result = explain(config, ProfileIndex(config), users, facts)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.as_text())
+    return 0
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from smtpgate.config.secret import encrypt, load_key  # noqa: PLC0415
+
+    config = _load(args.config, announce=False)
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("smtpgate credentials encrypt: empty password", file=sys.stderr)
+        return 2
+    print(encrypt(load_key(config.gateway.data_dir, create=True), password))
+    return 0
+
+
+def _send_credentials(args: argparse.Namespace) -> int:
+    from smtpgate.gateway import GatewayPolicy, send_credentials  # noqa: PLC0415
+
+    configure("warning")
+    config = _load(args.config, announce=False)
+    spool = config.gateway.data_dir / "spool"
+    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    outcome = asyncio.run(send_credentials(GatewayPolicy.build(config), args.profile, spool))
+    print(f"{outcome.reply.text()} ({outcome.detail})")
+    return 0 if outcome.reply.code == 250 else 1
 
 
 def _sink(args: argparse.Namespace) -> int:
@@ -107,15 +202,26 @@ def _sink(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "config":
         return _config_check(args.config)
+    if args.command == "policy":
+        return _explain(args)
+    if args.command == "credentials":
+        return _encrypt(args) if args.credentials_command == "encrypt" else _send_credentials(args)
     if args.command == "sink":
         return _sink(args)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        return _fail(getattr(args, "config", None) or Path("configuration"), exc)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from smtpgate.config.schema import GatewayConfig
+from smtpgate.config.schema import GatewayConfig, convert_wildcard
 from smtpgate.config.validate import validate
 from smtpgate.errors import ConfigError, FieldProblem
 
@@ -56,16 +56,38 @@ def parse_config(document: Any) -> GatewayConfig:
     return config
 
 
-def load_config(path: Path) -> GatewayConfig:
-    """Read and check a YAML configuration file; relative paths are kept as written."""
+def notices(document: Any) -> list[FieldProblem]:
+    """Things the loader changed on the way in (legacy wildcards become CIDR)."""
+    found: list[FieldProblem] = []
+    profiles = document.get("connection_profiles") if isinstance(document, dict) else None
+    for i, profile in enumerate(profiles if isinstance(profiles, list) else []):
+        hosts = profile.get("client_hosts") if isinstance(profile, dict) else None
+        for j, entry in enumerate(hosts if isinstance(hosts, list) else []):
+            converted = convert_wildcard(entry) if isinstance(entry, str) else None
+            if converted is not None:
+                found.append(
+                    FieldProblem(
+                        f"connection_profiles[{i}].client_hosts[{j}]",
+                        f"legacy wildcard {entry} converted to {converted}",
+                    )
+                )
+    return found
+
+
+def read_document(path: Path) -> Any:
+    """The YAML document in ``path``, or a ConfigError saying why it cannot be read."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([FieldProblem("", f"cannot read {path}: {exc.strerror}")]) from None
     try:
-        document = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([FieldProblem("", f"YAML syntax error{where}")]) from None
-    return parse_config(document)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and check a YAML configuration file; relative paths are kept as written."""
+    return parse_config(read_document(path))

@@ -14,9 +14,19 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 Security = Literal["starttls", "require-starttls", "implicit-tls", "none"]
+RelayMode = Literal["none", "full", "restricted-external", "restricted-internal", "blocked"]
+TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 
 class Strict(BaseModel):
@@ -46,6 +56,21 @@ def _default_hostname() -> str:
     return socket.getfqdn()
 
 
+class DnsSettings(Strict):
+    """The resolver for reverse DNS (and later MX); empty nameservers: the system's."""
+
+    nameservers: list[str] = Field(default_factory=list)
+    port: int = Field(default=53, gt=0, lt=65536)
+    timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_address(entry)
+        return value
+
+
 class GatewaySettings(Strict):
     hostname: str = Field(default_factory=_default_hostname, description="banner and EHLO name")
     node: str = "gw1"
@@ -53,6 +78,7 @@ class GatewaySettings(Strict):
     data_dir: Path = Path("./var")
     admin_address: str | None = None
     banner: str = "ESMTP"
+    dns: DnsSettings = Field(default_factory=DnsSettings)
 
     @field_validator("hostname")
     @classmethod
@@ -81,6 +107,7 @@ class Listener(Strict):
     certificate: str | None = None
     client_identity: Literal["any"] = "any"
     proxy_protocol: bool = False
+    plaintext_auth_on_loopback: bool = False  # AUTH without TLS, for loopback clients only
 
     @field_validator("address")
     @classmethod
@@ -117,6 +144,10 @@ class Limits(Strict):
     max_message_size: int = Field(default=10_240_000, ge=1024)
     max_header_size: int = Field(default=102_400, ge=1024)
     max_errors: int = Field(default=20, ge=1)
+    max_auth_failures: int = Field(default=5, ge=1)
+    auth_failure_window: float = Field(default=600, gt=0)
+    auth_lockout: float = Field(default=900, ge=0)
+    auth_failure_delay: float = Field(default=1.0, ge=0)
 
 
 class Timeouts(Strict):
@@ -161,6 +192,123 @@ class SendConnector(Strict):
     namespaces: list[Namespace] = Field(default_factory=lambda: [Namespace()])
 
 
+def normalise_client_host(value: str) -> str:
+    """An IP address, a CIDR range or a host FQDN, in canonical form.
+
+    Legacy wildcards (``10.100.80.*``) are converted before this runs, by
+    :func:`convert_wildcard` in the loader, which also records a notice.
+    """
+    text = value.strip()
+    if "*" in text:
+        converted = convert_wildcard(text)
+        if converted is None:
+            raise ValueError(f"{value!r}: wildcards are only allowed as whole trailing octets")
+        text = converted
+    if "/" in text:
+        try:
+            return str(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a CIDR range ({exc})") from None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if text.replace(".", "").isdigit():
+        raise ValueError(f"{value!r} is not an IP address")
+    try:
+        return normalise_domain(text)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither an IP address, a CIDR range nor a host name"
+        ) from None
+
+
+def convert_wildcard(value: str) -> str | None:
+    """``10.100.80.*`` → ``10.100.80.0/24``; None if it is not a legacy wildcard."""
+    octets = value.strip().split(".")
+    if len(octets) != 4 or octets[0] == "*":
+        return None
+    fixed = [o for o in octets if o != "*"]
+    stars = len(octets) - len(fixed)
+    if not stars or octets[: len(fixed)] != fixed or not all(o.isdigit() for o in fixed):
+        return None
+    try:
+        network = ipaddress.ip_network(".".join(fixed + ["0"] * stars) + f"/{8 * len(fixed)}")
+    except ValueError:
+        return None
+    return str(network)
+
+
+ClientHost = Annotated[str, AfterValidator(normalise_client_host)]
+
+
+class InboundTls(Strict):
+    mandatory: bool = False
+
+
+class OutboundTls(Strict):
+    """When this gateway sends to the profile's hosts (applied by the TLS work)."""
+
+    mandatory: bool = False
+    protocols: Literal["global"] | list[TlsVersion] = "global"
+    cipher_strength: Literal["global", "high", "medium", "any"] = "global"
+    validate_certificate: bool = False
+    match: list[str] = Field(default_factory=lambda: ["hostname"])
+
+
+class Credential(Strict):
+    """One SMTP AUTH user; the password encrypted (``enc:...``) or in a file."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Credential:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("set exactly one of password (encrypted) and password_file")
+        if self.password is not None and not self.password.get_secret_value().startswith("enc:"):
+            raise ValueError(
+                "password must be encrypted: run `smtpgate credentials encrypt` "
+                "and paste its output, or use password_file"
+            )
+        if any(ch in self.username for ch in "\x00\r\n"):
+            raise ValueError("user names cannot contain NUL, CR or LF")
+        return self
+
+
+class SmtpAuth(Strict):
+    enabled: bool = False
+    credentials: list[Credential] = Field(default_factory=list)
+
+
+class ConnectionProfile(Strict):
+    name: str = Field(min_length=1)
+    notes: str = ""
+    client_hosts: list[ClientHost] = Field(default_factory=list)
+    sender_domains: list[DomainName] = Field(default_factory=list)
+    relay: RelayMode = "none"
+    inbound_tls: InboundTls = Field(default_factory=InboundTls)
+    outbound_tls: OutboundTls = Field(default_factory=OutboundTls)
+    smtp_auth: SmtpAuth = Field(default_factory=SmtpAuth)
+
+
+class DefaultProfile(Strict):
+    """What every client that matches no connection profile gets."""
+
+    relay: RelayMode = "none"
+    inbound_tls: InboundTls = Field(default_factory=InboundTls)
+    outbound_tls: OutboundTls = Field(default_factory=OutboundTls)
+
+
+class TlsSettings(Strict):
+    opportunistic: bool = True  # offer STARTTLS where the listener can
+
+
+class SpamSettings(Strict):
+    check_outbound: bool = False  # also scan mail from full / restricted-internal clients
+
+
 class GatewayConfig(Strict):
     """The whole configuration document."""
 
@@ -171,3 +319,8 @@ class GatewayConfig(Strict):
     limits: Limits = Field(default_factory=Limits)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     send_connectors: list[SendConnector] = Field(default_factory=list)
+    connection_profiles: list[ConnectionProfile] = Field(default_factory=list)
+    default_profile: DefaultProfile = Field(default_factory=DefaultProfile)
+    spoof_detection: bool = True
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    spam: SpamSettings = Field(default_factory=SpamSettings)

@@ -6,9 +6,11 @@ Each check is a function from the model to a list of problems, so that
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from smtpgate.config.schema import GatewayConfig
+from smtpgate.config.schema import ConnectionProfile, GatewayConfig
 from smtpgate.errors import FieldProblem
 
 
@@ -27,7 +29,93 @@ def unique_names(config: GatewayConfig) -> list[FieldProblem]:
         _duplicates("listeners", (x.name for x in config.listeners))
         + _duplicates("certificates", (x.name for x in config.certificates))
         + _duplicates("send_connectors", (x.name for x in config.send_connectors))
+        + _duplicates("connection_profiles", (x.name for x in config.connection_profiles))
     )
+
+
+def _first_places(
+    config: GatewayConfig, field: str, values: Callable[[ConnectionProfile], list[str]]
+) -> list[FieldProblem]:
+    """Entries that appear twice, in one profile or across profiles."""
+    seen: dict[str, str] = {}
+    problems = []
+    for i, profile in enumerate(config.connection_profiles):
+        for j, value in enumerate(values(profile)):
+            here = f"connection_profiles[{i}].{field}[{j}]"
+            key = value.lower()
+            if key in seen:
+                problems.append(FieldProblem(here, f"{value} is already listed at {seen[key]}"))
+            else:
+                seen[key] = f"{here} (profile {profile.name!r})"
+    return problems
+
+
+def unique_client_hosts(config: GatewayConfig) -> list[FieldProblem]:
+    return _first_places(config, "client_hosts", lambda p: p.client_hosts)
+
+
+def unique_sender_domains(config: GatewayConfig) -> list[FieldProblem]:
+    return _first_places(config, "sender_domains", lambda p: p.sender_domains)
+
+
+def unique_usernames(config: GatewayConfig) -> list[FieldProblem]:
+    """User names apply across all connection profiles, so each may appear once."""
+    seen: dict[str, str] = {}
+    problems = []
+    for i, profile in enumerate(config.connection_profiles):
+        for j, credential in enumerate(profile.smtp_auth.credentials):
+            here = f"connection_profiles[{i}].smtp_auth.credentials[{j}].username"
+            if credential.username in seen:
+                problems.append(
+                    FieldProblem(
+                        here,
+                        f"user name {credential.username!r} is already used "
+                        f"by {seen[credential.username]}; user names are "
+                        "shared by all connection profiles",
+                    )
+                )
+            else:
+                seen[credential.username] = f"profile {profile.name!r}"
+    return problems
+
+
+def sender_domains_need_opportunistic_tls(config: GatewayConfig) -> list[FieldProblem]:
+    if config.tls.opportunistic:
+        return []
+    return [
+        FieldProblem(
+            f"connection_profiles[{i}].sender_domains",
+            "a sender domain selects a profile only to require inbound TLS, which needs "
+            "STARTTLS to be offered: set tls.opportunistic: true or remove the sender domains",
+        )
+        for i, profile in enumerate(config.connection_profiles)
+        if profile.sender_domains
+    ]
+
+
+def password_files_are_private(config: GatewayConfig) -> list[FieldProblem]:
+    problems = []
+    for i, profile in enumerate(config.connection_profiles):
+        for j, credential in enumerate(profile.smtp_auth.credentials):
+            path = credential.password_file
+            if path is None:
+                continue
+            here = f"connection_profiles[{i}].smtp_auth.credentials[{j}].password_file"
+            problem = private_file_problem(path)
+            if problem:
+                problems.append(FieldProblem(here, problem))
+    return problems
+
+
+def private_file_problem(path: Path) -> str | None:
+    """Why a secret file is unusable (missing, or readable by others), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by other users; run: chmod 600 {path}"
+    return None
 
 
 def unique_addresses(config: GatewayConfig) -> list[FieldProblem]:
@@ -75,6 +163,11 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     unique_names,
     unique_addresses,
     tls_listeners_have_certificates,
+    unique_client_hosts,
+    unique_sender_domains,
+    unique_usernames,
+    sender_domains_need_opportunistic_tls,
+    password_files_are_private,
 )
 
 
@@ -93,5 +186,18 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
                     f"listeners[{index}].security",
                     "implicit TLS on port 25 is not RFC-compliant; use port 465 (RFC 8314)",
                 )
+            )
+    can_tls = any(x.security != "none" for x in config.listeners)
+    for i, profile in enumerate(config.connection_profiles):
+        if profile.inbound_tls.mandatory and not can_tls:
+            found.append(
+                FieldProblem(
+                    f"connection_profiles[{i}].inbound_tls.mandatory",
+                    "no listener offers TLS, so these clients can never send mail",
+                )
+            )
+        if profile.smtp_auth.enabled and not profile.smtp_auth.credentials:
+            found.append(
+                FieldProblem(f"connection_profiles[{i}].smtp_auth", "enabled without credentials")
             )
     return found

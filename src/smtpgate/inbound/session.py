@@ -25,7 +25,9 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import ipaddress
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -33,7 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from smtpgate.inbound import sasl
 from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
+from smtpgate.inbound.sasl import SaslExchange, SaslStep
 from smtpgate.inbound.trace import TraceFacts, received_header
 from smtpgate.model.envelope import Envelope, MailParams, Recipient
 from smtpgate.observe.log import get_logger
@@ -68,6 +72,12 @@ class SessionInfo:
     sender: str | None = None
     mail_params: MailParams = _NO_PARAMS
     recipients: list[Recipient] = field(default_factory=list)
+    # What the session offers; the handler may change these in on_connect.
+    offer_starttls: bool = False
+    auth_mechanisms: tuple[str, ...] = ()
+    # What the handler decided, carried into the envelope.
+    spam_check: bool = True
+    profile: str = ""
 
     def envelope(self) -> Envelope:
         return Envelope(
@@ -79,6 +89,8 @@ class SessionInfo:
             client_port=self.client_port,
             tls=self.tls,
             auth_user=self.auth_user,
+            spam_check=self.spam_check,
+            profile=self.profile,
         )
 
 
@@ -94,6 +106,9 @@ class SessionHandler(Protocol):
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         """A complete, checked body: hand it on and return the final reply."""
 
+    async def on_auth(self, info: SessionInfo, username: str, password: str) -> Reply:
+        """Verify credentials: 235 to accept, 535 or 454 to refuse."""
+
 
 @dataclass(frozen=True)
 class SessionSettings:
@@ -106,6 +121,7 @@ class SessionSettings:
     require_tls: bool
     proxy_protocol: bool = False
     proxy_timeout: float = 10.0
+    plaintext_auth_on_loopback: bool = False
 
 
 class SessionHost(Protocol):
@@ -143,6 +159,7 @@ class Session(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tls_early: bytearray | None = None
+        self._sasl: SaslExchange | None = None
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -152,6 +169,7 @@ class Session(asyncio.Protocol):
         self.info.client_ip, self.info.client_port = str(peer[0]), int(peer[1])
         self.info.tls = tls_summary(transport)
         self.conn.tls_active = self.info.tls is not None
+        self.info.offer_starttls = self.settings.tls_context is not None
         if self._proxy_buffer is not None:
             self._arm(self.settings.proxy_timeout)
             return
@@ -255,6 +273,8 @@ class Session(asyncio.Protocol):
                 self._spawn(self._message_complete())
             elif kind is ev.StartTls:
                 self._spawn(self._starttls())
+            elif kind is ev.AuthRequested or kind is ev.AuthResponse:
+                self._auth_step(event)  # type: ignore[arg-type]
             elif kind is ev.MessageRejected:
                 log.info("message refused", client=self.info.client_ip, reply=event.reply.text())  # type: ignore[union-attr]
                 self._end_message()
@@ -356,8 +376,11 @@ class Session(asyncio.Protocol):
     def _default(self, event: ev.Event) -> Reply:
         kind = type(event)
         if kind is ev.Hello:
-            offer = self.settings.tls_context is not None
-            return self.conn.ehlo_reply(self.info.hostname, starttls=offer)
+            info = self.info
+            offer = info.offer_starttls and self.settings.tls_context is not None
+            auth_now = self.conn.tls_active or self._plaintext_auth_allowed()
+            auth = info.auth_mechanisms if auth_now and not info.auth_user else ()
+            return self.conn.ehlo_reply(info.hostname, starttls=offer, auth=auth)
         if kind is ev.MailFrom:
             return r.SENDER_OK
         if kind is ev.RcptTo:
@@ -370,8 +393,6 @@ class Session(asyncio.Protocol):
             return r.VRFY_CANNOT
         if kind is ev.Help:
             return r.HELP
-        if kind is ev.AuthRequested or kind is ev.AuthResponse:
-            return r.AUTH_UNAVAILABLE
         return r.OK  # RSET, NOOP
 
     def _remember(self, event: ev.Event) -> None:
@@ -385,6 +406,37 @@ class Session(asyncio.Protocol):
             self._end_message()
         elif isinstance(event, ev.Reset):
             self._end_message()
+
+    # -- SMTP AUTH -------------------------------------------------------------------
+
+    def _plaintext_auth_allowed(self) -> bool:
+        """AUTH without TLS: only for loopback clients of a listener that says so."""
+        return self.settings.plaintext_auth_on_loopback and _is_loopback(self.info.client_ip)
+
+    def _auth_step(self, event: ev.AuthRequested | ev.AuthResponse) -> None:
+        if isinstance(event, ev.AuthRequested):
+            self._sasl = SaslExchange(event.mechanism)
+            step = self._sasl.start(event.initial_response)
+        elif self._sasl is not None:
+            step = self._sasl.respond(event.data)
+        else:  # pragma: no cover - the core only sends responses inside an exchange
+            step = SaslStep(failure=sasl.MALFORMED)
+        if step.challenge is not None:
+            self.conn.reply(Reply(334, None, (base64.b64encode(step.challenge).decode(),)))
+        elif step.failure is not None:
+            self._sasl = None
+            self.conn.reply(step.failure)
+        else:
+            self._sasl = None
+            assert step.username is not None
+            assert step.password is not None
+            self._spawn(self._verify(step.username, step.password))
+
+    async def _verify(self, username: str, password: str) -> None:
+        reply = await self.handler.on_auth(self.info, username, password)
+        if reply.code == 235:
+            self.info.auth_user = username
+        self.conn.reply(reply)
 
     # -- the body --------------------------------------------------------------------
 
@@ -478,6 +530,13 @@ class Session(asyncio.Protocol):
         early, self._tls_early = bytes(self._tls_early), None
         if early:
             self.conn.receive_data(early)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def tls_summary(transport: asyncio.BaseTransport) -> str | None:

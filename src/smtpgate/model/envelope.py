@@ -53,3 +53,5 @@ class Envelope:
     client_port: int = 0
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     auth_user: str | None = None
+    spam_check: bool = True  # decided by the relay mode; travels with the message
+    profile: str = ""  # the connection profile that accepted it

@@ -1,21 +1,55 @@
-"""May this recipient pass? (relay control, decided per recipient at RCPT)
+"""May this client send, and may this recipient pass? (relay control, spoofing)
 
-Until connection profiles exist every client is treated as the manual's
-relay mode *none*: only recipients in hosted domains are accepted. The
-decision is made on the normalised domain (lower case, IDNA), and
-sender-specified routing inside a hosted address (``a%b@hosted``,
-``b!a@hosted``, ``"a@b"@hosted``) is refused, as Postfix does for untrusted
-clients with ``allow_untrusted_routing = no``: a downstream server could
-otherwise route it onwards.
+The five relay modes of a connection profile, decided per recipient at RCPT
+on the normalised domain (lower case, IDNA; a source route is already gone):
+
+=====================  ==========================  ===================
+mode                   recipients accepted          spam-checked
+=====================  ==========================  ===================
+none                   hosted domains               yes
+full                   any                          only if check_outbound
+restricted-external    hosted domains               yes
+restricted-internal    hosted domains               only if check_outbound
+blocked                none: 554 5.7.1 at connect   -
+=====================  ==========================  ===================
+
+Untrusted modes (none, restricted-external, and the default profile unless
+configured otherwise) may not use sender-specified routing inside a hosted
+address (``a%b@hosted``, ``b!a@hosted``, ``"a@b"@hosted``): a downstream
+server could route it onwards, the way Postfix refuses it for untrusted
+clients (``allow_untrusted_routing = no``). IP-literal recipients are never
+hosted.
+
+Spoof detection: a client whose mode is untrusted may not use a sender
+address in a hosted domain; with spoof detection off, mail within hosted
+domains is not blocked.
+
+An authenticated session relays as the more permissive of its connection
+profile and the profile that owns its credentials (as Postfix's
+``permit_mynetworks, permit_sasl_authenticated``): full > restricted-internal
+> restricted-external > none.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Set
+from dataclasses import dataclass
 
+from smtpgate.config.schema import RelayMode
+from smtpgate.policy.profile import Profile
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
+
+TRUSTED: frozenset[RelayMode] = frozenset({"full", "restricted-internal"})
+_RANK: dict[RelayMode, int] = {
+    "blocked": -1,
+    "none": 0,
+    "restricted-external": 1,
+    "restricted-internal": 2,
+    "full": 3,
+}
+BLOCKED = Reply.of(554, "5.7.1", "Access denied")
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -28,17 +62,69 @@ def split_address(address: str) -> tuple[str, str]:
     return local, domain
 
 
-def _has_routing(local: str) -> bool:
-    return any(ch in local for ch in "%!@")
+@dataclass(frozen=True, slots=True)
+class RelayRights:
+    """The relay mode in force for a session, and where it comes from."""
+
+    mode: RelayMode
+    reason: str
 
 
-def decide_relay(recipient: str, hosted_domains: Set[str]) -> Verdict:
-    """Accept recipients in hosted domains; refuse everything else."""
+def relay_rights(connection: Profile, auth_profile: Profile | None = None) -> RelayRights:
+    """The mode in force: the connection's, or the more permissive after AUTH."""
+    if auth_profile is None or _RANK[auth_profile.relay] <= _RANK[connection.relay]:
+        return RelayRights(connection.relay, f"relay {connection.relay} from {connection.label}")
+    return RelayRights(
+        auth_profile.relay,
+        f"relay {auth_profile.relay} from {auth_profile.label} (authenticated user)",
+    )
+
+
+def decide_connect(profile: Profile) -> Verdict:
+    if profile.relay == "blocked":
+        return Verdict.reject(BLOCKED, f"{profile.label} is blocked")
+    return Verdict.accept(f"{profile.label} may connect")
+
+
+def decide_relay(mode: RelayMode, recipient: str, hosted_domains: Set[str]) -> Verdict:
+    """May ``recipient`` pass for a session whose relay mode is ``mode``?"""
     local, domain = split_address(recipient)
+    if mode == "blocked":
+        return Verdict.reject(BLOCKED, "the client is blocked")
+    if mode == "full":
+        return Verdict.accept("relay full: any recipient")
     if domain not in hosted_domains:
         reply = Reply.of(554, "5.7.1", f"<{recipient}>: Relay access denied")
-        return Verdict.reject(reply, f"{domain} is not a hosted domain")
-    if _has_routing(local):
+        return Verdict.reject(reply, f"relay {mode}: {domain} is not a hosted domain")
+    if mode not in TRUSTED and any(ch in local for ch in "%!@"):
         reply = Reply.of(554, "5.7.1", f"<{recipient}>: Sender-specified routing is not allowed")
-        return Verdict.reject(reply, "local part contains %, ! or @")
-    return Verdict.accept(f"{domain} is a hosted domain")
+        return Verdict.reject(reply, f"relay {mode}: the local part routes onwards (%, ! or @)")
+    return Verdict.accept(f"relay {mode}: {domain} is a hosted domain")
+
+
+def spam_checked(mode: RelayMode, check_outbound: bool) -> tuple[bool, str]:
+    """Whether mail from a session with ``mode`` goes through the spam scanner."""
+    if mode in TRUSTED:
+        if check_outbound:
+            return True, f"relay {mode}, and spam.check_outbound is on"
+        return False, f"relay {mode}: internal mail is not spam-checked"
+    return True, f"relay {mode}: mail from outside is spam-checked"
+
+
+def decide_sender(
+    mode: RelayMode, sender: str, hosted_domains: Set[str], spoof_detection: bool
+) -> Verdict:
+    """Spoof detection at MAIL FROM."""
+    if not sender or not spoof_detection:
+        return Verdict.accept("spoof detection does not apply")
+    domain = split_address(sender)[1]
+    if domain in hosted_domains and mode not in TRUSTED:
+        reply = Reply.of(
+            553,
+            "5.7.1",
+            f"<{sender}>: Sender address rejected: not allowed from your address (hosted domain)",
+        )
+        return Verdict.reject(
+            reply, f"spoof detection: {domain} is hosted, relay {mode} is not trusted to send as it"
+        )
+    return Verdict.accept("sender allowed")

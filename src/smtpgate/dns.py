@@ -1,0 +1,76 @@
+"""The gateway's one DNS resolver, behind an interface tests can point anywhere.
+
+Reverse DNS for connection profiles now (forward-confirmed host names), MX,
+A and AAAA for direct delivery later. ``gateway.dns`` picks the name servers
+(a DNS server on 127.0.0.1 in tests); empty means the system's resolv.conf.
+Lookups that fail or time out return nothing: a missing name never matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from smtpgate.config.schema import DnsSettings
+
+MAX_PTR_NAMES = 10  # Postfix, too, looks at a bounded number of PTR names
+
+
+class Resolver(Protocol):
+    async def ptr(self, ip: str) -> list[str]: ...
+
+    async def addresses(self, name: str) -> list[str]: ...
+
+
+class DnsResolver:
+    """dnspython's asynchronous resolver with our settings."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        self._resolver = dns.asyncresolver.Resolver(configure=not settings.nameservers)
+        if settings.nameservers:
+            self._resolver.nameservers = list(settings.nameservers)
+            self._resolver.port = settings.port
+        self._resolver.lifetime = settings.timeout
+
+    async def _query(self, name: str, rdtype: str) -> list[str]:
+        try:
+            answer = await self._resolver.resolve(name, rdtype)
+        except (dns.exception.DNSException, OSError):
+            return []
+        return [item.to_text() for item in answer]
+
+    async def ptr(self, ip: str) -> list[str]:
+        names = await self._query(dns.reversename.from_address(ip).to_text(), "PTR")
+        return [n.rstrip(".").lower() for n in names[:MAX_PTR_NAMES]]
+
+    async def addresses(self, name: str) -> list[str]:
+        found = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        return [address for group in found for address in group]
+
+
+async def confirmed_names(resolver: Resolver, ip: str) -> list[str]:
+    """Names from reverse DNS whose own addresses include ``ip`` (FCrDNS)."""
+    try:
+        client = ipaddress.ip_address(ip)
+    except ValueError:
+        return []
+    names = await resolver.ptr(ip)
+    checks = await asyncio.gather(*(resolver.addresses(name) for name in names))
+    confirmed = []
+    for name, addresses in zip(names, checks, strict=True):
+        if any(_same(client, a) for a in addresses):
+            confirmed.append(name)
+    return confirmed
+
+
+def _same(client: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) == client
+    except ValueError:
+        return False

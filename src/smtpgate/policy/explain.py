@@ -1,0 +1,174 @@
+"""``policy explain``: every decision for a hypothetical client, with reasons.
+
+It calls the same pure functions the server calls, in the same order, so
+what it prints is what the gateway would do: which profile matched and why,
+whether the client may connect, the TLS requirement, the relay rights
+(after AUTH too), the sender check, and per recipient the relay verdict and
+the send connector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpgate.config.schema import GatewayConfig
+from smtpgate.policy.profile import ProfileIndex, ProfileMatch, match_profile, match_sender_domain
+from smtpgate.policy.relay import (
+    RelayRights,
+    decide_connect,
+    decide_relay,
+    decide_sender,
+    relay_rights,
+    spam_checked,
+    split_address,
+)
+from smtpgate.policy.routing import select_connector
+from smtpgate.policy.tls import decide_mail_tls, inbound_tls_required
+from smtpgate.policy.verdict import Verdict
+
+
+@dataclass(frozen=True)
+class Facts:
+    client_ip: str
+    confirmed_names: Sequence[str] = ()
+    helo: str | None = None
+    sender: str | None = None
+    recipients: Sequence[str] = ()
+    tls: bool = False
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True)
+class RecipientDecision:
+    recipient: str
+    verdict: Verdict
+    connector: str | None
+    connector_reason: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    profile: ProfileMatch
+    connect: Verdict
+    rights: RelayRights
+    auth: str | None
+    tls_required: bool
+    tls: Verdict | None
+    sender: Verdict | None
+    spam_check: tuple[bool, str]
+    recipients: list[RecipientDecision] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        def verdict(v: Verdict | None) -> dict[str, Any] | None:
+            if v is None:
+                return None
+            return {
+                "accepted": v.accepted,
+                "reply": v.reply.text() if v.reply else None,
+                "reason": v.reason,
+            }
+
+        return {
+            "profile": {
+                "name": self.profile.profile.name,
+                "default": self.profile.profile.is_default,
+                "matched_by": self.profile.step,
+                "entry": self.profile.entry,
+                "reason": self.profile.reason(),
+            },
+            "connect": verdict(self.connect),
+            "auth": self.auth,
+            "relay": {"mode": self.rights.mode, "reason": self.rights.reason},
+            "inbound_tls": {"required": self.tls_required, "verdict": verdict(self.tls)},
+            "sender": verdict(self.sender),
+            "spam_check": {"checked": self.spam_check[0], "reason": self.spam_check[1]},
+            "recipients": [
+                {
+                    "recipient": d.recipient,
+                    **(verdict(d.verdict) or {}),
+                    "connector": d.connector,
+                    "connector_reason": d.connector_reason,
+                }
+                for d in self.recipients
+            ],
+        }
+
+    def as_text(self) -> str:
+        def show(v: Verdict) -> str:
+            return (
+                f"accept ({v.reason})"
+                if v.accepted
+                else f"refuse {v.reply.text() if v.reply else ''} ({v.reason})"
+            )
+
+        lines = [f"profile:      {self.profile.reason()}", f"connect:      {show(self.connect)}"]
+        if self.auth:
+            lines.append(f"auth:         {self.auth}")
+        lines.append(f"relay:        {self.rights.reason}")
+        if self.tls is not None:
+            lines.append(f"inbound TLS:  {show(self.tls)}")
+        if self.sender is not None:
+            lines.append(f"sender:       {show(self.sender)}")
+        checked, why = self.spam_check
+        lines.append(f"spam check:   {'yes' if checked else 'no'} ({why})")
+        for d in self.recipients:
+            lines.append(f"recipient {d.recipient}: {show(d.verdict)}")
+            lines.append(f"  connector:  {d.connector or '-'} ({d.connector_reason})")
+        return "\n".join(lines)
+
+
+def explain(
+    config: GatewayConfig, index: ProfileIndex, user_profiles: Mapping[str, str], facts: Facts
+) -> Explanation:
+    """Every decision for ``facts``; ``user_profiles`` maps user names to profile names."""
+    match = match_profile(index, facts.client_ip, facts.confirmed_names)
+    connect = decide_connect(match.profile)
+    auth_profile, auth_note = None, None
+    if facts.auth_user is not None:
+        owner = user_profiles.get(facts.auth_user)
+        auth_profile = index.profiles.get(owner) if owner else None
+        auth_note = (
+            f"user {facts.auth_user!r} belongs to {auth_profile.label}"
+            if auth_profile
+            else f"user {facts.auth_user!r} is unknown: authentication would fail"
+        )
+    rights = relay_rights(match.profile, auth_profile)
+    hosted = frozenset(config.hosted_domains)
+    sender_match = None
+    if facts.sender:
+        sender_match = match_sender_domain(index, split_address(facts.sender)[1])
+    required, why = inbound_tls_required(match, sender_match)
+    tls = decide_mail_tls(required, why, facts.tls) if facts.sender is not None else None
+    sender = (
+        decide_sender(rights.mode, facts.sender, hosted, config.spoof_detection)
+        if facts.sender is not None
+        else None
+    )
+    result = Explanation(
+        match,
+        connect,
+        rights,
+        auth_note,
+        required,
+        tls,
+        sender,
+        spam_checked(rights.mode, config.spam.check_outbound),
+    )
+    sender_domain = split_address(facts.sender)[1] if facts.sender else ""
+    roles = frozenset(config.gateway.roles)
+    for recipient in facts.recipients:
+        verdict = decide_relay(rights.mode, recipient, hosted)
+        connector = select_connector(
+            config.send_connectors, roles, sender_domain, split_address(recipient)[1]
+        )
+        reason = (
+            f"cheapest matching connector (cost {connector.cost})"
+            if connector
+            else "no send connector matches: 550 5.7.1 at RCPT"
+        )
+        result.recipients.append(
+            RecipientDecision(recipient, verdict, connector.name if connector else None, reason)
+        )
+    return result
