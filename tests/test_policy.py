@@ -67,11 +67,18 @@ def test_authenticated_sessions_get_the_more_permissive_mode(
     assert relay_rights(Profile("c", connection, False), auth_profile).mode == effective
 
 
-@pytest.mark.parametrize(("mode", "check_outbound", "checked"), [
-    ("none", False, True), ("restricted-external", False, True),
-    ("full", False, False), ("restricted-internal", False, False),
-    ("full", True, True), ("restricted-internal", True, True), ("none", True, True),
-])
+@pytest.mark.parametrize(
+    ("mode", "check_outbound", "checked"),
+    [
+        ("none", False, True),
+        ("restricted-external", False, True),
+        ("full", False, False),
+        ("restricted-internal", False, False),
+        ("full", True, True),
+        ("restricted-internal", True, True),
+        ("none", True, True),
+    ],
+)
 def test_spam_check_decision(mode: RelayMode, check_outbound: bool, checked: bool) -> None:
     assert spam_checked(mode, check_outbound)[0] is checked
 
@@ -100,8 +107,13 @@ def test_sender_specified_routing_only_for_trusted_modes(recipient: str, mode: R
 
 @pytest.mark.parametrize(
     "recipient",
-    ["alice@sub.example.com", "alice@example.com.evil.example", "alice@[127.0.0.1]",
-     "alice@[IPv6:::1]", "alice@exampl.com"],
+    [
+        "alice@sub.example.com",
+        "alice@example.com.evil.example",
+        "alice@[127.0.0.1]",
+        "alice@[IPv6:::1]",
+        "alice@exampl.com",
+    ],
 )
 @pytest.mark.parametrize("mode", ["none", "restricted-external", "restricted-internal"])
 def test_nothing_but_a_hosted_domain_passes(recipient: str, mode: RelayMode) -> None:
@@ -141,8 +153,11 @@ def test_inbound_tls_requirement(
     connection_tls: bool, sender_tls: bool | None, tls_active: bool, accepted: bool
 ) -> None:
     connection = ProfileMatch(Profile("c", "none", connection_tls), "client-ip", "192.0.2.1")
-    sender = (ProfileMatch(Profile("s", "none", sender_tls), "sender-domain", "partner.example")
-              if sender_tls is not None else None)
+    sender = (
+        ProfileMatch(Profile("s", "none", sender_tls), "sender-domain", "partner.example")
+        if sender_tls is not None
+        else None
+    )
     required, why = inbound_tls_required(connection, sender)
     verdict = decide_mail_tls(required, why, tls_active)
     assert verdict.accepted is accepted
@@ -174,12 +189,16 @@ def test_domain_patterns(pattern: str, domain: str, matches: bool) -> None:
 def _connector(
     name: str, cost: int, *namespaces: tuple[str, str], roles: list[str] | None = None
 ) -> SendConnector:
-    return SendConnector.model_validate({
-        "name": name, "cost": cost, "roles": roles or [],
-        "deliver": {"smarthost": {"host": "127.0.0.1"}},
-        "namespaces": [Namespace(sender=s, recipient=r).model_dump() for s, r in namespaces]
-        or [{"sender": "*", "recipient": "*"}],
-    })
+    return SendConnector.model_validate(
+        {
+            "name": name,
+            "cost": cost,
+            "roles": roles or [],
+            "deliver": {"smarthost": {"host": "127.0.0.1"}},
+            "namespaces": [Namespace(sender=s, recipient=r).model_dump() for s, r in namespaces]
+            or [{"sender": "*", "recipient": "*"}],
+        }
+    )
 
 
 CONNECTORS = [
