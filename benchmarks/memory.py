@@ -19,25 +19,9 @@ from pathlib import Path
 
 import psutil
 import yaml
+from common import free_port, wait_for
 
 BIN = Path(sys.executable).with_name("smtpgate")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            time.sleep(0.05)
-        else:
-            return
-    raise RuntimeError(f"nothing on {port}")
 
 
 def start(tmp: Path) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], int]:
