@@ -26,7 +26,7 @@ import pytest
 import trustme
 import yaml
 
-from smtpgate.app import build_server
+from smtpgate.app import Gateway, build_gateway
 from smtpgate.config import parse_config
 from smtpgate.inbound.server import InboundServer
 from smtpgate.sink import SinkBehaviour, build_sink
@@ -45,6 +45,13 @@ class SinkHandle:
         """(envelope, body) of every stored message, oldest first."""
         metas = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
         return [(json.loads(m.read_text()), m.with_suffix(".eml").read_bytes()) for m in metas]
+
+    async def wait_for(self, count: int, timeout: float = 15) -> list[tuple[dict[str, Any], bytes]]:
+        """Wait until ``count`` messages have arrived (delivery is asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.messages()) < count and time.monotonic() < deadline:  # noqa: ASYNC110 - files written by another server; nothing to wait on
+            await asyncio.sleep(0.05)
+        return found
 
 
 @pytest.fixture
@@ -69,7 +76,13 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def base_config(data_dir: Path, sink_port: int) -> dict[str, Any]:
     return {
-        "gateway": {"hostname": "gw.test", "node": "gw1", "data_dir": str(data_dir)},
+        "gateway": {
+            "hostname": "gw.test",
+            "node": "gw1",
+            "data_dir": str(data_dir),
+            "admin_address": "postmaster@example.com",
+        },
+        "queue": {"retry": {"first": 0.5, "max_backoff": 2}, "connection_cache_time": 0.5},
         "hosted_domains": ["example.com", "example.org"],
         "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": "none"}],
         "send_connectors": [
@@ -88,7 +101,7 @@ def base_config(data_dir: Path, sink_port: int) -> dict[str, Any]:
 
 @dataclass
 class GatewayHandle:
-    server: InboundServer
+    gateway: Gateway
     ports: dict[str, int]
 
     @property
@@ -101,18 +114,18 @@ GatewayFactory = Callable[..., Awaitable[GatewayHandle]]
 
 @pytest.fixture
 async def gateway_factory(tmp_path: Path, sink: SinkHandle) -> AsyncIterator[GatewayFactory]:
-    started: list[InboundServer] = []
+    started: list[Gateway] = []
 
     async def start(**overrides: Any) -> GatewayHandle:
         document = merge(base_config(tmp_path / f"gw{len(started)}", sink.port), overrides)
-        server = build_server(parse_config(document))
-        await server.start()
-        started.append(server)
-        return GatewayHandle(server, server.bound_ports())
+        gateway = await build_gateway(parse_config(document))
+        await gateway.start()
+        started.append(gateway)
+        return GatewayHandle(gateway, gateway.server.bound_ports())
 
     yield start
-    for server in started:
-        await server.stop(1)
+    for gateway in started:
+        await gateway.stop(1)
 
 
 @pytest.fixture

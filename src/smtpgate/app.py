@@ -7,9 +7,11 @@ Nothing here parses SMTP or decides policy: it builds the pieces
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 from smtpgate.config.schema import GatewayConfig
+from smtpgate.delivery.attempt import Deliverer
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
 from smtpgate.inbound.server import (
     InboundServer,
@@ -20,6 +22,8 @@ from smtpgate.inbound.server import (
 from smtpgate.inbound.session import SessionHandler, SessionSettings
 from smtpgate.observe.log import get_logger
 from smtpgate.proto.server import SessionLimits
+from smtpgate.queue.manager import QueueManager
+from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.context import server_context
 
@@ -72,10 +76,36 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
     return specs
 
 
-def build_server(config: GatewayConfig) -> InboundServer:
-    spool_dir = config.gateway.data_dir / "spool"
+@dataclass
+class Gateway:
+    """Everything one running gateway is made of."""
+
+    server: InboundServer
+    queue: Queue
+    manager: QueueManager
+    manager_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.manager_task = asyncio.get_running_loop().create_task(self.manager.run())
+
+    async def stop(self, grace: float) -> None:
+        """Listeners first (sessions finish their message), then deliveries, then the queue."""
+        await self.server.stop(grace)
+        await self.manager.stop(grace)
+        if self.manager_task is not None:
+            await self.manager_task
+        await self.queue.close()
+
+
+async def build_gateway(config: GatewayConfig) -> Gateway:
+    """Open the queue and build listeners, handler and queue manager."""
+    data_dir = config.gateway.data_dir
+    spool_dir = data_dir / "spool"
     spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     removed = clean_orphans(spool_dir)
+    queue = Queue(data_dir / "queue")
+    removed += await queue.open()
     if removed:
         log.info("removed orphaned spool files", count=removed)
     policy = GatewayPolicy.build(config)
@@ -87,20 +117,38 @@ def build_server(config: GatewayConfig) -> InboundServer:
     )
 
     def handler_factory() -> SessionHandler:
-        return GatewayHandler(policy, state)
+        return GatewayHandler(policy, state, queue)
 
     specs = listener_specs(config, spool_dir)
-    return InboundServer(specs, handler_factory, limits, config.gateway.hostname)
+    server = InboundServer(specs, handler_factory, limits, config.gateway.hostname)
+    deliverer = Deliverer(
+        config.gateway.hostname,
+        config.timeouts,
+        state.resolver,
+        policy.smarthost_password,
+        config.queue.connection_cache_time,
+    )
+    manager = QueueManager(
+        queue,
+        deliverer,
+        policy.route,
+        config.queue,
+        config.gateway.hostname,
+        config.gateway.admin_address,
+    )
+    counts = await queue.call(queue.store.counts)
+    log.info("queue opened", **counts)
+    return Gateway(server, queue, manager)
 
 
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = build_server(config)
-    await server.start()
+    gateway = await build_gateway(config)
+    await gateway.start()
     log.info("gateway ready", node=config.gateway.node, hostname=config.gateway.hostname)
     await until_stop_signal()
     log.info("shutting down", grace=config.timeouts.shutdown_grace)
-    await server.stop(config.timeouts.shutdown_grace)
+    await gateway.stop(config.timeouts.shutdown_grace)
 
 
 def run(config: GatewayConfig) -> None:

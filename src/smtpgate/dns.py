@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -22,10 +23,23 @@ from smtpgate.config.schema import DnsSettings
 MAX_PTR_NAMES = 10  # Postfix, too, looks at a bounded number of PTR names
 
 
+MxStatus = Literal["ok", "null", "nxdomain", "nodata", "temporary"]
+
+
+@dataclass(frozen=True)
+class MxAnswer:
+    """MX hosts by preference, or why there are none (RFC 5321 §5.1, RFC 7505)."""
+
+    hosts: list[tuple[int, str]]
+    status: MxStatus
+
+
 class Resolver(Protocol):
     async def ptr(self, ip: str) -> list[str]: ...
 
     async def addresses(self, name: str) -> list[str]: ...
+
+    async def mx(self, domain: str) -> MxAnswer: ...
 
 
 class DnsResolver:
@@ -52,6 +66,22 @@ class DnsResolver:
     async def addresses(self, name: str) -> list[str]:
         found = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
         return [address for group in found for address in group]
+
+    async def mx(self, domain: str) -> MxAnswer:
+        try:
+            answer = await self._resolver.resolve(domain, "MX")
+        except dns.resolver.NXDOMAIN:
+            return MxAnswer([], "nxdomain")
+        except dns.resolver.NoAnswer:
+            return MxAnswer([], "nodata")
+        except (dns.exception.DNSException, OSError):
+            return MxAnswer([], "temporary")
+        hosts = sorted(
+            (int(r.preference), r.exchange.to_text().rstrip(".").lower()) for r in answer
+        )
+        if len(hosts) == 1 and hosts[0][1] in ("", "."):
+            return MxAnswer([], "null")  # RFC 7505: the domain accepts no mail
+        return MxAnswer([h for h in hosts if h[1]], "ok")
 
 
 async def confirmed_names(resolver: Resolver, ip: str) -> list[str]:

@@ -9,6 +9,7 @@ messages on. Decisions are logged with their reasons; secrets never are.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -18,8 +19,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from smtpgate.config.schema import GatewayConfig, SendConnector
-from smtpgate.config.secret import load_key, read_password
-from smtpgate.delivery.relay import HandOff, Outcome, relay_message
+from smtpgate.config.secret import load_key, read_password, read_secret
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import ConfigError, FieldProblem
 from smtpgate.inbound.sasl import MECHANISMS
@@ -53,12 +53,13 @@ from smtpgate.policy.routing import select_connector
 from smtpgate.policy.tls import decide_mail_tls, inbound_tls_required
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
+from smtpgate.queue.queue import Queue
 from smtpgate.spool import SpooledBody, new_queue_id
 
 log = get_logger("smtpgate.gateway")
 
 NO_ROUTE = Reply.of(550, "5.7.1", "No send connector for this recipient")
-SPLIT_ROUTE = Reply.of(452, "4.5.3", "Send this recipient in a separate transaction")
+QUEUE_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error, try again later")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class GatewayPolicy:
     profiles: ProfileIndex
     credentials: CredentialIndex
     auth_enabled: frozenset[str]  # profiles whose SMTP AUTH is enabled
+    smarthost_passwords: dict[str, SecretStr]  # connector name → password
 
     @classmethod
     def build(cls, config: GatewayConfig) -> GatewayPolicy:
@@ -81,14 +83,20 @@ class GatewayPolicy:
             ProfileIndex(config),
             CredentialIndex(_credentials(config)),
             frozenset(p.name for p in config.connection_profiles if p.smtp_auth.enabled),
+            _smarthost_passwords(config),
         )
 
-    def route(self, sender: str, recipient: str) -> SendConnector | None:
+    def route(
+        self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
+    ) -> SendConnector | None:
         sender_domain = split_address(sender)[1] if sender else ""
         recipient_domain = split_address(recipient)[1]
-        return select_connector(
-            self.config.send_connectors, self.roles, sender_domain, recipient_domain
-        )
+        connectors = [c for c in self.config.send_connectors if c.name not in exclude]
+        return select_connector(connectors, self.roles, sender_domain, recipient_domain)
+
+    def smarthost_password(self, connector: SendConnector) -> str | None:
+        secret = self.smarthost_passwords.get(connector.name)
+        return secret.get_secret_value() if secret else None
 
 
 def _credentials(config: GatewayConfig) -> dict[str, tuple[str, SecretStr]]:
@@ -103,6 +111,21 @@ def _credentials(config: GatewayConfig) -> dict[str, tuple[str, SecretStr]]:
             where = f"connection_profiles[{i}].smtp_auth.credentials[{j}]"
             users[credential.username] = (profile.name, read_password(credential, key, where))
     return users
+
+
+def _smarthost_passwords(config: GatewayConfig) -> dict[str, SecretStr]:
+    found: dict[str, SecretStr] = {}
+    targets = [(i, c, c.deliver.smarthost) for i, c in enumerate(config.send_connectors)]
+    needed = [(i, c, t) for i, c, t in targets if t is not None and t.username is not None]
+    if not needed:
+        return found
+    key = None
+    if any(t.password is not None for _, _, t in needed):
+        key = load_key(config.gateway.data_dir, create=False)
+    for i, connector, target in needed:
+        where = f"send_connectors[{i}].deliver.smarthost.password"
+        found[connector.name] = read_secret(target.password, target.password_file, key, where)
+    return found
 
 
 @dataclass
@@ -123,12 +146,12 @@ class GatewayState:
 class GatewayHandler:
     """Per-session policy and hand-off for the gateway."""
 
-    def __init__(self, policy: GatewayPolicy, state: GatewayState) -> None:
+    def __init__(self, policy: GatewayPolicy, state: GatewayState, queue: Queue) -> None:
         self.policy = policy
         self.state = state
+        self.queue = queue
         self.match = ProfileMatch(policy.profiles.default, "default")
         self.auth_profile: Profile | None = None
-        self.connector: SendConnector | None = None
 
     # -- connect -------------------------------------------------------------
 
@@ -171,7 +194,6 @@ class GatewayHandler:
         return None
 
     def _mail(self, info: SessionInfo, sender: str) -> Reply | None:
-        self.connector = None
         policy = self.policy
         sender_domain = split_address(sender)[1] if sender else ""
         sender_match = match_sender_domain(policy.profiles, sender_domain) if sender else None
@@ -192,12 +214,9 @@ class GatewayHandler:
         if verdict.reply is not None:
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why=verdict.reason)
             return verdict.reply
-        connector = self.policy.route(info.sender or "", recipient)
-        if connector is None:
-            return NO_ROUTE
-        if self.connector is not None and connector.name != self.connector.name:
-            return SPLIT_ROUTE  # one hand-off per message until the queue routes per recipient
-        self.connector = connector
+        if self.policy.route(info.sender or "", recipient) is None:
+            log.info("recipient refused", client=info.client_ip, rcpt=recipient, why="no route")
+            return NO_ROUTE  # never accepted and then lost
         return None
 
     # -- AUTH ----------------------------------------------------------------
@@ -224,36 +243,31 @@ class GatewayHandler:
     # -- the message ---------------------------------------------------------
 
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
-        connector, self.connector = self.connector, None
-        if connector is None:
-            return NO_ROUTE
-        config = self.policy.config
-        job = HandOff(
-            connector, envelope, body, config.gateway.hostname, config.timeouts, body.queue_id
-        )
-        outcome = await relay_message(job)
+        try:
+            queue_id = await self.queue.ingest(envelope, body)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("queue write failed", error=str(exc))
+            return QUEUE_FAILED  # never a 250 for a message that is not durable
         log.info(
-            "message",
-            queue_id=body.queue_id,
+            "queued",
+            queue_id=queue_id,
             sender=envelope.sender,
             rcpts=len(envelope.recipients),
             size=body.size,
             profile=envelope.profile,
             spam_check=envelope.spam_check,
-            connector=connector.name,
-            tls=outcome.tls,
-            result=outcome.reply.text(),
-            detail=outcome.detail,
+            client=info.client_ip,
+            tls=info.tls,
         )
-        return outcome.reply
+        return Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
-async def send_credentials(policy: GatewayPolicy, profile_name: str, spool_dir: Path) -> Outcome:
-    """Mail a profile's user names and passwords to ``gateway.admin_address``.
-
-    The manual's *Send credentials*: the message goes through the gateway's
-    own routing and delivery like any other. It contains the passwords in
-    clear, so it should only travel over connectors with TLS.
+def credentials_message(
+    policy: GatewayPolicy, profile_name: str, spool_dir: Path
+) -> tuple[Envelope, SpooledBody]:
+    """The manual's *Send credentials*: a message with a profile's user names and
+    passwords for ``gateway.admin_address``, to be queued like any other. It
+    contains the passwords in clear, so route it over a connector with TLS.
     """
     config = policy.config
     admin = config.gateway.admin_address
@@ -267,8 +281,7 @@ async def send_credentials(policy: GatewayPolicy, profile_name: str, spool_dir: 
         if owner == profile_name
     )
     sender = f"postmaster@{config.gateway.hostname}"
-    connector = policy.route(sender, admin)
-    if connector is None:
+    if policy.route(sender, admin) is None:
         raise ConfigError([FieldProblem("send_connectors", f"no connector routes to {admin}")])
     message = EmailMessage()
     message["From"] = sender
@@ -286,19 +299,5 @@ async def send_credentials(policy: GatewayPolicy, profile_name: str, spool_dir: 
     body = SpooledBody(spool_dir, new_queue_id())
     body.write(message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
     body.finish()
-    envelope = Envelope(sender=sender, recipients=(Recipient(admin),))
-    job = HandOff(
-        connector, envelope, body, config.gateway.hostname, config.timeouts, body.queue_id
-    )
-    try:
-        outcome = await relay_message(job)
-    finally:
-        body.discard()
-    log.info(
-        "credentials sent",
-        profile=profile_name,
-        to=admin,
-        users=len(users),
-        result=outcome.reply.text(),
-    )
-    return outcome
+    log.info("credentials queued", profile=profile_name, to=admin, users=len(users))
+    return Envelope(sender=sender, recipients=(Recipient(admin),)), body

@@ -37,6 +37,7 @@ class SinkBehaviour:
     directory: Path
     fsync: bool = True
     rcpt_reply: Reply | None = None
+    refuse: dict[str, Reply] = field(default_factory=dict)  # recipient → reply
     data_replies: list[Reply] = field(default_factory=list)  # used in turn, then 250
 
 
@@ -49,7 +50,7 @@ class SinkHandler:
 
     def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
         if isinstance(event, ev.RcptTo):
-            return self.behaviour.rcpt_reply
+            return self.behaviour.refuse.get(event.recipient.lower(), self.behaviour.rcpt_reply)
         return None
 
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:

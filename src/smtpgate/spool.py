@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 SPILL_THRESHOLD = 128 * 1024
 _COUNTER = itertools.count()
@@ -28,6 +28,45 @@ def new_queue_id() -> str:
     """
     now = time.time_ns() // 1000
     return f"{now:X}{os.getpid() & 0xFFF:03X}{next(_COUNTER) & 0xFFF:03X}"
+
+
+class Body(Protocol):
+    """A message body that can be read back in pieces."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]: ...
+
+
+class StoredBody:
+    """A queued body: bytes from the queue database, or a file beside it."""
+
+    def __init__(self, data: bytes | Path) -> None:
+        self._data = data
+        self._size = len(data) if isinstance(data, bytes) else data.stat().st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]:
+        if isinstance(self._data, bytes):
+            for start in range(0, len(self._data), size):
+                yield self._data[start : start + size]
+            return
+        with self._data.open("rb") as body:
+            while chunk := body.read(size):
+                yield chunk
+
+    def head(self, limit: int) -> bytes:
+        """The first ``limit`` octets (for returning a message in a report)."""
+        out = bytearray()
+        for chunk in self.chunks():
+            out += chunk
+            if len(out) >= limit:
+                break
+        return bytes(out[:limit])
 
 
 class SpooledBody:

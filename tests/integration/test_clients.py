@@ -32,7 +32,7 @@ async def test_smtplib_message_arrives_at_the_sink_with_a_trace_header(
     gateway: GatewayHandle, sink: SinkHandle
 ) -> None:
     await asyncio.to_thread(_send, gateway.port, _message())
-    [(meta, body)] = sink.messages()
+    [(meta, body)] = await sink.wait_for(1)
     assert meta["sender"] == "sender@elsewhere.example"
     assert meta["recipients"] == ["alice@example.com"]
     assert b"\r\n.leading dot\r\n" in body
@@ -44,7 +44,7 @@ async def test_connection_reuse_delivers_every_message(
     gateway: GatewayHandle, sink: SinkHandle
 ) -> None:
     await asyncio.to_thread(_send, gateway.port, _message(), reuse=5)
-    assert len(sink.messages()) == 5
+    assert len(await sink.wait_for(5)) == 5
 
 
 async def test_smtputf8_addresses_pass_through(gateway: GatewayHandle, sink: SinkHandle) -> None:
@@ -59,7 +59,7 @@ async def test_smtputf8_addresses_pass_through(gateway: GatewayHandle, sink: Sin
             )
 
     await asyncio.to_thread(send)
-    [(meta, _)] = sink.messages()
+    [(meta, _)] = await sink.wait_for(1)
     assert meta["recipients"] == ["zoë@example.com"]
     assert meta["sender"] == "jörg@bücher.example"
 
@@ -67,7 +67,7 @@ async def test_smtputf8_addresses_pass_through(gateway: GatewayHandle, sink: Sin
 async def test_ipv6_listener(gateway_factory: GatewayFactory, sink: SinkHandle) -> None:
     gw = await gateway_factory(listeners=[{"name": "mx", "address": "[::1]:0", "security": "none"}])
     await asyncio.to_thread(_send, gw.port, _message(), host="::1")
-    [(meta, body)] = sink.messages()
+    [(meta, body)] = await sink.wait_for(1)
     assert meta["recipients"] == ["alice@example.com"]
     assert b"[IPv6:::1]" in body
 
@@ -80,7 +80,7 @@ async def test_foreign_recipient_is_refused_and_nothing_is_relayed(
     code, text = caught.value.recipients["victim@foreign.example"]
     assert code == 554
     assert b"5.7.1" in text
-    assert sink.messages() == []
+    assert await sink.wait_for(1, timeout=1.5) == []  # nothing arrives, even later
 
 
 async def test_swaks_plain_and_pipelined(
@@ -101,7 +101,7 @@ async def test_swaks_plain_and_pipelined(
         )
         assert code == 0, out
         assert "250 2.0.0 Ok: queued as" in out
-    assert len(sink.messages()) == 2
+    assert len(await sink.wait_for(2)) == 2
 
 
 async def test_swaks_relay_attempt_is_refused(
@@ -116,7 +116,7 @@ async def test_swaks_relay_attempt_is_refused(
     )
     assert code != 0
     assert "554 5.7.1 <victim@foreign.example>: Relay access denied" in out
-    assert sink.messages() == []
+    assert await sink.wait_for(1, timeout=1.5) == []  # nothing arrives, even later
 
 
 def _tls_listener(security: str, certs: Certs) -> dict[str, object]:
@@ -142,7 +142,7 @@ async def test_swaks_starttls(
     )
     assert code == 0, out
     assert "TLS started" in out
-    [(_, body)] = sink.messages()
+    [(_, body)] = await sink.wait_for(1)
     assert b"with ESMTPS id" in body
     assert b"(using TLSv1." in body
 
@@ -160,7 +160,7 @@ async def test_swaks_implicit_tls(
         "--tls-on-connect",
     )
     assert code == 0, out
-    assert len(sink.messages()) == 1
+    assert len(await sink.wait_for(1)) == 1
 
 
 async def test_require_starttls_refuses_mail_in_the_clear(
@@ -183,7 +183,7 @@ async def test_require_starttls_refuses_mail_in_the_clear(
     code, text = await asyncio.to_thread(attempt)
     assert code == 530
     assert text.startswith(b"5.7.0")
-    assert len(sink.messages()) == 1
+    assert len(await sink.wait_for(1)) == 1
 
 
 async def test_starttls_injection_is_discarded(

@@ -1,100 +1,221 @@
-"""The interim hand-off: 250 only after the next hop said 250, never a loss."""
+"""The queue and send connectors with real sinks: retries, bounces, cost, failover.
+
+The client hears 250 once the message is durable; what happens next is the
+queue's business, and these tests watch it happen at real SMTP sinks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import email
 import smtplib
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from smtpgate.sink import parse_reply
+from smtpgate.queue.store import Filters, QueueStore
+from smtpgate.sink import SinkBehaviour, build_sink, parse_reply
 from tests.conftest import GatewayFactory, GatewayHandle, SinkHandle, free_port
+from tests.dnsserver import start_dns
+
+NO_SPOOF = {"spoof_detection": False}  # tests send as bob@example.org from a default client
 
 
-def _send(port: int, to: list[str]) -> dict[str, tuple[int, bytes]]:
+def _send(
+    port: int, to: list[str], sender: str = "bob@example.org", *, dsn: bool = False
+) -> dict[str, tuple[int, bytes]]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        return client.sendmail("a@elsewhere.example", to, b"Subject: t\r\n\r\nbody\r\n")
+        options = (
+            (["RET=HDRS", "ENVID=env-42"], ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;orig@x.example"])
+            if dsn
+            else ([], [])
+        )
+        return client.sendmail(
+            sender,
+            to,
+            b"Subject: t\r\nMessage-ID: <m1@x>\r\n\r\nbody\r\n",
+            mail_options=options[0],
+            rcpt_options=options[1],
+        )
 
 
-async def test_next_hop_temporary_failure_reaches_the_client_as_4xx(
-    gateway: GatewayHandle, sink: SinkHandle
-) -> None:
-    sink.behaviour.data_replies.append(parse_reply("451 4.3.0 mailbox busy"))
-    with pytest.raises(smtplib.SMTPDataError) as caught:
-        await asyncio.to_thread(_send, gateway.port, ["alice@example.com"])
-    assert caught.value.smtp_code == 451
-    assert b"4.3.0" in caught.value.smtp_error
-    await asyncio.to_thread(_send, gateway.port, ["alice@example.com"])  # the retry succeeds
-    assert len(sink.messages()) == 1
+@pytest.fixture
+async def second_sink(tmp_path: Path) -> AsyncIterator[SinkHandle]:
+    behaviour = SinkBehaviour(tmp_path / "sink2", fsync=False)
+    server = build_sink("127.0.0.1", 0, behaviour)
+    await server.start()
+    yield SinkHandle(server.bound_ports()["sink"], behaviour.directory, behaviour, server)
+    await server.stop(1)
 
 
-async def test_next_hop_refusing_a_recipient_fails_the_whole_message(
-    gateway: GatewayHandle, sink: SinkHandle
-) -> None:
-    sink.behaviour.rcpt_reply = parse_reply("550 5.1.1 no such user")
-    with pytest.raises(smtplib.SMTPDataError) as caught:
-        await asyncio.to_thread(_send, gateway.port, ["alice@example.com", "bob@example.com"])
-    assert caught.value.smtp_code == 550
-    assert b"5.1.1" in caught.value.smtp_error
-    assert sink.messages() == []
+def _connector(name: str, port: int, cost: int = 10, **extra: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "security": "none",
+        "cost": cost,
+        "deliver": {"smarthost": {"host": "127.0.0.1", "port": port}},
+        **extra,
+    }
 
 
-async def test_unreachable_smarthost_gives_451(gateway_factory: GatewayFactory) -> None:
-    dead = free_port()
-    gw = await gateway_factory(
-        send_connectors=[
-            {
-                "name": "dead",
-                "deliver": {"smarthost": {"host": "127.0.0.1", "port": dead}},
-                "security": "none",
-            }
-        ]
-    )
-    with pytest.raises(smtplib.SMTPDataError) as caught:
-        await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
-    assert caught.value.smtp_code == 451
-    assert b"4.4.1" in caught.value.smtp_error
-
-
-async def test_cheapest_connector_wins_and_routes_split_transactions(
+async def test_a_4xx_then_250_is_retried_and_delivered_once(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
+    gw = await gateway_factory(**NO_SPOOF)
+    sink.behaviour.data_replies.append(parse_reply("451 4.3.0 mailbox busy"))
+    assert await asyncio.to_thread(_send, gw.port, ["alice@example.com"]) == {}
+    messages = await sink.wait_for(1)
+    await asyncio.sleep(1.5)  # time for a (wrong) second delivery
+    assert len(sink.messages()) == len(messages) == 1
+
+
+async def test_a_5xx_bounces_to_the_sender_and_no_dearer_connector_is_tried(
+    gateway_factory: GatewayFactory, sink: SinkHandle, second_sink: SinkHandle
+) -> None:
+    sink.behaviour.refuse["alice@example.com"] = parse_reply("550 5.1.1 no such user")
+    gw = await gateway_factory(
+        **NO_SPOOF,
+        send_connectors=[
+            _connector("cheap", sink.port, 5),
+            _connector("dear", second_sink.port, 50),
+        ],
+    )
+    assert await asyncio.to_thread(_send, gw.port, ["alice@example.com"], dsn=True) == {}
+    [(meta, body)] = await sink.wait_for(1)
+    assert meta["sender"] == ""
+    assert meta["recipients"] == ["bob@example.org"]
+    report = email.message_from_bytes(body)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = body.decode()
+    assert "Final-Recipient: rfc822; alice@example.com" in status
+    assert "Original-Recipient: rfc822; orig@x.example" in status
+    assert "Original-Envelope-Id: env-42" in status
+    assert "Action: failed" in status
+    assert "Status: 5.1.1" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in status
+    assert "Content-Type: text/rfc822-headers" in status  # RET=HDRS
+    assert "Message-ID: <m1@x>" in status
+    await asyncio.sleep(1)
+    assert second_sink.messages() == []
+
+
+async def test_a_bounce_that_cannot_be_delivered_goes_to_the_administrator(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    sink.behaviour.refuse["alice@example.com"] = parse_reply("550 5.1.1 no such user")
+    sink.behaviour.refuse["bob@example.org"] = parse_reply("550 5.1.1 no such sender")
+    gw = await gateway_factory(**NO_SPOOF)
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+    [(meta, body)] = await sink.wait_for(1)
+    assert meta["recipients"] == ["postmaster@example.com"]
+    assert b"Final-Recipient: rfc822; bob@example.org" in body
+
+
+async def test_null_sender_messages_are_never_bounced(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    sink.behaviour.refuse["alice@example.com"] = parse_reply("550 5.1.1 no such user")
+    gw = await gateway_factory(**NO_SPOOF)
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com"], "")
+    assert await sink.wait_for(1, timeout=2) == []
+
+
+async def test_unreachable_smarthost_defers_and_the_message_waits_in_the_queue(
+    gateway_factory: GatewayFactory, sink: SinkHandle, tmp_path: Path
+) -> None:
+    dead = free_port()
+    gw = await gateway_factory(**NO_SPOOF, send_connectors=[_connector("dead", dead)])
+    assert await asyncio.to_thread(_send, gw.port, ["alice@example.com"]) == {}
+    await asyncio.sleep(1)
+    store = QueueStore(tmp_path / "gw0" / "queue")
+    try:
+        [message] = list(store.list(Filters()))
+        assert message.recipients[0].state == "deferred"
+        assert "unreachable" in (message.recipients[0].last_reply or "")
+    finally:
+        store.close()
+
+
+async def test_cheapest_connector_wins_and_failover_only_when_unreachable(
+    gateway_factory: GatewayFactory, sink: SinkHandle, second_sink: SinkHandle
+) -> None:
     dead = free_port()
     gw = await gateway_factory(
+        **NO_SPOOF,
         send_connectors=[
-            {
-                "name": "sink",
-                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
-                "security": "none",
-                "cost": 5,
-                "namespaces": [{"recipient": "example.com"}],
-            },
-            {
-                "name": "dearer",
-                "deliver": {"smarthost": {"host": "127.0.0.1", "port": dead}},
-                "security": "none",
-                "cost": 50,
-            },
-            {
-                "name": "org",
-                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
-                "security": "none",
-                "cost": 10,
-                "namespaces": [{"recipient": "example.org"}],
-            },
-        ]
+            _connector("cheap-but-down", dead, 1, failover_when_unreachable=True),
+            _connector("mid", second_sink.port, 5, namespaces=[{"recipient": "example.com"}]),
+            _connector("dear", sink.port, 50),
+        ],
     )
-    refused = await asyncio.to_thread(_send, gw.port, ["alice@example.com", "bob@example.org"])
-    assert refused["bob@example.org"][0] == 452
-    await asyncio.to_thread(_send, gw.port, ["bob@example.org"])
-    assert [meta["recipients"] for meta, _ in sink.messages()] == [
-        ["alice@example.com"],
-        ["bob@example.org"],
-    ]
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+    [(meta, _)] = await second_sink.wait_for(1)
+    assert meta["recipients"] == ["alice@example.com"]
+    assert sink.messages() == []
 
 
 async def test_no_connector_means_550_at_rcpt(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory(send_connectors=[])
     with pytest.raises(smtplib.SMTPRecipientsRefused) as caught:
-        await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+        await asyncio.to_thread(_send, gw.port, ["alice@example.com"], "a@elsewhere.example")
     assert caught.value.recipients["alice@example.com"][0] == 550
+
+
+async def test_direct_delivery_by_mx_tries_the_next_mx_when_the_first_is_down(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    records = {
+        ("example.com", "MX"): ["10 mx1.example.com.", "20 mx2.example.com."],
+        ("mx1.example.com", "A"): ["127.0.0.9"],  # nothing listens there
+        ("mx2.example.com", "A"): ["127.0.0.1"],
+        ("example.org", "MX"): ["10 mx2.example.com."],
+        ("nullmx.example", "MX"): ["0 ."],
+    }
+    dns_server, dns_port = await start_dns(records)
+    try:
+        gw = await gateway_factory(
+            **NO_SPOOF,
+            gateway={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 2}},
+            hosted_domains=["example.com", "example.org", "nullmx.example", "missing.example"],
+            send_connectors=[
+                {"name": "mx", "security": "none", "deliver": {"dns": {"port": sink.port}}},
+            ],
+        )
+        await asyncio.to_thread(
+            _send, gw.port, ["alice@example.com", "x@nullmx.example", "y@missing.example"]
+        )
+        found = await sink.wait_for(2)
+        recipients = sorted(r for meta, _ in found for r in meta["recipients"])
+        assert recipients == ["alice@example.com", "bob@example.org"]  # the mail and one bounce
+        bounce = next(body for meta, body in found if meta["sender"] == "").decode()
+        assert "Final-Recipient: rfc822; x@nullmx.example" in bounce
+        assert "Status: 5.1.10" in bounce
+        assert "Final-Recipient: rfc822; y@missing.example" in bounce
+        assert "Status: 5.1.2" in bounce
+        assert ("mx1.example.com.", "A") in dns_server.queries
+    finally:
+        assert dns_server.transport is not None
+        dns_server.transport.close()
+
+
+async def test_fifty_mb_message_through_the_queue(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    gw = await gateway_factory(**NO_SPOOF, limits={"max_message_size": 60_000_000})
+    body = b"Subject: big\r\n\r\n" + (b"y" * 76 + b"\r\n") * (50_000_000 // 78)
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=120) as client:
+            client.sendmail("bob@example.org", ["alice@example.com"], body)
+
+    await asyncio.to_thread(send)
+    [(meta, stored)] = await sink.wait_for(1, timeout=60)
+    assert meta["size"] > 50_000_000
+    assert stored.endswith(body[-1000:])
+
+
+async def test_gateway_handle_exposes_its_queue(gateway: GatewayHandle) -> None:
+    counts = await gateway.gateway.queue.call(gateway.gateway.queue.store.counts)
+    assert counts == {}

@@ -167,15 +167,19 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _send_credentials(args: argparse.Namespace) -> int:
-    from smtpgate.gateway import GatewayPolicy, send_credentials  # noqa: PLC0415
+    from smtpgate.gateway import GatewayPolicy, credentials_message  # noqa: PLC0415
+    from smtpgate.queue.store import NewMessage, QueueStore  # noqa: PLC0415
 
     configure("warning")
     config = _load(args.config, announce=False)
-    spool = config.gateway.data_dir / "spool"
-    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-    outcome = asyncio.run(send_credentials(GatewayPolicy.build(config), args.profile, spool))
-    print(f"{outcome.reply.text()} ({outcome.detail})")
-    return 0 if outcome.reply.code == 250 else 1
+    store = QueueStore(config.gateway.data_dir / "queue")
+    envelope, body = credentials_message(GatewayPolicy.build(config), args.profile, store.bodies)
+    try:
+        store.commit([NewMessage(envelope, body)])
+    finally:
+        store.close()
+    print(f"queued as {body.queue_id} for {envelope.recipients[0].address}")
+    return 0
 
 
 def _sink(args: argparse.Namespace) -> int:

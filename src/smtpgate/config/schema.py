@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -163,18 +164,62 @@ class Timeouts(Strict):
     delivery_data_end: float = Field(default=600, gt=0)  # §4.5.3.2.6
 
 
+def parse_duration(value: object) -> float:
+    """Seconds from ``300``, ``"30s"``, ``"5m"``, ``"1h"`` or ``"5d"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or like 30s, 5m, 1h, 5d")  # noqa: TRY004 - pydantic reports ValueError as a field error
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value[:-1].replace(".", "", 1).isdigit():
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        if value[-1] not in units:
+            raise ValueError(f"{value!r}: use s, m, h or d")
+        seconds = float(value[:-1]) * units[value[-1]]
+    elif isinstance(value, str) and value.replace(".", "", 1).isdigit():
+        seconds = float(value)
+    else:
+        raise ValueError(f"{value!r} is not a duration (like 30s, 5m, 1h, 5d)")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
 class Smarthost(Strict):
     host: str = Field(min_length=1)
+    port: int = Field(default=25, gt=0, lt=65536)
+    username: str | None = None
+    password: SecretStr | None = None  # encrypted: enc:v1:...
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Smarthost:
+        secret = self.password is not None or self.password_file is not None
+        if secret != (self.username is not None):
+            raise ValueError("username and one of password/password_file go together")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password (encrypted) or password_file")
+        if self.password is not None and not self.password.get_secret_value().startswith("enc:"):
+            raise ValueError("password must be encrypted: use `smtpgate credentials encrypt`")
+        return self
+
+
+class DirectDelivery(Strict):
+    """Delivery by DNS MX (A/AAAA when there is no MX)."""
+
     port: int = Field(default=25, gt=0, lt=65536)
 
 
 class DeliverBy(Strict):
     smarthost: Smarthost | None = None
+    dns: DirectDelivery | None = None
 
     @model_validator(mode="after")
     def _one_target(self) -> DeliverBy:
-        if self.smarthost is None:
-            raise ValueError("set smarthost (direct delivery by DNS comes with the queue)")
+        if (self.smarthost is None) == (self.dns is None):
+            raise ValueError("set exactly one of smarthost and dns")
         return self
 
 
@@ -190,6 +235,25 @@ class SendConnector(Strict):
     security: Security = "starttls"
     cost: int = Field(default=10, ge=0)
     namespaces: list[Namespace] = Field(default_factory=lambda: [Namespace()])
+    failover_when_unreachable: bool = (
+        False  # try the next connector only if this one is unreachable
+    )
+
+
+class RetrySettings(Strict):
+    """Postfix: minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime."""
+
+    first: Duration = 300.0
+    max_backoff: Duration = 4000.0
+    lifetime: Duration = 5 * 86400.0
+
+
+class QueueSettings(Strict):
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    delay_warning: Duration | None = 4 * 3600.0  # None: no delay warnings
+    max_deliveries: int = Field(default=100, ge=1)  # attempts at once
+    destination_concurrency: int = Field(default=20, ge=1)  # per destination (Postfix: 20)
+    connection_cache_time: Duration = 5.0  # keep an idle connection for reuse this long
 
 
 def normalise_client_host(value: str) -> str:
@@ -324,3 +388,4 @@ class GatewayConfig(Strict):
     spoof_detection: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)
     spam: SpamSettings = Field(default_factory=SpamSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)

@@ -70,13 +70,20 @@ def decrypt(key: Fernet, token: str, where: str) -> SecretStr:
 
 def read_password(credential: Credential, key: Fernet | None, where: str) -> SecretStr:
     """The clear password of a credential, from its file or its encrypted value."""
-    if credential.password_file is not None:
+    return read_secret(credential.password, credential.password_file, key, where)
+
+
+def read_secret(
+    password: SecretStr | None, password_file: Path | None, key: Fernet | None, where: str
+) -> SecretStr:
+    """A secret from a private file or an encrypted value."""
+    if password_file is not None:
         try:
-            text = credential.password_file.read_text(encoding="utf-8")
+            text = password_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([FieldProblem(where, f"cannot read: {exc.strerror}")]) from None
         return SecretStr(text.rstrip("\r\n"))
-    assert credential.password is not None
+    assert password is not None
     if key is None:
         raise ConfigError([FieldProblem(where, "encrypted, but no key is available")])
-    return decrypt(key, credential.password.get_secret_value(), where)
+    return decrypt(key, password.get_secret_value(), where)

@@ -18,6 +18,7 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import re
@@ -25,7 +26,7 @@ import ssl
 
 from smtpgate.errors import DeliveryError
 from smtpgate.proto.replies import Reply
-from smtpgate.spool import SpooledBody
+from smtpgate.spool import Body
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 CHUNK = 65536
@@ -58,9 +59,11 @@ class SmtpClient:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         self.tls: str | None = None
+        self.peer_address = ""
+        self.peer_port = 0
 
     @classmethod
-    async def connect(
+    async def connect(  # noqa: PLR0913 - where, how long, and how securely
         cls,
         host: str,
         port: int,
@@ -68,16 +71,22 @@ class SmtpClient:
         timeout: float,
         command_timeout: float,
         tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> SmtpClient:
         """Open a connection (TLS from the first byte when ``tls`` is given)."""
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=tls, server_hostname=host if tls else None, limit=2**16
+                    host,
+                    port,
+                    ssl=tls,
+                    limit=2**16,
+                    server_hostname=(server_hostname or host) if tls else None,
                 )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise DeliveryError(f"cannot connect to {host}:{port}: {exc}", permanent=False) from exc
         client = cls(reader, writer, command_timeout)
+        client.peer_address, client.peer_port = host, port
         client._note_tls()
         return client
 
@@ -121,6 +130,24 @@ class SmtpClient:
         self.extensions = {}
         return reply
 
+    async def pipeline(self, lines: list[str]) -> list[Reply]:
+        """Send commands in one write (RFC 2920) and read their replies in order."""
+        self.writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+        return [await self.read_reply() for _ in lines]
+
+    async def auth_plain(self, username: str, password: str) -> Reply:
+        """AUTH PLAIN with an initial response (RFC 4616, RFC 4954 §4)."""
+        token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
+        self.writer.write(f"AUTH PLAIN {token}\r\n".encode("ascii"))
+        return await self.read_reply()
+
+    async def alive(self) -> bool:
+        """A cached connection is still usable when RSET gets 250."""
+        try:
+            return (await self.command("RSET", timeout=10)).code == 250
+        except DeliveryError:
+            return False
+
     async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         reply = await self.command("STARTTLS")
         if reply.code != 220:
@@ -132,13 +159,13 @@ class SmtpClient:
             raise DeliveryError(f"TLS handshake failed: {exc}", permanent=False) from exc
         self._note_tls()
 
-    async def send_body(self, body: SpooledBody, data_end_timeout: float) -> Reply:
+    async def send_body(self, body: Body, data_end_timeout: float) -> Reply:
         """DATA or BDAT, whichever the server supports; returns the final reply."""
         if "CHUNKING" in self.extensions:
             return await self._send_bdat(body, data_end_timeout)
         return await self._send_data(body, data_end_timeout)
 
-    async def _send_data(self, body: SpooledBody, data_end_timeout: float) -> Reply:
+    async def _send_data(self, body: Body, data_end_timeout: float) -> Reply:
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
@@ -151,7 +178,7 @@ class SmtpClient:
         self.writer.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
         return await self.read_reply(data_end_timeout)
 
-    async def _send_bdat(self, body: SpooledBody, data_end_timeout: float) -> Reply:
+    async def _send_bdat(self, body: Body, data_end_timeout: float) -> Reply:
         sent = 0
         for chunk in itertools.chain(body.chunks(CHUNK * 16), [b""] if body.size == 0 else []):
             sent += len(chunk)

@@ -1,0 +1,325 @@
+"""One delivery attempt: connect, secure, authenticate, send, per-recipient outcomes.
+
+An attempt decides nothing about policy and nothing about retries: it
+reports, for each recipient, the reply it got (or that it got none). Rules
+kept here:
+
+* Targets: the connector's smarthost; or, for direct delivery, the MX hosts
+  of the recipient domain in preference order, with the domain's own
+  A/AAAA when it has no MX (RFC 5321 §5.1). Several addresses per host and
+  IPv6 are tried in turn. A null MX (RFC 7505) and a domain that does not
+  exist fail permanently; a DNS failure is temporary.
+* A target that cannot be reached, or whose greeting is not 220, makes way
+  for the next; once a server has greeted us its replies are final for
+  this attempt.
+* ``require-starttls`` and ``implicit-tls`` never fall back to plaintext: a
+  server without STARTTLS or a failed handshake defers (4.7.5).
+  Opportunistic ``starttls`` uses TLS when offered.
+* Smarthost AUTH (PLAIN) only over TLS, unless the connector's security is
+  explicitly ``none`` (which ``config check`` warns about).
+* RCPT commands are pipelined when the server offers PIPELINING; DSN
+  parameters are passed on when it offers DSN.
+* Idle connections are kept ``connection_cache_time`` seconds for the next
+  message to the same destination (checked with RSET before reuse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from smtpgate.config.schema import SendConnector, Timeouts
+from smtpgate.delivery.client import SmtpClient
+from smtpgate.dns import Resolver
+from smtpgate.errors import DeliveryError
+from smtpgate.model.envelope import MailParams, Recipient
+from smtpgate.proto.replies import Reply
+from smtpgate.spool import Body
+
+
+@dataclass(frozen=True)
+class Outcome:
+    idx: int
+    code: int | None  # None: no reply (unreachable, connection lost, TLS impossible)
+    text: str
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    outcomes: list[Outcome]
+    reached: bool  # some server greeted us (if not, a failover connector may try)
+    tls: str | None = None
+    remote: str | None = None
+    dsn_passed_on: bool = False  # the next hop offered DSN and took the parameters
+
+
+@dataclass(frozen=True)
+class Job:
+    connector: SendConnector
+    sender: str
+    params: MailParams
+    recipients: list[tuple[int, Recipient]]
+    body: Body
+    domain: str  # the recipients' domain (for direct delivery)
+
+
+def _encode_xtext(text: str) -> str:
+    """RFC 3461 §4: escape '+', '=' and anything outside printable ASCII."""
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode())
+        for ch in text
+    )
+
+
+def mail_command(sender: str, params: MailParams, size: int, offered: dict[str, str]) -> str:
+    words = [f"MAIL FROM:<{sender}>"]
+    if "SIZE" in offered:
+        words.append(f"SIZE={size}")
+    if params.body == "8BITMIME" and "8BITMIME" in offered:
+        words.append("BODY=8BITMIME")
+    if params.smtputf8 and "SMTPUTF8" in offered:
+        words.append("SMTPUTF8")
+    if "DSN" in offered:
+        if params.ret:
+            words.append(f"RET={params.ret}")
+        if params.envid:
+            words.append(f"ENVID={_encode_xtext(params.envid)}")
+    return " ".join(words)
+
+
+def rcpt_command(recipient: Recipient, offered: dict[str, str]) -> str:
+    words = [f"RCPT TO:<{recipient.address}>"]
+    params = recipient.params
+    if "DSN" in offered:
+        if params.notify is not None:
+            order = ("SUCCESS", "FAILURE", "DELAY")
+            words.append("NOTIFY=" + (",".join(n for n in order if n in params.notify) or "NEVER"))
+        if params.orcpt:
+            words.append(f"ORCPT={params.orcpt[0]};{_encode_xtext(params.orcpt[1])}")
+    return " ".join(words)
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS to next hops: encryption; certificate validation comes with policy/tls."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _all(job: Job, code: int | None, text: str) -> list[Outcome]:
+    return [Outcome(idx, code, text) for idx, _ in job.recipients]
+
+
+@dataclass
+class _Cached:
+    client: SmtpClient
+    handle: asyncio.TimerHandle
+
+
+@dataclass
+class Deliverer:
+    """Runs attempts; owns the cache of idle connections."""
+
+    hostname: str
+    timeouts: Timeouts
+    resolver: Resolver
+    password_of: Callable[[SendConnector], str | None]
+    cache_time: float = 5.0
+    _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def _close_later(self, client: SmtpClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def attempt(self, job: Job) -> AttemptReport:
+        targets = await self._targets(job)
+        if isinstance(targets, AttemptReport):
+            return targets
+        last = "no address to connect to"
+        for host, address, port in targets:
+            client = await self._cached(job.connector.name, address, port)
+            fresh = client is None
+            if client is None:
+                try:
+                    client = await self._connect(job.connector, host, address, port)
+                except DeliveryError as exc:
+                    last = str(exc)
+                    continue
+            report = await self._on(client, job, host, fresh=fresh)
+            if report is None:
+                last = f"{host} did not greet with 220"
+                continue
+            return report
+        return AttemptReport(_all(job, None, f"4.4.1 unreachable: {last}"), reached=False)
+
+    async def _targets(self, job: Job) -> list[tuple[str, str, int]] | AttemptReport:
+        deliver = job.connector.deliver
+        if deliver.smarthost is not None:
+            return [(deliver.smarthost.host, deliver.smarthost.host, deliver.smarthost.port)]
+        assert deliver.dns is not None
+        port = deliver.dns.port
+        answer = await self.resolver.mx(job.domain)
+        if answer.status == "null":
+            return AttemptReport(
+                _all(job, 556, "5.1.10 the domain accepts no mail (null MX)"), reached=True
+            )
+        if answer.status == "nxdomain":
+            return AttemptReport(
+                _all(job, 550, "5.1.2 the recipient domain does not exist"), reached=True
+            )
+        if answer.status == "temporary":
+            return AttemptReport(
+                _all(job, None, "4.4.3 DNS lookup of the MX failed"), reached=False
+            )
+        hosts = [name for _, name in answer.hosts] or [job.domain]
+        targets = []
+        for host in hosts:
+            targets += [(host, address, port) for address in await self.resolver.addresses(host)]
+        if not targets and answer.status == "nodata":
+            return AttemptReport(
+                _all(job, 550, "5.1.2 the recipient domain has no mail host"), reached=True
+            )
+        return targets
+
+    async def _connect(
+        self, connector: SendConnector, host: str, address: str, port: int
+    ) -> SmtpClient:
+        implicit = connector.security == "implicit-tls"
+        return await SmtpClient.connect(
+            address,
+            port,
+            timeout=self.timeouts.delivery_connect,
+            command_timeout=self.timeouts.delivery_command,
+            tls=client_context() if implicit else None,
+            server_hostname=host,
+        )
+
+    async def _on(
+        self, client: SmtpClient, job: Job, host: str, *, fresh: bool
+    ) -> AttemptReport | None:
+        """The conversation on one connection; None when the server did not greet."""
+        key = (job.connector.name, client.peer_address, client.peer_port)
+        try:
+            if fresh:
+                refusal = await self._open(client, job, host)
+                if refusal is not None:
+                    await client.close()
+                    return refusal if refusal.reached else None
+            report = await self._transaction(client, job, host)
+        except DeliveryError as exc:
+            await client.close()
+            return AttemptReport(
+                _all(job, None, f"4.4.2 connection to {host} failed: {exc}"), reached=True
+            )
+        self._keep(key, client)
+        return report
+
+    async def _open(self, client: SmtpClient, job: Job, host: str) -> AttemptReport | None:
+        greeting = await client.read_reply()
+        if greeting.code != 220:
+            return AttemptReport([], reached=False)
+        reply = await client.hello(self.hostname)
+        if reply.code != 250:
+            return AttemptReport(_all(job, reply.code, reply.text()), reached=True)
+        security = job.connector.security
+        if security in ("starttls", "require-starttls") and client.tls is None:
+            if "STARTTLS" in client.extensions:
+                await client.starttls(client_context(), server_hostname=host)
+                await client.hello(self.hostname)
+            elif security == "require-starttls":
+                return AttemptReport(
+                    _all(
+                        job, None, f"4.7.5 {host} offers no STARTTLS, which this connector requires"
+                    ),
+                    True,
+                )
+        return await self._authenticate(client, job, host)
+
+    async def _authenticate(self, client: SmtpClient, job: Job, host: str) -> AttemptReport | None:
+        smarthost = job.connector.deliver.smarthost
+        if smarthost is None or smarthost.username is None:
+            return None
+        if client.tls is None and job.connector.security != "none":
+            return AttemptReport(
+                _all(job, None, "4.7.0 refusing to send the smarthost password without TLS"), True
+            )
+        password = self.password_of(job.connector) or ""
+        reply = await client.auth_plain(smarthost.username, password)
+        if reply.code != 235:
+            return AttemptReport(
+                _all(job, None, f"4.7.0 AUTH with {host} failed: {reply.text()}"), True
+            )
+        return None
+
+    async def _transaction(self, client: SmtpClient, job: Job, host: str) -> AttemptReport:
+        offered = client.extensions
+        mail = mail_command(job.sender, job.params, job.body.size, offered)
+        rcpts = [rcpt_command(r, offered) for _, r in job.recipients]
+        if "PIPELINING" in offered:
+            replies = await client.pipeline([mail, *rcpts])
+        else:
+            replies = [await client.command(mail)]
+            if replies[0].code == 250:
+                replies += [await client.command(line) for line in rcpts]
+
+        def report(outcomes: list[Outcome]) -> AttemptReport:
+            return AttemptReport(outcomes, True, client.tls, host, "DSN" in offered)
+
+        if replies[0].code != 250:
+            await client.command("RSET")
+            return report(_all(job, replies[0].code, replies[0].text()))
+        rcpt_replies = replies[1:]
+        accepted = [i for i, reply in enumerate(rcpt_replies) if reply.code in (250, 251)]
+        if not accepted:
+            await client.command("RSET")
+            return report(self._per_rcpt(job, rcpt_replies, None))
+        final = await client.send_body(job.body, self.timeouts.delivery_data_end)
+        return report(self._per_rcpt(job, rcpt_replies, final))
+
+    @staticmethod
+    def _per_rcpt(job: Job, rcpt_replies: list[Reply], final: Reply | None) -> list[Outcome]:
+        outcomes = []
+        for (idx, _), reply in zip(job.recipients, rcpt_replies, strict=True):
+            chosen = final if final is not None and reply.code in (250, 251) else reply
+            outcomes.append(Outcome(idx, chosen.code, chosen.text()))
+        return outcomes
+
+    # -- connection cache ------------------------------------------------------
+
+    async def _cached(self, connector: str, address: str, port: int) -> SmtpClient | None:
+        idle = self._cache.get((connector, address, port))
+        while idle:
+            entry = idle.pop()
+            entry.handle.cancel()
+            if await entry.client.alive():
+                return entry.client
+            await entry.client.close()
+        return None
+
+    def _keep(self, key: tuple[str, str, int], client: SmtpClient) -> None:
+        if self.cache_time <= 0:
+            self._close_later(client)
+            return
+        handle = asyncio.get_running_loop().call_later(self.cache_time, self._expire, key, client)
+        self._cache.setdefault(key, []).append(_Cached(client, handle))
+
+    def _expire(self, key: tuple[str, str, int], client: SmtpClient) -> None:
+        idle = self._cache.get(key, [])
+        for entry in [e for e in idle if e.client is client]:
+            idle.remove(entry)
+            self._close_later(client)
+
+    async def close(self) -> None:
+        for idle in self._cache.values():
+            for entry in idle:
+                entry.handle.cancel()
+                with contextlib.suppress(Exception):
+                    await entry.client.close()
+        self._cache.clear()

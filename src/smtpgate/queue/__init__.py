@@ -1,0 +1,1 @@
+"""The durable queue: store, ingest with group commit, schedule, manager, DSN."""

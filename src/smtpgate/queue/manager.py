@@ -1,0 +1,376 @@
+"""The queue manager: due recipients → routes → attempts → outcomes → reports.
+
+Rules kept here:
+
+* Each due recipient is routed afresh (the cheapest matching send
+  connector, as at RCPT); recipients of one message that share a connector
+  and a destination go in one attempt. A permanent failure bounces: no
+  dearer connector is tried. Only a connector with
+  ``failover_when_unreachable`` lets the next one try, and only when no
+  server could be reached at all.
+* Outcomes: 2xx delivered, 4xx or no reply deferred (exponential backoff
+  with jitter), 5xx bounced; past ``retry.lifetime`` a deferred recipient
+  bounces (4.4.7).
+* Reports (RFC 3464) go to the sender as NOTIFY asks; a report that cannot
+  be delivered goes to ``gateway.admin_address``; one to the administrator
+  that fails is logged and dropped. Reports re-enter through ingest.
+* Attempts run under a global limit and a per-destination limit, off the
+  inbound path: a slow destination never slows the listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from smtpgate.config.schema import QueueSettings, SendConnector
+from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
+from smtpgate.model.envelope import Envelope, Recipient
+from smtpgate.observe.log import get_logger
+from smtpgate.queue.dsn import (
+    RETURN_LIMIT,
+    Report,
+    ReportedRecipient,
+    build_report,
+    wants_report,
+)
+from smtpgate.queue.queue import Queue
+from smtpgate.queue.schedule import backoff, delay_warning_due, expired, fate_of
+from smtpgate.queue.store import (
+    KIND_ADMIN_REPORT,
+    KIND_MAIL,
+    KIND_REPORT,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientUpdate,
+)
+from smtpgate.spool import SpooledBody, StoredBody, new_queue_id
+
+log = get_logger("smtpgate.queue")
+
+Router = Callable[[str, str, frozenset[str]], SendConnector | None]
+POLL = 1.0  # how often to look for changes made by the queue tools
+
+
+@dataclass
+class _Result:
+    updates: list[RecipientUpdate] = field(default_factory=list)
+    reported: list[ReportedRecipient] = field(default_factory=list)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _status(text: str, code: int | None) -> str:
+    """The enhanced status code in ``"550 5.1.1 ..."`` or ``"4.4.1 ..."``."""
+    for word in text.split(" ", 2)[:2]:
+        if word.count(".") == 2 and word.replace(".", "").isdigit():
+            return word
+    return "4.0.0" if code is None or code < 500 else "5.0.0"
+
+
+class QueueManager:
+    def __init__(  # noqa: PLR0913, PLR0917 - the manager's collaborators
+        self,
+        queue: Queue,
+        deliverer: Deliverer,
+        route: Router,
+        settings: QueueSettings,
+        hostname: str,
+        admin_address: str | None,
+    ) -> None:
+        self.queue = queue
+        self.deliverer = deliverer
+        self.route = route
+        self.settings = settings
+        self.hostname = hostname
+        self.admin_address = admin_address
+        self.jitter: Callable[[], float] = random.random
+        self._inflight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.max_deliveries)
+        self._destinations: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._stopping = asyncio.Event()
+
+    # -- the loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        store = self.queue.store
+        while not self._stopping.is_set():
+            now = time.time()
+            inflight = set(self._inflight)
+            due = await self.queue.call(lambda: store.due(now, inflight))  # noqa: B023 - awaited at once
+            for message in due:
+                self._start(message)
+            following = await self.queue.call(store.next_due)
+            wait = POLL if following is None else min(POLL, max(0.0, following - time.time()))
+            self.queue.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wake()
+
+    async def _wake(self) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        change = asyncio.ensure_future(self.queue.changed.wait())
+        try:
+            await asyncio.wait({stop, change}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            change.cancel()
+
+    async def stop(self, grace: float) -> None:
+        self._stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.deliverer.close()
+
+    def _start(self, message: QueuedMessage) -> None:
+        self._inflight.add(message.id)
+        task = asyncio.get_running_loop().create_task(self._process(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one message -------------------------------------------------------------
+
+    async def _process(self, message: QueuedMessage) -> None:
+        try:
+            now = time.time()
+            due = [
+                r
+                for r in message.recipients
+                if r.state in ("queued", "deferred") and r.next_attempt <= now
+            ]
+            result = _Result()
+            if expired(message.arrival, now, self.settings.retry):
+                self._expire(message, due, now, result)
+            else:
+                await self._deliver(message, due, result)
+            original = await self._original(message) if result.reported else b""
+            if result.updates:
+                await self.queue.apply(result.updates)  # may delete the message
+            await self._report(message, result.reported, original)
+        except Exception as exc:
+            log.error("queue run failed", queue_id=message.id, error=repr(exc))
+        finally:
+            self._inflight.discard(message.id)
+
+    def _expire(
+        self, message: QueuedMessage, due: list[QueuedRecipient], now: float, result: _Result
+    ) -> None:
+        for r in due:
+            text = f"4.4.7 message expired in the queue; last reply: {r.last_reply or 'none'}"
+            result.updates.append(RecipientUpdate(message.id, r.idx, "bounced", text, now, False))
+            result.reported.append(
+                ReportedRecipient(
+                    r.address, r.params.orcpt, "failed", "4.4.7", r.last_reply, None, now
+                )
+            )
+
+    async def _deliver(
+        self, message: QueuedMessage, due: list[QueuedRecipient], result: _Result
+    ) -> None:
+        groups: dict[tuple[str, str], tuple[SendConnector, list[QueuedRecipient]]] = {}
+        for r in due:
+            connector = self.route(message.sender, r.address, frozenset())
+            if connector is None:
+                self._outcome(message, r, None, "4.3.5 no send connector matches", None, result)
+                continue
+            key = (connector.name, self._destination(connector, r.address))
+            groups.setdefault(key, (connector, []))[1].append(r)
+        await asyncio.gather(
+            *(
+                self._attempt(message, connector, rcpts, key[1], result)
+                for key, (connector, rcpts) in groups.items()
+            )
+        )
+
+    @staticmethod
+    def _destination(connector: SendConnector, address: str) -> str:
+        smarthost = connector.deliver.smarthost
+        return f"{smarthost.host}:{smarthost.port}" if smarthost else _domain(address)
+
+    async def _attempt(
+        self,
+        message: QueuedMessage,
+        connector: SendConnector,
+        rcpts: list[QueuedRecipient],
+        destination: str,
+        result: _Result,
+    ) -> None:
+        store = self.queue.store
+        data = await self.queue.call(lambda: store.body(message.id))
+        if data is None:
+            return
+        body = StoredBody(data)
+        tried: set[str] = set()
+        while True:
+            tried.add(connector.name)
+            report = await self._run(message, connector, rcpts, destination, body)
+            if report.reached or not connector.failover_when_unreachable:
+                break
+            following = self.route(message.sender, rcpts[0].address, frozenset(tried))
+            if following is None:
+                break
+            log.info(
+                "failover",
+                queue_id=message.id,
+                from_connector=connector.name,
+                to_connector=following.name,
+            )
+            connector = following
+            destination = self._destination(connector, rcpts[0].address)
+        by_idx = {r.idx: r for r in rcpts}
+        for outcome in report.outcomes:
+            self._outcome(
+                message,
+                by_idx[outcome.idx],
+                outcome.code,
+                outcome.text,
+                report,
+                result,
+                connector.name,
+            )
+
+    async def _run(
+        self,
+        message: QueuedMessage,
+        connector: SendConnector,
+        rcpts: list[QueuedRecipient],
+        destination: str,
+        body: StoredBody,
+    ) -> AttemptReport:
+        key = (connector.name, destination)
+        limit = self._destinations.setdefault(
+            key, asyncio.Semaphore(self.settings.destination_concurrency)
+        )
+        job = Job(
+            connector,
+            message.sender,
+            message.mail_params,
+            [(r.idx, Recipient(r.address, r.params)) for r in rcpts],
+            body,
+            _domain(rcpts[0].address),
+        )
+        async with self._slots, limit:
+            return await self.deliverer.attempt(job)
+
+    def _outcome(  # noqa: PLR0913, PLR0917 - one recipient's outcome and its context
+        self,
+        message: QueuedMessage,
+        r: QueuedRecipient,
+        code: int | None,
+        text: str,
+        report: AttemptReport | None,
+        result: _Result,
+        connector: str = "-",
+    ) -> None:
+        now = time.time()
+        fate = fate_of(code)
+        reply = f"{code} {text}" if code is not None and not text.startswith(str(code)) else text
+        remote = report.remote if report else None
+        if fate == "deferred" and expired(message.arrival, now, self.settings.retry):
+            fate = "bounced"
+        next_attempt = now + backoff(r.attempts + 1, self.settings.retry, self.jitter())
+        warned = None
+        if fate == "deferred" and delay_warning_due(
+            message.arrival, now, self.settings.delay_warning, r.warned
+        ):
+            warned = True
+            result.reported.append(
+                ReportedRecipient(
+                    r.address, r.params.orcpt, "delayed", _status(text, code), reply, remote, now
+                )
+            )
+        if fate == "bounced":
+            result.reported.append(
+                ReportedRecipient(
+                    r.address, r.params.orcpt, "failed", _status(text, code), reply, remote, now
+                )
+            )
+        if (
+            fate == "delivered"
+            and report is not None
+            and not report.dsn_passed_on
+            and (r.params.notify and "SUCCESS" in r.params.notify)
+        ):
+            result.reported.append(
+                ReportedRecipient(
+                    r.address, r.params.orcpt, "relayed", _status(text, code), reply, remote, now
+                )
+            )
+        result.updates.append(
+            RecipientUpdate(message.id, r.idx, fate, reply, next_attempt, True, warned)
+        )
+        log.info(
+            "delivery",
+            queue_id=message.id,
+            rcpt=r.address,
+            state=fate,
+            connector=connector,
+            relay=remote,
+            tls=report.tls if report else None,
+            reply=reply,
+            attempts=r.attempts + 1,
+        )
+
+    # -- reports -----------------------------------------------------------------
+
+    async def _original(self, message: QueuedMessage) -> bytes:
+        """The start of the message, for returning it in a report."""
+        store = self.queue.store
+        data = await self.queue.call(lambda: store.body(message.id))
+        return StoredBody(data).head(RETURN_LIMIT) if data is not None else b""
+
+    async def _report(
+        self, message: QueuedMessage, reported: list[ReportedRecipient], original: bytes
+    ) -> None:
+        by_action: dict[str, list[ReportedRecipient]] = {}
+        notify = {r.address: r.params.notify for r in message.recipients}
+        for item in reported:
+            if message.kind != KIND_MAIL or wants_report(notify.get(item.address), item.action):
+                by_action.setdefault(item.action, []).append(item)
+        for action, items in by_action.items():
+            if message.kind == KIND_MAIL and not message.sender:
+                continue  # never report on a message with the null sender
+            if message.kind == KIND_ADMIN_REPORT or (
+                message.kind == KIND_REPORT and action != "failed"
+            ):
+                log.warning("report undeliverable, dropped", queue_id=message.id, action=action)
+                continue
+            await self._send_report(message, action, items, original)
+
+    async def _send_report(
+        self, message: QueuedMessage, action: str, items: list[ReportedRecipient], original: bytes
+    ) -> None:
+        to_admin = message.kind == KIND_REPORT
+        recipient = self.admin_address if to_admin else message.sender
+        if not recipient:
+            log.warning("report has nowhere to go", queue_id=message.id)
+            return
+        params = message.mail_params
+        until = message.arrival + self.settings.retry.lifetime
+        report = Report(
+            self.hostname,
+            message.id,
+            recipient,
+            message.arrival,
+            params.envid,
+            params.ret,
+            tuple(items),
+            until if action == "delayed" else None,
+        )
+        body = SpooledBody(self.queue.directory, new_queue_id())
+        body.write(build_report(report, original, message.size, time.time()))
+        body.finish()
+        envelope = Envelope(sender="", recipients=(Recipient(recipient),))
+        kind = KIND_ADMIN_REPORT if to_admin else KIND_REPORT
+        queue_id = await self.queue.ingest(envelope, body, kind)
+        log.info("report queued", queue_id=queue_id, about=message.id, action=action, to=recipient)

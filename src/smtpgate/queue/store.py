@@ -1,0 +1,412 @@
+"""The queue's storage: SQLite (WAL, synchronous=FULL) plus files for large bodies.
+
+Rules kept here:
+
+* A message is durable once :meth:`QueueStore.commit` returns: its row and
+  its recipients are in a committed transaction (fsynced by SQLite's WAL at
+  ``synchronous=FULL``), and a large body's file was fsynced, and its
+  directory too, before that transaction. Many messages share one
+  transaction: that is the group commit.
+* Per-recipient state: queued, deferred, held, delivered, bounced; plus
+  attempts, the last reply and the next attempt. A message whose
+  recipients are all delivered or bounced is deleted with its body.
+* One instance belongs to one thread (sqlite3 connections are not shared);
+  the queue tools open their own instance on the same file, which SQLite's
+  locking makes safe while the gateway runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
+from smtpgate.spool import SpooledBody, fsync_path
+
+PENDING = ("queued", "deferred", "held")
+_SCHEMA = """
+create table if not exists messages(
+    id text primary key,
+    sender text not null,
+    arrival real not null,
+    size integer not null,
+    body blob,
+    body_path text,
+    meta text not null,
+    kind integer not null default 0
+);
+create table if not exists recipients(
+    message_id text not null references messages(id) on delete cascade,
+    idx integer not null,
+    address text not null,
+    params text not null,
+    state text not null,
+    attempts integer not null default 0,
+    next_attempt real not null,
+    last_reply text,
+    last_attempt real,
+    warned integer not null default 0,
+    primary key(message_id, idx)
+);
+create index if not exists recipients_due on recipients(state, next_attempt);
+"""
+
+KIND_MAIL, KIND_REPORT, KIND_ADMIN_REPORT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    envelope: Envelope
+    body: SpooledBody
+    kind: int = KIND_MAIL
+
+
+@dataclass
+class QueuedRecipient:
+    idx: int
+    address: str
+    params: RcptParams
+    state: str
+    attempts: int
+    next_attempt: float
+    last_reply: str | None
+    last_attempt: float | None
+    warned: bool
+
+
+@dataclass
+class QueuedMessage:
+    id: str
+    sender: str
+    arrival: float
+    size: int
+    meta: dict[str, Any]
+    kind: int
+    recipients: list[QueuedRecipient] = field(default_factory=list)
+
+    @property
+    def mail_params(self) -> MailParams:
+        return _mail_params(self.meta.get("params", {}))
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    message_id: str
+    idx: int
+    state: str
+    last_reply: str | None
+    next_attempt: float
+    attempted: bool = True
+    warned: bool | None = None
+
+
+def _mail_params(raw: dict[str, Any]) -> MailParams:
+    return MailParams(
+        size=raw.get("size"),
+        body=raw.get("body"),
+        smtputf8=bool(raw.get("smtputf8")),
+        ret=raw.get("ret"),
+        envid=raw.get("envid"),
+        auth=raw.get("auth"),
+    )
+
+
+def _rcpt_params(raw: dict[str, Any]) -> RcptParams:
+    notify = raw.get("notify")
+    orcpt = raw.get("orcpt")
+    return RcptParams(
+        notify=frozenset(notify) if notify is not None else None,
+        orcpt=(orcpt[0], orcpt[1]) if orcpt else None,
+    )
+
+
+def _meta(envelope: Envelope) -> str:
+    p = envelope.mail_params
+    return json.dumps(
+        {
+            "params": {
+                "size": p.size,
+                "body": p.body,
+                "smtputf8": p.smtputf8,
+                "ret": p.ret,
+                "envid": p.envid,
+                "auth": p.auth,
+            },
+            "helo": envelope.helo,
+            "client_ip": envelope.client_ip,
+            "tls": envelope.tls,
+            "auth_user": envelope.auth_user,
+            "profile": envelope.profile,
+            "spam_check": envelope.spam_check,
+        }
+    )
+
+
+def _params(recipient: Recipient) -> str:
+    p = recipient.params
+    return json.dumps(
+        {
+            "notify": sorted(p.notify) if p.notify is not None else None,
+            "orcpt": list(p.orcpt) if p.orcpt else None,
+        }
+    )
+
+
+class QueueStore:
+    """The queue database of one data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.bodies = directory / "bodies"
+        self.bodies.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(directory / "queue.db", isolation_level=None, timeout=30)
+        self.db.execute("pragma journal_mode=wal")
+        self.db.execute("pragma synchronous=full")
+        self.db.execute("pragma foreign_keys=on")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- ingest ------------------------------------------------------------------
+
+    def commit(self, batch: Sequence[NewMessage]) -> None:
+        """Make every message of ``batch`` durable, all in one transaction."""
+        spilled = {m.body.queue_id for m in batch if m.body.path is not None}
+        for item in batch:
+            if item.body.queue_id in spilled:
+                item.body.save_as(self.bodies / item.body.queue_id, fsync=True)
+        if spilled:
+            fsync_path(self.bodies)
+        now = time.time()
+        with self._transaction():
+            for item in batch:
+                self._insert(item, now, in_file=item.body.queue_id in spilled)
+
+    def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> None:
+        envelope, body = item.envelope, item.body
+        blob = None if in_file else b"".join(body.chunks())
+        path = body.queue_id if in_file else None
+        self.db.execute(
+            "insert into messages(id, sender, arrival, size, body, body_path, meta, kind) "
+            "values (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                body.queue_id,
+                envelope.sender,
+                now,
+                body.size,
+                blob,
+                path,
+                _meta(envelope),
+                item.kind,
+            ),
+        )
+        self.db.executemany(
+            "insert into recipients(message_id, idx, address, params, state, next_attempt) "
+            "values (?, ?, ?, ?, 'queued', ?)",
+            [
+                (body.queue_id, i, r.address, _params(r), now)
+                for i, r in enumerate(envelope.recipients)
+            ],
+        )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    # -- reading -----------------------------------------------------------------
+
+    def due(self, now: float, exclude: set[str], limit: int = 500) -> list[QueuedMessage]:
+        """Messages with recipients whose next attempt has come."""
+        rows = self.db.execute(
+            "select distinct message_id from recipients where state in ('queued', 'deferred') "
+            "and next_attempt <= ? order by next_attempt limit ?",
+            (now, limit + len(exclude)),
+        ).fetchall()
+        ids = [r[0] for r in rows if r[0] not in exclude][:limit]
+        return [m for m in (self.get(i) for i in ids) if m is not None]
+
+    def next_due(self) -> float | None:
+        row = self.db.execute(
+            "select min(next_attempt) from recipients where state in ('queued', 'deferred')"
+        ).fetchone()
+        return row[0] if row else None
+
+    def get(self, message_id: str) -> QueuedMessage | None:
+        row = self.db.execute(
+            "select id, sender, arrival, size, meta, kind from messages where id = ?",
+            (message_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        message = QueuedMessage(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        for r in self.db.execute(
+            "select idx, address, params, state, attempts, next_attempt, last_reply, "
+            "last_attempt, warned from recipients where message_id = ? order by idx",
+            (message_id,),
+        ):
+            message.recipients.append(
+                QueuedRecipient(
+                    r[0],
+                    r[1],
+                    _rcpt_params(json.loads(r[2])),
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    bool(r[8]),
+                )
+            )
+        return message
+
+    def body(self, message_id: str) -> bytes | Path | None:
+        row = self.db.execute(
+            "select body, body_path from messages where id = ?", (message_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return bytes(row[0]) if row[0] is not None else self.bodies / row[1]
+
+    # -- outcomes ----------------------------------------------------------------
+
+    def apply(self, updates: Sequence[RecipientUpdate]) -> list[str]:
+        """Record attempt outcomes; delete and return messages with nothing left to do."""
+        now = time.time()
+        touched = {u.message_id for u in updates}
+        with self._transaction():
+            for u in updates:
+                self.db.execute(
+                    "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
+                    "next_attempt = ?, attempts = attempts + ?, "
+                    "last_attempt = case when ? then ? else last_attempt end, "
+                    "warned = coalesce(?, warned) where message_id = ? and idx = ?",
+                    (
+                        u.state,
+                        u.last_reply,
+                        u.next_attempt,
+                        int(u.attempted),
+                        u.attempted,
+                        now,
+                        None if u.warned is None else int(u.warned),
+                        u.message_id,
+                        u.idx,
+                    ),
+                )
+            finished = [m for m in touched if not self._pending(m)]
+            for message_id in finished:
+                self._delete(message_id)
+        return finished
+
+    def _pending(self, message_id: str) -> bool:
+        marks = ",".join("?" * len(PENDING))
+        row = self.db.execute(
+            f"select 1 from recipients where message_id = ? and state in ({marks}) limit 1",  # noqa: S608 - placeholders only
+            (message_id, *PENDING),
+        ).fetchone()
+        return row is not None
+
+    def _delete(self, message_id: str) -> None:
+        row = self.db.execute(
+            "select body_path from messages where id = ?", (message_id,)
+        ).fetchone()
+        self.db.execute("delete from recipients where message_id = ?", (message_id,))
+        self.db.execute("delete from messages where id = ?", (message_id,))
+        if row and row[0]:
+            (self.bodies / row[0]).unlink(missing_ok=True)
+
+    # -- administration ------------------------------------------------------------
+
+    def list(self, filters: Filters) -> Iterator[QueuedMessage]:
+        clauses, args = filters.where()
+        query = (
+            f"select distinct m.id from messages m join recipients r on r.message_id = m.id "  # noqa: S608 - clauses are fixed strings; values are parameters
+            f"{'where ' + ' and '.join(clauses) if clauses else ''} order by m.arrival"
+        )
+        for (message_id,) in self.db.execute(query, args).fetchall():
+            message = self.get(message_id)
+            if message is not None:
+                yield message
+
+    def set_state(self, message_id: str | None, states: tuple[str, ...], new: str) -> int:
+        """Move pending recipients (of one message, or all) to ``new`` (due now)."""
+        marks = ",".join("?" * len(states))
+        where = f"state in ({marks})" + (" and message_id = ?" if message_id else "")
+        args = (*states, *((message_id,) if message_id else ()))
+        with self._transaction():
+            cursor = self.db.execute(
+                f"update recipients set state = ?, next_attempt = ? where {where}",  # noqa: S608 - placeholders only
+                (new, time.time(), *args),
+            )
+        return cursor.rowcount
+
+    def delete(self, message_id: str) -> bool:
+        with self._transaction():
+            exists = self.db.execute(
+                "select 1 from messages where id = ?", (message_id,)
+            ).fetchone()
+            if exists:
+                self._delete(message_id)
+        return exists is not None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("select state, count(*) from recipients group by state"))
+
+
+@dataclass(frozen=True)
+class Filters:
+    """``smtpgate queue list`` filters; all optional."""
+
+    state: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    domain: str | None = None
+    older_than: float | None = None  # seconds
+
+    def where(self) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        if self.state:
+            clauses.append("r.state = ?")
+            args.append(self.state)
+        if self.sender is not None:
+            clauses.append("lower(m.sender) = lower(?)")
+            args.append(self.sender)
+        if self.recipient:
+            clauses.append("lower(r.address) = lower(?)")
+            args.append(self.recipient)
+        if self.domain:
+            clauses.append("lower(r.address) like ?")
+            args.append("%@" + self.domain.lower())
+        if self.older_than is not None:
+            clauses.append("m.arrival <= ?")
+            args.append(time.time() - self.older_than)
+        return clauses, args
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("begin immediate")
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        self.db.execute("commit" if kind is None else "rollback")
+
+
+def clean_orphan_bodies(store: QueueStore) -> int:
+    """Body files no message refers to (a crash between fsync and commit)."""
+    known = {
+        r[0] for r in store.db.execute("select body_path from messages where body_path is not null")
+    }
+    removed = 0
+    for path in store.bodies.iterdir():
+        if path.name not in known:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
