@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from smtpgate import __version__
+from smtpgate.cli import queue as queue_cli
 from smtpgate.config.load import notices, parse_config, read_document
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
@@ -72,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     send.add_argument("profile")
     send.add_argument("--config", type=Path, required=True)
+
+    queue_cli.add_parser(commands)
+
+    connector = commands.add_parser("connector", help="send connector tools")
+    connector_commands = connector.add_subparsers(dest="connector_command", required=True)
+    verify = connector_commands.add_parser(
+        "verify", help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step"
+    )
+    verify.add_argument("name")
+    verify.add_argument("--config", type=Path, required=True)
+    verify.add_argument("--domain", help="recipient domain to look up (direct delivery)")
 
     sink = commands.add_parser("sink", help="run a recording SMTP server")
     sink.add_argument("--listen", default="127.0.0.1:2526", help="HOST:PORT (default %(default)s)")
@@ -182,6 +194,24 @@ def _send_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from smtpgate.delivery.verify import verify_connector  # noqa: PLC0415
+    from smtpgate.gateway import GatewayPolicy  # noqa: PLC0415
+
+    config = _load(args.config, announce=False)
+    policy = GatewayPolicy.build(config)
+    connector = next((c for c in config.send_connectors if c.name == args.name), None)
+    if connector is None:
+        print(f"no send connector named {args.name!r}", file=sys.stderr)
+        return 1
+    steps = asyncio.run(
+        verify_connector(config, connector, policy.smarthost_password(connector), args.domain)
+    )
+    for step in steps:
+        print(f"{'ok  ' if step.ok else 'FAIL'} {step.name}: {step.detail}")
+    return 0 if all(step.ok for step in steps) else 1
+
+
 def _sink(args: argparse.Namespace) -> int:
     from smtpgate.sink import SinkBehaviour, parse_reply, run_sink  # noqa: PLC0415
 
@@ -217,6 +247,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _encrypt(args) if args.credentials_command == "encrypt" else _send_credentials(args)
     if args.command == "sink":
         return _sink(args)
+    if args.command == "queue":
+        return queue_cli.run(args, _load(args.config, announce=False))
+    if args.command == "connector":
+        return _verify(args)
     return 2
 
 

@@ -149,6 +149,10 @@ class QueueManager:
                 if r.state in ("queued", "deferred") and r.next_attempt <= now
             ]
             result = _Result()
+            for r in message.recipients:
+                if r.state == "bounce":  # `smtpgate queue bounce`
+                    text = "5.0.0 bounced by the administrator"
+                    self._outcome(message, r, 550, text, None, result)
             if expired(message.arrival, now, self.settings.retry):
                 self._expire(message, due, now, result)
             else:

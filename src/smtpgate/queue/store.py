@@ -28,7 +28,7 @@ from typing import Any
 from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
 from smtpgate.spool import SpooledBody, fsync_path
 
-PENDING = ("queued", "deferred", "held")
+PENDING = ("queued", "deferred", "held", "bounce")  # "bounce": the administrator asked for it
 _SCHEMA = """
 create table if not exists messages(
     id text primary key,
@@ -223,7 +223,8 @@ class QueueStore:
     def due(self, now: float, exclude: set[str], limit: int = 500) -> list[QueuedMessage]:
         """Messages with recipients whose next attempt has come."""
         rows = self.db.execute(
-            "select distinct message_id from recipients where state in ('queued', 'deferred') "
+            "select distinct message_id from recipients where state in ('queued', 'deferred', "
+            "'bounce') "
             "and next_attempt <= ? order by next_attempt limit ?",
             (now, limit + len(exclude)),
         ).fetchall()
@@ -232,7 +233,8 @@ class QueueStore:
 
     def next_due(self) -> float | None:
         row = self.db.execute(
-            "select min(next_attempt) from recipients where state in ('queued', 'deferred')"
+            "select min(next_attempt) from recipients "
+            "where state in ('queued', 'deferred', 'bounce')"
         ).fetchone()
         return row[0] if row else None
 

@@ -1,0 +1,118 @@
+"""``smtpgate connector verify``: the manual's *Verify* button, step by step.
+
+Connects as the connector would (the smarthost, or the first reachable MX
+of ``--domain``), reads the greeting, says EHLO, does STARTTLS as its
+security demands, authenticates when it has credentials, and says QUIT;
+every step is reported, and the first failure ends the run. No mail is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smtpgate.config.schema import GatewayConfig, SendConnector
+from smtpgate.delivery.attempt import client_context
+from smtpgate.delivery.client import SmtpClient
+from smtpgate.dns import DnsResolver
+from smtpgate.errors import DeliveryError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+async def _targets(
+    config: GatewayConfig, connector: SendConnector, domain: str | None
+) -> tuple[list[tuple[str, int]], Step]:
+    deliver = connector.deliver
+    if deliver.smarthost is not None:
+        target = (deliver.smarthost.host, deliver.smarthost.port)
+        return [target], Step("target", True, f"smarthost {target[0]}:{target[1]}")
+    assert deliver.dns is not None
+    if not domain:
+        return [], Step("target", False, "direct delivery: name a recipient domain with --domain")
+    resolver = DnsResolver(config.gateway.dns)
+    answer = await resolver.mx(domain)
+    hosts = [h for _, h in answer.hosts] or ([domain] if answer.status == "nodata" else [])
+    if not hosts:
+        return [], Step("target", False, f"MX lookup for {domain}: {answer.status}")
+    return [(h, deliver.dns.port) for h in hosts], Step("target", True, f"MX hosts {hosts}")
+
+
+async def verify_connector(
+    config: GatewayConfig, connector: SendConnector, password: str | None, domain: str | None
+) -> list[Step]:
+    targets, first = await _targets(config, connector, domain)
+    steps = [first]
+    if not first.ok:
+        return steps
+    for host, port in targets:
+        try:
+            client = await SmtpClient.connect(
+                host,
+                port,
+                timeout=config.timeouts.delivery_connect,
+                command_timeout=min(config.timeouts.delivery_command, 30),
+                tls=client_context() if connector.security == "implicit-tls" else None,
+            )
+        except DeliveryError as exc:
+            steps.append(Step("connect", False, str(exc)))
+            continue
+        steps.append(
+            Step("connect", True, f"{host}:{port}" + (f" ({client.tls})" if client.tls else ""))
+        )
+        try:
+            await _converse(client, config, connector, host, password, steps)
+        except DeliveryError as exc:
+            steps.append(Step("connection", False, str(exc)))
+        finally:
+            await client.close()
+        return steps
+    return steps
+
+
+async def _converse(  # noqa: PLR0913, PLR0917 - the steps need all of it
+    client: SmtpClient,
+    config: GatewayConfig,
+    connector: SendConnector,
+    host: str,
+    password: str | None,
+    steps: list[Step],
+) -> None:
+    greeting = await client.read_reply()
+    steps.append(Step("greeting", greeting.code == 220, greeting.text()))
+    if greeting.code != 220:
+        return
+    reply = await client.hello(config.gateway.hostname)
+    steps.append(
+        Step("EHLO", reply.code == 250, " ".join(sorted(client.extensions)) or reply.text())
+    )
+    if reply.code != 250:
+        return
+    security = connector.security
+    if security in ("starttls", "require-starttls"):
+        if "STARTTLS" not in client.extensions:
+            steps.append(
+                Step(
+                    "STARTTLS",
+                    security == "starttls",
+                    "not offered"
+                    + (" (required by this connector)" if security == "require-starttls" else ""),
+                )
+            )
+            if security == "require-starttls":
+                return
+        else:
+            await client.starttls(client_context(), server_hostname=host)
+            await client.hello(config.gateway.hostname)
+            steps.append(Step("STARTTLS", True, client.tls or "?"))
+    smarthost = connector.deliver.smarthost
+    if smarthost is not None and smarthost.username is not None:
+        if client.tls is None and security != "none":
+            steps.append(Step("AUTH", False, "refusing to send the password without TLS"))
+            return
+        reply = await client.auth_plain(smarthost.username, password or "")
+        steps.append(Step("AUTH", reply.code == 235, f"as {smarthost.username}: {reply.text()}"))
