@@ -187,6 +187,16 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
                     "implicit TLS on port 25 is not RFC-compliant; use port 465 (RFC 8314)",
                 )
             )
+    for i, connector in enumerate(config.send_connectors):
+        target = connector.deliver.smarthost
+        if target is not None and target.username is not None and connector.security == "none":
+            found.append(
+                FieldProblem(
+                    f"send_connectors[{i}].security",
+                    "the smarthost password would travel unencrypted; use starttls, "
+                    "require-starttls or implicit-tls",
+                )
+            )
     can_tls = any(x.security != "none" for x in config.listeners)
     for i, profile in enumerate(config.connection_profiles):
         if profile.inbound_tls.mandatory and not can_tls:
