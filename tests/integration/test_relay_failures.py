@@ -219,3 +219,33 @@ async def test_fifty_mb_message_through_the_queue(
 async def test_gateway_handle_exposes_its_queue(gateway: GatewayHandle) -> None:
     counts = await gateway.gateway.queue.call(gateway.gateway.queue.store.counts)
     assert counts == {}
+
+
+async def test_delivery_to_postfix_smtp_sink_with_pipelined_data(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    """smtp-sink offers PIPELINING but not CHUNKING: MAIL, RCPT and DATA go in one write."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        "smtp-sink",
+        "-u",
+        "postfix",
+        "-c",
+        f"127.0.0.1:{port}",
+        "100",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(0.5)
+        gw = await gateway_factory(**NO_SPOOF, send_connectors=[_connector("smtp-sink", port)])
+        for _ in range(3):
+            await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+        assert process.stdout is not None
+        seen = b""
+        async with asyncio.timeout(15):
+            while b"mesg=3" not in seen:
+                seen += await process.stdout.read(200)
+    finally:
+        process.terminate()
+        await process.wait()

@@ -54,6 +54,7 @@ class AttemptReport:
     tls: str | None = None
     remote: str | None = None
     dsn_passed_on: bool = False  # the next hop offered DSN and took the parameters
+    connection_lost: bool = False  # no reply at all on an open connection
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,17 @@ class Deliverer:
             return targets
         last = "no address to connect to"
         for host, address, port in targets:
-            client = await self._cached(job.connector.name, address, port)
-            fresh = client is None
-            if client is None:
-                try:
-                    client = await self._connect(job.connector, host, address, port)
-                except DeliveryError as exc:
-                    last = str(exc)
-                    continue
-            report = await self._on(client, job, host, fresh=fresh)
+            cached = await self._cached(job.connector.name, address, port)
+            if cached is not None:
+                report = await self._on(cached, job, host, fresh=False)
+                if report is not None and not report.connection_lost:
+                    return report
+            try:
+                client = await self._connect(job.connector, host, address, port)
+            except DeliveryError as exc:
+                last = str(exc)
+                continue
+            report = await self._on(client, job, host, fresh=True)
             if report is None:
                 last = f"{host} did not greet with 220"
                 continue
@@ -262,8 +265,9 @@ class Deliverer:
         offered = client.extensions
         mail = mail_command(job.sender, job.params, job.body.size, offered)
         rcpts = [rcpt_command(r, offered) for _, r in job.recipients]
+        with_data = "PIPELINING" in offered and "CHUNKING" not in offered
         if "PIPELINING" in offered:
-            replies = await client.pipeline([mail, *rcpts])
+            replies = await client.pipeline([mail, *rcpts, *(["DATA"] if with_data else [])])
         else:
             replies = [await client.command(mail)]
             if replies[0].code == 250:
@@ -272,6 +276,13 @@ class Deliverer:
         def report(outcomes: list[Outcome]) -> AttemptReport:
             return AttemptReport(outcomes, True, client.tls, host, "DSN" in offered)
 
+        data_reply = replies.pop() if with_data else None
+        if (
+            data_reply is not None
+            and data_reply.code == 354
+            and (replies[0].code != 250 or not any(r.code in (250, 251) for r in replies[1:]))
+        ):
+            await client.command(".")  # RFC 2920 §3.1: an empty message ends the DATA we sent
         if replies[0].code != 250:
             await client.command("RSET")
             return report(_all(job, replies[0].code, replies[0].text()))
@@ -280,7 +291,12 @@ class Deliverer:
         if not accepted:
             await client.command("RSET")
             return report(self._per_rcpt(job, rcpt_replies, None))
-        final = await client.send_body(job.body, self.timeouts.delivery_data_end)
+        if data_reply is not None:
+            if data_reply.code != 354:
+                return report(self._per_rcpt(job, rcpt_replies, data_reply))
+            final = await client.send_data_body(job.body, self.timeouts.delivery_data_end)
+        else:
+            final = await client.send_body(job.body, self.timeouts.delivery_data_end)
         return report(self._per_rcpt(job, rcpt_replies, final))
 
     @staticmethod
@@ -294,13 +310,13 @@ class Deliverer:
     # -- connection cache ------------------------------------------------------
 
     async def _cached(self, connector: str, address: str, port: int) -> SmtpClient | None:
+        """An idle connection to reuse (Postfix's connection cache); no probe round trip:
+        a connection that turns out dead is replaced by a fresh one (see attempt)."""
         idle = self._cache.get((connector, address, port))
-        while idle:
+        if idle:
             entry = idle.pop()
             entry.handle.cancel()
-            if await entry.client.alive():
-                return entry.client
-            await entry.client.close()
+            return entry.client
         return None
 
     def _keep(self, key: tuple[str, str, int], client: SmtpClient) -> None:

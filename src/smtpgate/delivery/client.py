@@ -169,6 +169,10 @@ class SmtpClient:
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
+        return await self.send_data_body(body, data_end_timeout)
+
+    async def send_data_body(self, body: Body, data_end_timeout: float) -> Reply:
+        """The body after a 354: dot-stuffed, ended with CRLF.CRLF; the final reply."""
         at_line_start, last = True, b"\n"
         for chunk in body.chunks(CHUNK):
             self.writer.write(stuff_dots(chunk, at_line_start))

@@ -36,6 +36,8 @@ class Queue:
         self._store: QueueStore | None = None
         self._pending: list[tuple[NewMessage, asyncio.Future[None]]] = []
         self._committing = False
+        self._outcomes: list[tuple[list[RecipientUpdate], asyncio.Future[None]]] = []
+        self._applying = False
         self.changed = asyncio.Event()
 
     async def open(self) -> int:
@@ -89,5 +91,29 @@ class Queue:
         finally:
             self._committing = False
 
-    async def apply(self, updates: list[RecipientUpdate]) -> list[str]:
-        return await self.call(lambda: self.store.apply(updates))
+    async def apply(self, updates: list[RecipientUpdate]) -> None:
+        """Record outcomes; concurrent calls share one transaction (one fsync)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((updates, future))
+        if not self._applying:
+            self._applying = True
+            asyncio.get_running_loop().create_task(self._apply_batches())
+        await future
+
+    async def _apply_batches(self) -> None:
+        try:
+            while self._outcomes:
+                batch, self._outcomes = self._outcomes, []
+                updates = [u for group, _ in batch for u in group]
+                try:
+                    await self.call(functools.partial(self.store.apply, updates))
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._applying = False
