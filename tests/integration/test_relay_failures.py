@@ -249,3 +249,55 @@ async def test_delivery_to_postfix_smtp_sink_with_pipelined_data(
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_a_queue_that_cannot_persist_gives_451_never_250(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(**NO_SPOOF)
+    queue = gw.gateway.queue
+    await queue.call(queue.store.db.close)  # every later write fails
+    with pytest.raises(smtplib.SMTPDataError) as caught:
+        await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+    assert caught.value.smtp_code == 451
+    assert b"4.3.0" in caught.value.smtp_error
+    queue._store = None  # the fixture's shutdown must not touch the closed database
+
+
+async def test_partial_acceptance_delivers_one_and_bounces_the_other(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    sink.behaviour.refuse["carol@example.com"] = parse_reply("550 5.1.1 no such user")
+    gw = await gateway_factory(**NO_SPOOF)
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com", "carol@example.com"])
+    found = await sink.wait_for(2)
+    delivered = [meta for meta, _ in found if meta["sender"] == "bob@example.org"]
+    bounces = [body for meta, body in found if meta["sender"] == ""]
+    assert [m["recipients"] for m in delivered] == [["alice@example.com"]]
+    assert len(bounces) == 1
+    assert b"Final-Recipient: rfc822; carol@example.com" in bounces[0]
+    assert (
+        b"alice@example.com"
+        not in bounces[0].split(b"message/delivery-status")[1].split(b"Content-Type:")[0]
+    )
+
+
+async def test_a_domain_without_mx_gets_mail_at_its_address_record(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    dns_server, dns_port = await start_dns({("example.com", "A"): ["127.0.0.1"]})
+    try:
+        gw = await gateway_factory(
+            **NO_SPOOF,
+            gateway={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 2}},
+            send_connectors=[
+                {"name": "mx", "security": "none", "deliver": {"dns": {"port": sink.port}}}
+            ],
+        )
+        await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+        [(meta, _)] = await sink.wait_for(1)
+        assert meta["recipients"] == ["alice@example.com"]
+        assert ("example.com.", "MX") in dns_server.queries
+    finally:
+        assert dns_server.transport is not None
+        dns_server.transport.close()

@@ -100,19 +100,27 @@ class QueueManager:
     # -- the loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        store = self.queue.store
         while not self._stopping.is_set():
-            now = time.time()
-            inflight = set(self._inflight)
-            due = await self.queue.call(lambda: store.due(now, inflight))  # noqa: B023 - awaited at once
-            for message in due:
-                self._start(message)
-            following = await self.queue.call(store.next_due)
-            wait = POLL if following is None else min(POLL, max(0.0, following - time.time()))
+            try:
+                wait = await self._run_once()
+            except Exception as exc:
+                log.error("queue scan failed", error=repr(exc))
+                wait = POLL
             self.queue.changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(wait, 0.01)):
                     await self._wake()
+
+    async def _run_once(self) -> float:
+        """Start attempts for what is due; returns how long to sleep at most."""
+        store = self.queue.store
+        now = time.time()
+        inflight = set(self._inflight)
+        due = await self.queue.call(lambda: store.due(now, inflight))
+        for message in due:
+            self._start(message)
+        following = await self.queue.call(store.next_due)
+        return POLL if following is None else min(POLL, max(0.0, following - time.time()))
 
     async def _wake(self) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
