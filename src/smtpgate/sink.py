@@ -72,6 +72,17 @@ class SinkHandler:
             "helo": envelope.helo,
             "tls": envelope.tls,
             "size": body.size,
+            "dsn": {
+                "ret": envelope.mail_params.ret,
+                "envid": envelope.mail_params.envid,
+                "recipients": [
+                    {
+                        "notify": sorted(r.params.notify) if r.params.notify is not None else None,
+                        "orcpt": list(r.params.orcpt) if r.params.orcpt else None,
+                    }
+                    for r in envelope.recipients
+                ],
+            },
         }
         meta_tmp = directory / f".{queue_id}.json.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=1))

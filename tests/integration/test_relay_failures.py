@@ -301,3 +301,16 @@ async def test_a_domain_without_mx_gets_mail_at_its_address_record(
     finally:
         assert dns_server.transport is not None
         dns_server.transport.close()
+
+
+async def test_dsn_parameters_are_passed_to_a_next_hop_that_offers_dsn(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    gw = await gateway_factory(**NO_SPOOF)
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com"], dsn=True)
+    [(meta, _)] = await sink.wait_for(1)
+    assert meta["dsn"] == {
+        "ret": "HDRS",
+        "envid": "env-42",
+        "recipients": [{"notify": ["DELAY", "FAILURE"], "orcpt": ["rfc822", "orig@x.example"]}],
+    }
