@@ -41,7 +41,9 @@ class Sink:
         user = ["-u", "postfix"] if os.geteuid() == 0 else []
         self.process = subprocess.Popen(
             ["smtp-sink", *user, "-c", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.count = 0
         threading.Thread(target=self._read, daemon=True).start()
         wait_for(self.port)
@@ -68,11 +70,27 @@ class Sink:
 
 def run_load(port: int, sink: Sink, args: argparse.Namespace, *, reuse: bool) -> float:
     before = sink.count
-    argv = ["smtp-source", "-c", "-l", str(args.size), "-m", str(args.messages),
-            "-s", str(args.sessions), "-f", "sender@bench.example", "-t", "rcpt@far.example"]
+    argv = [
+        "smtp-source",
+        "-c",
+        "-l",
+        str(args.size),
+        "-m",
+        str(args.messages),
+        "-s",
+        str(args.sessions),
+        "-f",
+        "sender@bench.example",
+        "-t",
+        "rcpt@far.example",
+    ]
     start = time.perf_counter()
-    subprocess.run([*argv, *(["-d"] if reuse else []), f"127.0.0.1:{port}"], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [*argv, *(["-d"] if reuse else []), f"127.0.0.1:{port}"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     if not sink.wait_until(before + args.messages, 600):
         raise RuntimeError(f"only {sink.count - before} of {args.messages} arrived")
     return args.messages / (time.perf_counter() - start)
@@ -86,14 +104,22 @@ def start_smtpgate(directory: Path, sink: Sink) -> tuple[subprocess.Popen[bytes]
         "spoof_detection": False,
         "listeners": [{"name": "mx", "address": f"127.0.0.1:{port}", "security": "none"}],
         "limits": {"max_connections_per_ip": 1000},
-        "connection_profiles": [{"name": "loopback", "client_hosts": ["127.0.0.0/8"],
-                                 "relay": "full"}],
-        "send_connectors": [{"name": "sink", "security": "none",
-                             "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}}}],
+        "connection_profiles": [
+            {"name": "loopback", "client_hosts": ["127.0.0.0/8"], "relay": "full"}
+        ],
+        "send_connectors": [
+            {
+                "name": "sink",
+                "security": "none",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
+            }
+        ],
     }
     (directory / "gw.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([BIN, "serve", "--config", str(directory / "gw.yaml"),
-                                "--log-level", "warning"], stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [BIN, "serve", "--config", str(directory / "gw.yaml"), "--log-level", "warning"],
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(port)
     return process, port
 
@@ -104,16 +130,20 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2000)
     args = parser.parse_args()
-    print(f"{args.messages} messages of {args.size} bytes, {args.sessions} parallel sessions, "
-          f"{os.cpu_count()} cores; durable queue in both, delivered to smtp-sink")
+    print(
+        f"{args.messages} messages of {args.size} bytes, {args.sessions} parallel sessions, "
+        f"{os.cpu_count()} cores; durable queue in both, delivered to smtp-sink"
+    )
     print(f"{'relay':<22}{'1 msg/conn':>14}{'reuse (-d)':>14}")
     sink = Sink()
     try:
         with tempfile.TemporaryDirectory() as directory:
             gateway, port = start_smtpgate(Path(directory), sink)
             try:
-                ours = (run_load(port, sink, args, reuse=False),
-                        run_load(port, sink, args, reuse=True))
+                ours = (
+                    run_load(port, sink, args, reuse=False),
+                    run_load(port, sink, args, reuse=True),
+                )
             finally:
                 gateway.terminate()
                 gateway.wait(60)
@@ -121,13 +151,17 @@ def main() -> None:
         postfix = Postfix(instance_directory(), free_port(), ("127.0.0.1", sink.port))
         postfix.start()
         try:
-            theirs = (run_load(postfix.port, sink, args, reuse=False),
-                      run_load(postfix.port, sink, args, reuse=True))
+            theirs = (
+                run_load(postfix.port, sink, args, reuse=False),
+                run_load(postfix.port, sink, args, reuse=True),
+            )
         finally:
             postfix.stop()
         print(f"{'postfix':<22}{theirs[0]:>10.0f}/s{theirs[1]:>10.0f}/s")
-        print(f"smtpgate / postfix: {ours[0] / theirs[0]:.2f}x per connection, "
-              f"{ours[1] / theirs[1]:.2f}x with reuse")
+        print(
+            f"smtpgate / postfix: {ours[0] / theirs[0]:.2f}x per connection, "
+            f"{ours[1] / theirs[1]:.2f}x with reuse"
+        )
     finally:
         sink.stop()
 
