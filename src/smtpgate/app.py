@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smtpgate.config.schema import GatewayConfig
+from smtpgate.config.secret import load_key
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
 from smtpgate.inbound.server import (
@@ -25,6 +26,7 @@ from smtpgate.proto.server import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans
+from smtpgate.tls.certificates import Loaded, load_all
 from smtpgate.tls.context import server_context
 
 log = get_logger("smtpgate.app")
@@ -43,14 +45,20 @@ def session_limits(config: GatewayConfig) -> SessionLimits:
     )
 
 
+def load_certificates(config: GatewayConfig) -> dict[str, Loaded]:
+    data_dir = config.gateway.data_dir
+    return load_all(config.certificates, lambda: load_key(data_dir, create=False))
+
+
 def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]:
-    certificates = {c.name: c for c in config.certificates}
+    certificates = load_certificates(config)
     specs = []
     for listener in config.listeners:
         context = None
         if listener.certificate is not None and listener.security != "none":
-            cert = certificates[listener.certificate]
-            context = server_context(cert.cert, cert.key)
+            context = server_context(
+                certificates[listener.certificate], config.tls.protocols, config.tls.cipher_strength
+            )
         settings = SessionSettings(
             limits=session_limits(config),
             command_timeout=config.timeouts.command,

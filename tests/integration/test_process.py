@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle
+from tests.conftest import SMTPGATE, Certs, GatewayProcess, SinkHandle
 
 
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -131,13 +131,15 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
     assert "listeners[1].address: 127.0.0.1:2525 is already used" in result.stderr
 
 
-def test_config_check_accepts_the_example_and_warns_about_smtps_on_25(tmp_path: Path) -> None:
+def test_config_check_accepts_the_example_and_warns_about_smtps_on_25(
+    tmp_path: Path, certs: Certs
+) -> None:
     example = Path(__file__).parents[2] / "examples" / "gateway.yaml"
     result = _check(example)
     assert result.returncode == 0, result.stderr
     path = tmp_path / "smtps25.yaml"
     path.write_text(
-        "certificates: [{name: c, cert: c.pem, key: c.key}]\n"
+        f"certificates: [{{name: c, cert: {certs.cert_file}, key: {certs.key_file}}}]\n"
         "listeners: [{name: mx, address: '127.0.0.1:25', security: implicit-tls, certificate: c}]\n"
     )
     result = _check(path)

@@ -118,7 +118,10 @@ def _load(path: Path, *, announce: bool) -> GatewayConfig:
 
 
 def _config_check(path: Path) -> int:
-    _load(path, announce=True)
+    from smtpgate.app import load_certificates  # noqa: PLC0415
+
+    config = _load(path, announce=True)
+    load_certificates(config)  # key permissions, PINs, PEM syntax
     print(f"{path}: configuration is valid")
     return 0
 

@@ -126,11 +126,29 @@ class Listener(Strict):
 
 
 class Certificate(Strict):
-    """A named certificate from PEM files (PKCS#12 comes with the TLS work)."""
+    """A named certificate: PEM (leaf first, then chain; key separate or inside)
+    or PKCS#12 opened with a PIN (its password)."""
 
     name: str = Field(min_length=1)
-    cert: Path
+    cert: Path | None = None
     key: Path | None = None
+    pkcs12: Path | None = None
+    pin_file: Path | None = None
+    pin: SecretStr | None = None  # encrypted: enc:v1:...
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Certificate:
+        if (self.cert is None) == (self.pkcs12 is None):
+            raise ValueError("set exactly one of cert (PEM) and pkcs12")
+        if self.pkcs12 is None and (self.pin is not None or self.pin_file is not None):
+            raise ValueError("a PIN belongs to a pkcs12 certificate")
+        if self.pkcs12 is not None and self.key is not None:
+            raise ValueError("a pkcs12 file carries its own key")
+        if self.pin is not None and self.pin_file is not None:
+            raise ValueError("set either pin (encrypted) or pin_file")
+        if self.pin is not None and not self.pin.get_secret_value().startswith("enc:"):
+            raise ValueError("pin must be encrypted: use `smtpgate credentials encrypt`")
+        return self
 
 
 class Limits(Strict):
@@ -365,8 +383,24 @@ class DefaultProfile(Strict):
     outbound_tls: OutboundTls = Field(default_factory=OutboundTls)
 
 
+DEFAULT_PROTOCOLS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
+TLS_ORDER: tuple[TlsVersion, ...] = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
 class TlsSettings(Strict):
     opportunistic: bool = True  # offer STARTTLS where the listener can
+    protocols: list[TlsVersion] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
+    cipher_strength: Literal["high", "medium", "any"] = "high"
+
+    @field_validator("protocols")
+    @classmethod
+    def _contiguous(cls, value: list[TlsVersion]) -> list[TlsVersion]:
+        chosen = sorted({TLS_ORDER.index(v) for v in value})
+        if not chosen:
+            raise ValueError("name at least one protocol")
+        if chosen != list(range(chosen[0], chosen[-1] + 1)):
+            raise ValueError("protocols must be a contiguous range, e.g. [TLSv1.2, TLSv1.3]")
+        return [TLS_ORDER[i] for i in chosen]
 
 
 class SpamSettings(Strict):

@@ -1,24 +1,62 @@
-"""Server SSL contexts for listeners.
+"""SSL contexts: the protocol floor and cipher strength, exactly.
 
-The floor is TLS 1.2 and OpenSSL's ``HIGH`` cipher list without anonymous,
-NULL, RC4, 3DES or export suites: nothing below 128 bits. The configurable
-protocol set and cipher strength, PKCS#12 and client identities come with
-the TLS work; this module is where they will live.
+``tls.protocols`` sets ``minimum_version``/``maximum_version`` (a contiguous
+range; SSLv2/SSLv3 cannot be chosen). ``tls.cipher_strength`` maps to these
+OpenSSL cipher lists for TLS 1.2 and below (TLS 1.3 suites are all AEAD
+with 128 or 256-bit keys and are always allowed):
+
+* ``high``: ``HIGH:!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES:!EXPORT:!PSK:!SRP:!CAMELLIA:!ARIA``
+* ``medium``: ``HIGH:MEDIUM:!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES:!EXPORT:!PSK:!SRP``
+* ``any``: ``ALL:!aNULL:!eNULL:!LOW:!EXPORT:!MD5:!RC4:!3DES:!DES:!PSK:!SRP``
+
+Whatever the level, a context whose ciphers include anything below 128 bits
+is refused (never NULL, EXPORT, RC4, DES, 3DES or anonymous). TLS 1.0/1.1
+need OpenSSL's security level 0, which is set only when they are chosen.
 """
 
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+from collections.abc import Sequence
 
-CIPHERS = "HIGH:!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES:!EXPORT:!PSK:!SRP:!CAMELLIA:!ARIA"
+from smtpgate.config.schema import TLS_ORDER, TlsVersion
+from smtpgate.tls.certificates import Loaded, as_files
+
+_FORBIDDEN = "!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES:!EXPORT:!PSK:!SRP"
+CIPHERS = {
+    "high": f"HIGH:{_FORBIDDEN}:!CAMELLIA:!ARIA",
+    "medium": f"HIGH:MEDIUM:{_FORBIDDEN}",
+    "any": f"ALL:!LOW:{_FORBIDDEN}",
+}
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+MIN_BITS = 128
 
 
-def server_context(cert: Path, key: Path | None) -> ssl.SSLContext:
-    """A server context from PEM files (leaf first, then chain)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(CIPHERS)
+def _secure(context: ssl.SSLContext, protocols: Sequence[TlsVersion], strength: str) -> None:
+    ordered = sorted(protocols, key=TLS_ORDER.index)
+    context.minimum_version = _VERSIONS[ordered[0]]
+    context.maximum_version = _VERSIONS[ordered[-1]]
+    legacy = ordered[0] in ("TLSv1", "TLSv1.1")
+    context.set_ciphers(CIPHERS[strength] + (":@SECLEVEL=0" if legacy else ""))
+    weakest = min(c["strength_bits"] for c in context.get_ciphers())
+    if weakest < MIN_BITS:  # defence in depth: never below 128 bits, whatever OpenSSL adds
+        raise ValueError(f"cipher list allows {weakest}-bit ciphers")
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.load_cert_chain(str(cert), str(key) if key else None)
+
+
+def server_context(
+    loaded: Loaded,
+    protocols: Sequence[TlsVersion] = ("TLSv1.2", "TLSv1.3"),
+    strength: str = "high",
+) -> ssl.SSLContext:
+    """A listener's context with its server identity."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _secure(context, protocols, strength)
+    with as_files(loaded) as (chain, key):
+        context.load_cert_chain(chain, key)
     return context

@@ -1,0 +1,201 @@
+"""Named certificates: loading (PEM or PKCS#12 with a PIN), checks, and facts.
+
+Rules kept here:
+
+* A private key (a key file, a PEM with the key inside, or a PKCS#12 file)
+  must not be readable by other users: the gateway refuses it and says how
+  to fix it, the Linux equivalent of the manual's key-permission warning.
+* A PKCS#12 PIN is tried once per load and never in a loop: some tokens are
+  destroyed after three wrong PINs. A wrong PIN is a clear configuration
+  error naming the field.
+* ``describe`` gives what ``smtpgate certs list`` shows: subject, SANs,
+  issuer, SHA-256 fingerprint, SPKI pin (base64 SHA-256 of the public key,
+  as in RFC 7469) and expiry.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from smtpgate.config.schema import Certificate
+from smtpgate.config.secret import read_secret
+from smtpgate.errors import ConfigError, FieldProblem
+
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A certificate chain and key ready for ``ssl`` (PEM bytes)."""
+
+    name: str
+    chain: list[x509.Certificate]
+    key_pem: bytes
+
+    def chain_pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+
+def key_permission_problem(path: Path) -> str | None:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} holds a private key and is readable by other users; run: chmod 600 {path}"
+    return None
+
+
+def load(cert: Certificate, where: str, key: Fernet | None = None) -> Loaded:
+    """Load one named certificate, or raise ConfigError naming the field."""
+    if cert.pkcs12 is not None:
+        return _load_pkcs12(cert, where, key)
+    assert cert.cert is not None
+    key_file = cert.key or cert.cert
+    problem = key_permission_problem(key_file)
+    if problem:
+        raise ConfigError([FieldProblem(f"{where}.{'key' if cert.key else 'cert'}", problem)])
+    try:
+        chain = x509.load_pem_x509_certificates(cert.cert.read_bytes())
+        private = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([FieldProblem(f"{where}.cert", f"cannot load: {exc}")]) from None
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return Loaded(cert.name, chain, key_pem)
+
+
+def _load_pkcs12(cert: Certificate, where: str, key: Fernet | None) -> Loaded:
+    assert cert.pkcs12 is not None
+    problem = key_permission_problem(cert.pkcs12)
+    if problem:
+        raise ConfigError([FieldProblem(f"{where}.pkcs12", problem)])
+    pin = b""
+    if cert.pin is not None or cert.pin_file is not None:
+        pin = read_secret(cert.pin, cert.pin_file, key, f"{where}.pin").get_secret_value().encode()
+    try:
+        private, leaf, extra = pkcs12.load_key_and_certificates(
+            cert.pkcs12.read_bytes(), pin or None
+        )  # one try, never a loop
+    except ValueError:
+        raise ConfigError(
+            [
+                FieldProblem(
+                    f"{where}.pin_file" if cert.pin_file else f"{where}.pin",
+                    f"the PIN does not open {cert.pkcs12} (tried once: some tokens are destroyed "
+                    "after three wrong PINs, so check it before trying again)",
+                )
+            ]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([FieldProblem(f"{where}.pkcs12", f"cannot read: {exc}")]) from None
+    if private is None or leaf is None:
+        raise ConfigError([FieldProblem(f"{where}.pkcs12", "holds no key and certificate")])
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return Loaded(cert.name, [leaf, *extra], key_pem)
+
+
+@contextmanager
+def as_files(loaded: Loaded) -> Iterator[tuple[str, str]]:
+    """The chain and key as private temporary files, for ``load_cert_chain``."""
+    with tempfile.TemporaryDirectory(prefix="smtpgate-tls-") as directory:
+        chain, key = Path(directory, "chain.pem"), Path(directory, "key.pem")
+        for path, data in ((chain, loaded.chain_pem()), (key, loaded.key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        yield str(chain), str(key)
+
+
+def spki_pin(certificate: x509.Certificate) -> str:
+    der = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return base64.b64encode(digest.finalize()).decode("ascii")
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def describe(loaded: Loaded, now: dt.datetime) -> dict[str, object]:
+    leaf = loaded.chain[0]
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n.value) for n in sans]
+    except x509.ExtensionNotFound:
+        names = []
+    expires = leaf.not_valid_after_utc
+    return {
+        "name": loaded.name,
+        "subject": leaf.subject.rfc4514_string(),
+        "sans": names,
+        "issuer": leaf.issuer.rfc4514_string(),
+        "sha256": fingerprint(leaf),
+        "spki_pin": spki_pin(leaf),
+        "not_after": expires.isoformat(),
+        "expires_soon": expires - now < EXPIRY_WARNING,
+        "expired": expires < now,
+        "chain": len(loaded.chain),
+    }
+
+
+def self_signed(host: str, days: int) -> tuple[bytes, bytes]:
+    """A first certificate (EC P-256) for ``host``: (certificate PEM, key PEM)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def load_all(
+    certificates: list[Certificate], key_loader: Callable[[], Fernet]
+) -> dict[str, Loaded]:
+    """Every named certificate, loaded once; all problems reported together."""
+    loaded: dict[str, Loaded] = {}
+    problems: list[FieldProblem] = []
+    needs_key = any(c.pin is not None for c in certificates)
+    key = key_loader() if needs_key else None
+    for i, cert in enumerate(certificates):
+        try:
+            loaded[cert.name] = load(cert, f"certificates[{i}]", key)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return loaded
