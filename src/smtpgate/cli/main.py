@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smtpgate import __version__
 from smtpgate.cli import queue as queue_cli
@@ -39,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
 
+    _add_policy(commands)
+    _add_credentials(commands)
+    queue_cli.add_parser(commands)
+    _add_connector(commands)
+    _add_certs(commands)
+    _add_sink(commands)
+    return parser
+
+
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _add_policy(commands: Commands) -> None:
     policy = commands.add_parser("policy", help="policy tools")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     explain = policy_commands.add_parser(
@@ -62,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
     explain.add_argument("--json", action="store_true")
 
+
+def _add_credentials(commands: Commands) -> None:
     credentials = commands.add_parser("credentials", help="SMTP AUTH credentials")
     cred_commands = credentials.add_subparsers(dest="credentials_command", required=True)
     encrypt = cred_commands.add_parser(
@@ -74,8 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("profile")
     send.add_argument("--config", type=Path, required=True)
 
-    queue_cli.add_parser(commands)
 
+def _add_certs(commands: Commands) -> None:
+    certs = commands.add_parser("certs", help="certificates")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    listing = certs_commands.add_parser("list", help="the configured certificates and expiry")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.add_argument("--json", action="store_true")
+    selfsigned = certs_commands.add_parser("selfsigned", help="make a first certificate")
+    selfsigned.add_argument("name")
+    selfsigned.add_argument("--host", required=True, help="the host name it is for")
+    selfsigned.add_argument("--days", type=int, default=365)
+    selfsigned.add_argument("--out", type=Path, default=Path("certs"), help="directory")
+
+
+def _add_connector(commands: Commands) -> None:
     connector = commands.add_parser("connector", help="send connector tools")
     connector_commands = connector.add_subparsers(dest="connector_command", required=True)
     verify = connector_commands.add_parser(
@@ -85,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", type=Path, required=True)
     verify.add_argument("--domain", help="recipient domain to look up (direct delivery)")
 
+
+def _add_sink(commands: Commands) -> None:
     sink = commands.add_parser("sink", help="run a recording SMTP server")
     sink.add_argument("--listen", default="127.0.0.1:2526", help="HOST:PORT (default %(default)s)")
     sink.add_argument("--dir", type=Path, default=Path("var/sink"), help="where messages go")
@@ -96,7 +128,6 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help='answer the next message(s) with this reply, e.g. "451 4.3.0 try later"',
     )
-    return parser
 
 
 def _fail(path: Path, exc: ConfigError) -> int:
@@ -215,6 +246,42 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if all(step.ok for step in steps) else 1
 
 
+def _certs(args: argparse.Namespace) -> int:
+    import datetime as dt  # noqa: PLC0415
+
+    from smtpgate.tls import certificates  # noqa: PLC0415
+
+    if args.certs_command == "selfsigned":
+        cert_pem, key_pem = certificates.self_signed(args.host, args.days)
+        args.out.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = args.out / f"{args.name}.pem", args.out / f"{args.name}.key"
+        cert_path.write_bytes(cert_pem)
+        key_path.touch(mode=0o600)
+        key_path.chmod(0o600)
+        key_path.write_bytes(key_pem)
+        print(f"certificates:\n  - name: {args.name}\n    cert: {cert_path}\n    key: {key_path}")
+        return 0
+    from smtpgate.app import load_certificates  # noqa: PLC0415
+
+    loaded = load_certificates(_load(args.config, announce=False))
+    now = dt.datetime.now(dt.UTC)
+    facts = [certificates.describe(item, now) for item in loaded.values()]
+    if args.json:
+        print(json.dumps(facts, indent=1))
+    for fact in [] if args.json else facts:
+        warning = (
+            " EXPIRED"
+            if fact["expired"]
+            else (" expires within 30 days" if fact["expires_soon"] else "")
+        )
+        print(
+            f"{fact['name']}: {fact['subject']}\n  SANs: {', '.join(fact['sans']) or '-'}"  # type: ignore[arg-type]
+            f"\n  issuer: {fact['issuer']}\n  sha256: {fact['sha256']}\n  spki pin: "
+            f"{fact['spki_pin']}\n  not after: {fact['not_after']}{warning}"
+        )
+    return 1 if any(f["expired"] for f in facts) else 0
+
+
 def _sink(args: argparse.Namespace) -> int:
     from smtpgate.sink import SinkBehaviour, parse_reply, run_sink  # noqa: PLC0415
 
@@ -254,6 +321,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return queue_cli.run(args, _load(args.config, announce=False))
     if args.command == "connector":
         return _verify(args)
+    if args.command == "certs":
+        return _certs(args)
     return 2
 
 

@@ -1,0 +1,217 @@
+"""Certificates and TLS settings, with real handshakes against real listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from smtpgate.config.load import parse_config
+from smtpgate.tls.certificates import load_all, self_signed
+from smtpgate.tls.context import CIPHERS, server_context
+from tests.conftest import SMTPGATE, Certs, GatewayFactory
+
+WEAK = ("RC4", "DES-CBC3", "DES-CBC-", "NULL", "EXP", "ADH", "AECDH", "MD5", "anon")
+
+
+@pytest.mark.parametrize("strength", sorted(CIPHERS))
+def test_every_strength_level_stays_at_128_bits_or_more(certs: Certs, strength: str) -> None:
+    loaded = load_all(
+        parse_config(
+            {
+                "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": "none"}],
+                "certificates": [
+                    {"name": "c", "cert": str(certs.cert_file), "key": str(certs.key_file)}
+                ],
+            }
+        ).certificates,
+        lambda: pytest.fail("no key needed"),
+    )["c"]  # type: ignore[arg-type, return-value]
+    context = server_context(loaded, ["TLSv1.2", "TLSv1.3"], strength)
+    ciphers = context.get_ciphers()
+    assert min(c["strength_bits"] for c in ciphers) >= 128
+    assert not [c["name"] for c in ciphers if any(w in c["name"] for w in WEAK)]
+
+
+def _pkcs12(tmp_path: Path, certs: Certs, pin: bytes) -> Path:
+    key = serialization.load_pem_private_key(certs.key_file.read_bytes(), None)
+    chain = x509.load_pem_x509_certificates(certs.cert_file.read_bytes())
+    blob = pkcs12.serialize_key_and_certificates(
+        b"gw",
+        key,
+        chain[0],
+        chain[1:],  # type: ignore[arg-type]
+        serialization.BestAvailableEncryption(pin),
+    )
+    path = tmp_path / "gw.p12"
+    path.write_bytes(blob)
+    path.chmod(0o600)
+    return path
+
+
+def _secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+async def _handshake(port: int, certs: Certs, *, maximum: ssl.TLSVersion | None = None) -> str:
+    context = ssl.create_default_context(cafile=str(certs.ca_file))
+    if maximum is not None:
+        context.maximum_version = maximum
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="gw.test"
+    )
+    greeting = await reader.readline()
+    version = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    assert greeting.startswith(b"220 ")
+    return str(version)
+
+
+def _implicit(certificate: dict[str, Any], **tls: Any) -> dict[str, Any]:
+    return {
+        "listeners": [
+            {
+                "name": "mx",
+                "address": "127.0.0.1:0",
+                "security": "implicit-tls",
+                "certificate": "gw",
+            }
+        ],
+        "certificates": [{"name": "gw", **certificate}],
+        **({"tls": tls} if tls else {}),
+    }
+
+
+async def test_pkcs12_with_a_pin_serves_tls(
+    gateway_factory: GatewayFactory, tmp_path: Path, certs: Certs
+) -> None:
+    p12 = _pkcs12(tmp_path, certs, b"1234")
+    pin = _secret(tmp_path / "pin", "1234\n")
+    gw = await gateway_factory(**_implicit({"pkcs12": str(p12), "pin_file": str(pin)}))
+    assert await _handshake(gw.port, certs) == "TLSv1.3"
+
+
+def _check(tmp_path: Path, document: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return subprocess.run(
+        [SMTPGATE, "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_wrong_pin_is_a_clear_error_tried_once(tmp_path: Path, certs: Certs) -> None:
+    p12 = _pkcs12(tmp_path, certs, b"1234")
+    pin = _secret(tmp_path / "pin", "4321")
+    result = _check(tmp_path, _implicit({"pkcs12": str(p12), "pin_file": str(pin)}))
+    assert result.returncode == 1
+    assert f"certificates[0].pin_file: the PIN does not open {p12} (tried once" in result.stderr
+    assert "4321" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_keys_readable_by_others_are_refused(tmp_path: Path, certs: Certs, mode: int) -> None:
+    key = tmp_path / "gw.key"
+    key.write_bytes(certs.key_file.read_bytes())
+    key.chmod(mode)
+    result = _check(tmp_path, _implicit({"cert": str(certs.cert_file), "key": str(key)}))
+    assert result.returncode == 1
+    assert (
+        f"certificates[0].key: {key} holds a private key and is readable by other users; "
+        f"run: chmod 600 {key}"
+    ) in result.stderr
+
+
+async def test_protocol_floor_default_refuses_tls_1_1(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory(
+        **_implicit({"cert": str(certs.cert_file), "key": str(certs.key_file)})
+    )
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await _handshake(gw.port, certs, maximum=ssl.TLSVersion.TLSv1_1)
+    assert await _handshake(gw.port, certs, maximum=ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+
+
+async def test_tls_1_1_only_when_configured(gateway_factory: GatewayFactory, certs: Certs) -> None:
+    gw = await gateway_factory(
+        **_implicit(
+            {"cert": str(certs.cert_file), "key": str(certs.key_file)},
+            protocols=["TLSv1.1", "TLSv1.2", "TLSv1.3"],
+            cipher_strength="medium",
+        )
+    )
+    assert await _handshake(gw.port, certs, maximum=ssl.TLSVersion.TLSv1_1) == "TLSv1.1"
+
+
+def test_protocols_must_be_contiguous(tmp_path: Path, certs: Certs) -> None:
+    result = _check(
+        tmp_path,
+        _implicit(
+            {"cert": str(certs.cert_file), "key": str(certs.key_file)},
+            protocols=["TLSv1", "TLSv1.3"],
+        ),
+    )
+    assert result.returncode == 1
+    assert "tls.protocols: protocols must be a contiguous range" in result.stderr
+
+
+def test_certs_list_and_selfsigned(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            SMTPGATE,
+            "certs",
+            "selfsigned",
+            "soon",
+            "--host",
+            "gw.example.com",
+            "--days",
+            "10",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert oct((tmp_path / "soon.key").stat().st_mode & 0o777) == "0o600"
+    document = _implicit({"cert": str(tmp_path / "soon.pem"), "key": str(tmp_path / "soon.key")})
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(document))
+    out = subprocess.run(
+        [SMTPGATE, "certs", "list", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "gw: CN=gw.example.com" in out
+    assert "SANs: gw.example.com" in out
+    assert "expires within 30 days" in out
+    facts = json.loads(
+        subprocess.run(
+            [SMTPGATE, "certs", "list", "--config", str(path), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    cert_pem, _ = self_signed("x.example", 1)
+    assert facts[0]["expires_soon"] is True
+    assert len(facts[0]["sha256"]) == 95  # 32 bytes as hex pairs with colons
+    assert facts[0]["spki_pin"].endswith("=")
+    assert cert_pem.startswith(b"-----BEGIN CERTIFICATE-----")
