@@ -27,7 +27,7 @@ from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.certificates import Loaded, load_all
-from smtpgate.tls.context import server_context
+from smtpgate.tls.context import require_client_identity, server_context
 
 log = get_logger("smtpgate.app")
 
@@ -54,11 +54,21 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
     certificates = load_certificates(config)
     specs = []
     for listener in config.listeners:
-        context = None
+        context, pin = None, None
         if listener.certificate is not None and listener.security != "none":
             context = server_context(
                 certificates[listener.certificate], config.tls.protocols, config.tls.cipher_strength
             )
+            identity = listener.client_identity
+            if identity != "any":
+                anchor = (
+                    "trusted"
+                    if identity == "trusted"
+                    else certificates[identity.require_certificate]
+                )
+                pin = require_client_identity(
+                    context, anchor, [str(p) for p in config.tls.ca_files]
+                )
         settings = SessionSettings(
             limits=session_limits(config),
             command_timeout=config.timeouts.command,
@@ -70,6 +80,8 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
             proxy_protocol=listener.proxy_protocol,
             proxy_timeout=config.timeouts.proxy_header,
             plaintext_auth_on_loopback=listener.plaintext_auth_on_loopback,
+            client_certificate_required=listener.client_identity != "any",
+            client_certificate_pin=pin,
         )
         implicit = context if listener.security == "implicit-tls" else None
         specs.append(

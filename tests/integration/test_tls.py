@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from smtpgate.config.load import parse_config
 from smtpgate.tls.certificates import load_all, self_signed
 from smtpgate.tls.context import CIPHERS, server_context
-from tests.conftest import SMTPGATE, Certs, GatewayFactory
+from tests.conftest import SMTPGATE, Certs, GatewayFactory, run_tool
 
 WEAK = ("RC4", "DES-CBC3", "DES-CBC-", "NULL", "EXP", "ADH", "AECDH", "MD5", "anon")
 
@@ -215,3 +216,112 @@ def test_certs_list_and_selfsigned(tmp_path: Path) -> None:
     assert len(facts[0]["sha256"]) == 95  # 32 bytes as hex pairs with colons
     assert facts[0]["spki_pin"].endswith("=")
     assert cert_pem.startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+@pytest.fixture(scope="module")
+def client_certs(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> dict[str, Path]:
+    """Client certificates: two from the gateway's CA, one from another CA."""
+    directory = tmp_path_factory.mktemp("clients")
+    files: dict[str, Path] = {}
+    other = trustme.CA()
+    for name, ca in (("alice", certs.ca), ("bob", certs.ca), ("mallory", other)):
+        leaf = ca.issue_cert(f"{name}.clients.test")
+        cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        files[name], files[f"{name}-key"] = cert, key
+    files["ca"] = certs.ca_file
+    return files
+
+
+def _with_identity(certs: Certs, identity: object, **extra: Any) -> dict[str, Any]:
+    document = _implicit({"cert": str(certs.cert_file), "key": str(certs.key_file)}, **extra)
+    document["listeners"][0]["client_identity"] = identity
+    return document
+
+
+async def _mail_with_cert(port: int, certs: Certs, cert: Path | None, key: Path | None) -> bytes:
+    context = ssl.create_default_context(cafile=str(certs.ca_file))
+    if cert is not None and key is not None:
+        context.load_cert_chain(str(cert), str(key))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="gw.test"
+    )
+    try:
+        await reader.readline()
+        writer.write(b"EHLO client.test\r\n")
+        while (await reader.readline())[3:4] == b"-":
+            pass
+        writer.write(b"MAIL FROM:<a@x.example>\r\n")
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+async def _refused(port: int, certs: Certs, cert: Path | None, key: Path | None) -> bool:
+    """True when the client is refused: a TLS alert, a close, or 530 at MAIL."""
+    try:
+        reply = await _mail_with_cert(port, certs, cert, key)
+    except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+        return True
+    return reply == b"" or reply.startswith(b"530 5.7.0")
+
+
+async def test_client_identity_trusted(
+    gateway_factory: GatewayFactory, certs: Certs, client_certs: dict[str, Path]
+) -> None:
+    gw = await gateway_factory(**_with_identity(certs, "trusted", ca_files=[str(certs.ca_file)]))
+    alice = (client_certs["alice"], client_certs["alice-key"])
+    assert (await _mail_with_cert(gw.port, certs, *alice)).startswith(b"250 ")
+    assert await _refused(gw.port, certs, None, None)
+    assert await _refused(gw.port, certs, client_certs["mallory"], client_certs["mallory-key"])
+
+
+async def test_client_identity_exact_certificate(
+    gateway_factory: GatewayFactory, certs: Certs, client_certs: dict[str, Path]
+) -> None:
+    document = _with_identity(certs, {"require_certificate": "alice"})
+    document["certificates"].append({"name": "alice", "cert": str(client_certs["alice"])})
+    gw = await gateway_factory(**document)
+    alice = (client_certs["alice"], client_certs["alice-key"])
+    assert (await _mail_with_cert(gw.port, certs, *alice)).startswith(b"250 ")
+    # bob has a certificate from the same CA, but not the one required
+    assert await _refused(gw.port, certs, client_certs["bob"], client_certs["bob-key"])
+
+
+async def test_client_identity_issued_under_a_ca(
+    gateway_factory: GatewayFactory, certs: Certs, client_certs: dict[str, Path]
+) -> None:
+    document = _with_identity(certs, {"require_certificate": "our-ca"})
+    document["certificates"].append({"name": "our-ca", "cert": str(client_certs["ca"])})
+    gw = await gateway_factory(**document)
+    for name in ("alice", "bob"):
+        pair = (client_certs[name], client_certs[f"{name}-key"])
+        assert (await _mail_with_cert(gw.port, certs, *pair)).startswith(b"250 ")
+    assert await _refused(gw.port, certs, client_certs["mallory"], client_certs["mallory-key"])
+
+
+async def test_swaks_with_and_without_a_client_certificate(
+    gateway_factory: GatewayFactory, certs: Certs, client_certs: dict[str, Path], swaks: str
+) -> None:
+    document = _with_identity(certs, "trusted", ca_files=[str(certs.ca_file)])
+    document["listeners"][0]["security"] = "starttls"
+    gw = await gateway_factory(**document)
+    base = [swaks, "--server", f"127.0.0.1:{gw.port}", "--to", "alice@example.com", "--tls"]
+    code, out = await run_tool(
+        *base, "--tls-cert", str(client_certs["alice"]), "--tls-key", str(client_certs["alice-key"])
+    )
+    assert code == 0, out
+    assert "250 2.0.0 Ok: queued as" in out
+    code, out = await run_tool(*base)
+    assert code != 0
+    # The alert for the missing certificate ends the session: during the handshake or,
+    # with TLS 1.3, at the client's first command, depending on timing.
+    refusals = (
+        "Remote host closed connection unexpectedly",
+        "TLS startup failed",
+        "Connection reset",
+    )
+    assert any(text in out for text in refusals), out
+    assert "queued as" not in out

@@ -101,12 +101,19 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class RequireCertificate(Strict):
+    """The client must present this certificate (an end certificate: exactly it;
+    an intermediate or root: any certificate issued under it)."""
+
+    require_certificate: str = Field(min_length=1)
+
+
 class Listener(Strict):
     name: str = Field(min_length=1)
     address: str
     security: Security = "starttls"
     certificate: str | None = None
-    client_identity: Literal["any"] = "any"
+    client_identity: Literal["any", "trusted"] | RequireCertificate = "any"
     proxy_protocol: bool = False
     plaintext_auth_on_loopback: bool = False  # AUTH without TLS, for loopback clients only
 
@@ -389,6 +396,7 @@ TLS_ORDER: tuple[TlsVersion, ...] = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
 class TlsSettings(Strict):
     opportunistic: bool = True  # offer STARTTLS where the listener can
+    ca_files: list[Path] = Field(default_factory=list)  # trusted besides the system store
     protocols: list[TlsVersion] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     cipher_strength: Literal["high", "medium", "any"] = "high"
 

@@ -149,6 +149,20 @@ def tls_listeners_have_certificates(config: GatewayConfig) -> list[FieldProblem]
             )
         elif listener.certificate is not None and listener.certificate not in names:
             problems.append(FieldProblem(path, f"no certificate named {listener.certificate!r}"))
+        identity = listener.client_identity
+        if not isinstance(identity, str):
+            where = f"listeners[{index}].client_identity.require_certificate"
+            if identity.require_certificate not in names:
+                problems.append(
+                    FieldProblem(where, f"no certificate named {identity.require_certificate!r}")
+                )
+        if identity != "any" and listener.security == "none":
+            problems.append(
+                FieldProblem(
+                    f"listeners[{index}].client_identity",
+                    "a client certificate needs TLS (security is none)",
+                )
+            )
     return problems
 
 

@@ -35,6 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from smtpgate.inbound import sasl
 from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
 from smtpgate.inbound.sasl import SaslExchange, SaslStep
@@ -52,6 +55,9 @@ log = get_logger("smtpgate.session")
 TIMEOUT = Reply.of(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
 MUST_STARTTLS = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
+CERTIFICATE_REQUIRED = Reply.of(
+    530, "5.7.0", "Must issue STARTTLS and present an accepted client certificate first"
+)
 SPOOL_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error")
 HAND_OFF_FAILED = Reply.of(451, "4.3.0", "Error: local error in processing")
 _NO_PARAMS = MailParams()
@@ -75,6 +81,7 @@ class SessionInfo:
     # What the session offers; the handler may change these in on_connect.
     offer_starttls: bool = False
     auth_mechanisms: tuple[str, ...] = ()
+    client_certificate: str | None = None  # "subject (sha256 ...)" once verified
     # What the handler decided, carried into the envelope.
     spam_check: bool = True
     profile: str = ""
@@ -122,6 +129,8 @@ class SessionSettings:
     proxy_protocol: bool = False
     proxy_timeout: float = 10.0
     plaintext_auth_on_loopback: bool = False
+    client_certificate_required: bool = False
+    client_certificate_pin: str | None = None  # SHA-256 the client certificate must have
 
 
 class SessionHost(Protocol):
@@ -169,6 +178,7 @@ class Session(asyncio.Protocol):
         self.info.client_ip, self.info.client_port = str(peer[0]), int(peer[1])
         self.info.tls = tls_summary(transport)
         self.conn.tls_active = self.info.tls is not None
+        self._note_client_certificate()
         self.info.offer_starttls = self.settings.tls_context is not None
         if self._proxy_buffer is not None:
             self._arm(self.settings.proxy_timeout)
@@ -407,6 +417,26 @@ class Session(asyncio.Protocol):
         elif isinstance(event, ev.Reset):
             self._end_message()
 
+    def _note_client_certificate(self) -> None:
+        """Record the verified client certificate (the handshake checked the chain)."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return
+        certificate = x509.load_der_x509_certificate(der)
+        digest = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+        pin = self.settings.client_certificate_pin
+        if pin is not None and digest != pin:
+            log.info("client certificate refused", client=self.info.client_ip, sha256=digest)
+            return
+        self.info.client_certificate = f"{certificate.subject.rfc4514_string()} (sha256 {digest})"
+        log.info(
+            "client certificate",
+            client=self.info.client_ip,
+            certificate=self.info.client_certificate,
+        )
+
     # -- SMTP AUTH -------------------------------------------------------------------
 
     def _plaintext_auth_allowed(self) -> bool:
@@ -525,6 +555,7 @@ class Session(asyncio.Protocol):
         self._reading_paused = False
         self.conn.tls_started()
         self.info.tls = tls_summary(self.transport)
+        self._note_client_certificate()
         self.info.helo, self.info.esmtp = "", False
         self._end_message()
         early, self._tls_early = bytes(self._tls_early), None

@@ -45,7 +45,7 @@ class Loaded:
 
     name: str
     chain: list[x509.Certificate]
-    key_pem: bytes
+    key_pem: bytes | None  # None: a certificate only (a CA or a pinned peer certificate)
 
     def chain_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
@@ -66,15 +66,24 @@ def load(cert: Certificate, where: str, key: Fernet | None = None) -> Loaded:
     if cert.pkcs12 is not None:
         return _load_pkcs12(cert, where, key)
     assert cert.cert is not None
+    try:
+        chain = x509.load_pem_x509_certificates(cert.cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError([FieldProblem(f"{where}.cert", f"cannot load: {exc}")]) from None
     key_file = cert.key or cert.cert
+    try:
+        key_text = key_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError([FieldProblem(f"{where}.key", f"cannot read: {exc.strerror}")]) from None
+    if cert.key is None and b"PRIVATE KEY-----" not in key_text:
+        return Loaded(cert.name, chain, None)  # a certificate without a key
     problem = key_permission_problem(key_file)
     if problem:
         raise ConfigError([FieldProblem(f"{where}.{'key' if cert.key else 'cert'}", problem)])
     try:
-        chain = x509.load_pem_x509_certificates(cert.cert.read_bytes())
-        private = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
-        raise ConfigError([FieldProblem(f"{where}.cert", f"cannot load: {exc}")]) from None
+        private = serialization.load_pem_private_key(key_text, password=None)
+    except ValueError as exc:
+        raise ConfigError([FieldProblem(f"{where}.key", f"cannot load: {exc}")]) from None
     key_pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -118,6 +127,7 @@ def as_files(loaded: Loaded) -> Iterator[tuple[str, str]]:
     """The chain and key as private temporary files, for ``load_cert_chain``."""
     with tempfile.TemporaryDirectory(prefix="smtpgate-tls-") as directory:
         chain, key = Path(directory, "chain.pem"), Path(directory, "key.pem")
+        assert loaded.key_pem is not None, "a certificate without a key cannot be an identity"
         for path, data in ((chain, loaded.chain_pem()), (key, loaded.key_pem)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
@@ -199,3 +209,10 @@ def load_all(
     if problems:
         raise ConfigError(problems)
     return loaded
+
+
+def is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

@@ -19,8 +19,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from smtpgate.config.schema import TLS_ORDER, TlsVersion
-from smtpgate.tls.certificates import Loaded, as_files
+from smtpgate.tls.certificates import Loaded, as_files, fingerprint, is_ca
 
 _FORBIDDEN = "!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES:!EXPORT:!PSK:!SRP"
 CIPHERS = {
@@ -60,3 +62,27 @@ def server_context(
     with as_files(loaded) as (chain, key):
         context.load_cert_chain(chain, key)
     return context
+
+
+def require_client_identity(
+    context: ssl.SSLContext, identity: str | Loaded, ca_files: Sequence[str]
+) -> str | None:
+    """Ask for a client certificate; returns the SHA-256 the client must match, if any.
+
+    ``trusted``: the chain must verify against the system store and
+    ``ca_files``. A named CA: the chain must reach it (it may be an
+    intermediate: partial chains are allowed). A named end certificate: it is
+    the only trust anchor, and after the handshake the client's certificate
+    must be exactly it (the returned fingerprint).
+    """
+    context.verify_mode = ssl.CERT_REQUIRED
+    if identity == "trusted":
+        context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+        for path in ca_files:
+            context.load_verify_locations(cafile=path)
+        return None
+    assert isinstance(identity, Loaded)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    anchor = identity.chain[0]
+    context.load_verify_locations(cadata=anchor.public_bytes(Encoding.PEM).decode("ascii"))
+    return None if is_ca(anchor) else fingerprint(anchor)
