@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -325,3 +326,48 @@ async def test_swaks_with_and_without_a_client_certificate(
     )
     assert any(text in out for text in refusals), out
     assert "queued as" not in out
+
+
+@pytest.mark.parametrize("security", ["implicit-tls", "starttls"])
+async def test_testssl_finds_no_weak_protocol_or_cipher(
+    gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path, security: str
+) -> None:
+    testssl = shutil.which("testssl") or shutil.which("testssl.sh")
+    assert testssl, "testssl.sh is required (apt-get install testssl.sh); .ci/run installs it"
+    document = _implicit({"cert": str(certs.cert_file), "key": str(certs.key_file)})
+    document["listeners"][0]["security"] = security
+    gw = await gateway_factory(**document)
+    report = tmp_path / "testssl.json"
+    starttls = ["--starttls", "smtp"] if security == "starttls" else []
+    _, out = await run_tool(  # testssl's exit code counts findings; the report says which
+        testssl,
+        "--quiet",
+        "--color",
+        "0",
+        "--warnings",
+        "off",
+        *starttls,
+        "--jsonfile-pretty",
+        str(report),
+        "-p",
+        "-s",
+        f"127.0.0.1:{gw.port}",
+        timeout=240,
+    )
+    findings = {
+        f["id"]: f["finding"]
+        for section in ("protocols", "ciphers")
+        for f in json.loads(report.read_text())["scanResult"][0][section]
+    }
+    for protocol in ("SSLv2", "SSLv3", "TLS1", "TLS1_1"):
+        assert findings[protocol] == "not offered", (protocol, out)
+    assert findings["TLS1_2"] == "offered"
+    assert findings["TLS1_3"].startswith("offered")
+    for weak in (
+        "cipherlist_NULL",
+        "cipherlist_aNULL",
+        "cipherlist_EXPORT",
+        "cipherlist_LOW",
+        "cipherlist_3DES_IDEA",
+    ):
+        assert findings[weak] == "not offered", (weak, out)
