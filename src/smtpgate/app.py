@@ -7,6 +7,9 @@ Nothing here parses SMTP or decides policy: it builds the pieces
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.certificates import Loaded, load_all
 from smtpgate.tls.context import require_client_identity, server_context
+from smtpgate.tls.reload import CertificateReloader
 
 log = get_logger("smtpgate.app")
 
@@ -50,7 +54,10 @@ def load_certificates(config: GatewayConfig) -> dict[str, Loaded]:
     return load_all(config.certificates, lambda: load_key(data_dir, create=False))
 
 
-def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]:
+def listener_specs(
+    config: GatewayConfig, spool_dir: Path, contexts: dict[str, list[ssl.SSLContext]] | None = None
+) -> list[ListenerSpec]:
+    """The listeners; ``contexts`` collects each certificate's contexts for reloads."""
     certificates = load_certificates(config)
     specs = []
     for listener in config.listeners:
@@ -59,6 +66,8 @@ def listener_specs(config: GatewayConfig, spool_dir: Path) -> list[ListenerSpec]
             context = server_context(
                 certificates[listener.certificate], config.tls.protocols, config.tls.cipher_strength
             )
+            if contexts is not None:
+                contexts.setdefault(listener.certificate, []).append(context)
             identity = listener.client_identity
             if identity != "any":
                 anchor = (
@@ -103,14 +112,20 @@ class Gateway:
     server: InboundServer
     queue: Queue
     manager: QueueManager
+    reloader: CertificateReloader
     manager_task: asyncio.Task[None] | None = None
+    watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
-        self.manager_task = asyncio.get_running_loop().create_task(self.manager.run())
+        loop = asyncio.get_running_loop()
+        self.manager_task = loop.create_task(self.manager.run())
+        self.watch_task = loop.create_task(self.reloader.watch())
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
+        if self.watch_task is not None:
+            self.watch_task.cancel()
         await self.server.stop(grace)
         await self.manager.stop(grace)
         if self.manager_task is not None:
@@ -139,8 +154,14 @@ async def build_gateway(config: GatewayConfig) -> Gateway:
     def handler_factory() -> SessionHandler:
         return GatewayHandler(policy, state, queue)
 
-    specs = listener_specs(config, spool_dir)
+    contexts: dict[str, list[ssl.SSLContext]] = {}
+    specs = listener_specs(config, spool_dir, contexts)
     server = InboundServer(specs, handler_factory, limits, config.gateway.hostname)
+    reloader = CertificateReloader(
+        {c.name: (i, c) for i, c in enumerate(config.certificates)},
+        contexts,
+        lambda: load_key(data_dir, create=False),
+    )
     deliverer = Deliverer(
         config.gateway.hostname,
         config.timeouts,
@@ -158,17 +179,24 @@ async def build_gateway(config: GatewayConfig) -> Gateway:
     )
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)
-    return Gateway(server, queue, manager)
+    return Gateway(server, queue, manager, reloader)
 
 
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     gateway = await build_gateway(config)
     await gateway.start()
+    pid_file = config.gateway.data_dir / "smtpgate.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)  # `smtpgate reload`
     log.info("gateway ready", node=config.gateway.node, hostname=config.gateway.hostname)
-    await until_stop_signal()
-    log.info("shutting down", grace=config.timeouts.shutdown_grace)
-    await gateway.stop(config.timeouts.shutdown_grace)
+    try:
+        await until_stop_signal()
+        log.info("shutting down", grace=config.timeouts.shutdown_grace)
+        await gateway.stop(config.timeouts.shutdown_grace)
+    finally:
+        pid_file.unlink(missing_ok=True)
 
 
 def run(config: GatewayConfig) -> None:

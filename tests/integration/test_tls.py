@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +373,68 @@ async def test_testssl_finds_no_weak_protocol_or_cipher(
         "cipherlist_3DES_IDEA",
     ):
         assert findings[weak] == "not offered", (weak, out)
+
+
+def _issue(certs: Certs, directory: Path) -> tuple[Path, Path, bytes]:
+    leaf = certs.ca.issue_cert("gw.test", "127.0.0.1")
+    cert, key = directory / "live.pem", directory / "live.key"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    key.chmod(0o600)
+    return (
+        cert,
+        key,
+        x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).public_bytes(
+            serialization.Encoding.DER
+        ),
+    )
+
+
+async def _peer_certificate(
+    port: int, certs: Certs
+) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    context = ssl.create_default_context(cafile=str(certs.ca_file))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="gw.test"
+    )
+    assert (await reader.readline()).startswith(b"220 ")
+    return writer.get_extra_info("ssl_object").getpeercert(binary_form=True), reader, writer
+
+
+async def test_smtpgate_reload_swaps_the_certificate_and_live_sessions_go_on(
+    gateway_process: Any, sink: Any, certs: Certs, tmp_path: Path
+) -> None:
+    cert, key, first = _issue(certs, tmp_path)
+    gw = gateway_process(
+        sink.port,
+        listeners=[{"name": "mx", "address": "x", "security": "implicit-tls", "certificate": "gw"}],
+        certificates=[{"name": "gw", "cert": str(cert), "key": str(key)}],
+    )
+    seen, reader, writer = await _peer_certificate(gw.port, certs)
+    assert seen == first
+    _, _, second = _issue(certs, tmp_path)  # new files at the same paths
+    result = await run_tool(SMTPGATE, "reload", "--config", str(gw.config_path))
+    assert result[0] == 0, result[1]
+    await asyncio.sleep(0.5)
+    seen_now, _, writer2 = await _peer_certificate(gw.port, certs)
+    assert seen_now == second != first
+    writer.write(b"NOOP\r\n")  # the session that started before the reload goes on
+    assert await asyncio.wait_for(reader.readline(), 5) == b"250 2.0.0 Ok\r\n"
+    writer.close()
+    writer2.close()
+
+
+async def test_changed_certificate_files_are_noticed(
+    gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path
+) -> None:
+    cert, key, first = _issue(certs, tmp_path)
+    gw = await gateway_factory(**_implicit({"cert": str(cert), "key": str(key)}))
+    reloader = gw.gateway.reloader
+    assert reloader.reload(only_changed=True) == []  # nothing changed yet
+    await asyncio.sleep(0.01)
+    _, _, second = _issue(certs, tmp_path)
+    os.utime(cert, (time.time() + 5, time.time() + 5))
+    assert reloader.reload(only_changed=True) == ["gw"]  # what the watcher calls
+    seen, _, writer = await _peer_certificate(gw.port, certs)
+    writer.close()
+    assert seen == second != first

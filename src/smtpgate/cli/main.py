@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_connector(commands)
     _add_certs(commands)
     _add_sink(commands)
+    reload = commands.add_parser("reload", help="reload certificates in the running gateway")
+    reload.add_argument("--config", type=Path, required=True)
     return parser
 
 
@@ -282,6 +286,19 @@ def _certs(args: argparse.Namespace) -> int:
     return 1 if any(f["expired"] for f in facts) else 0
 
 
+def _reload(args: argparse.Namespace) -> int:
+    config = _load(args.config, announce=False)
+    pid_file = config.gateway.data_dir / "smtpgate.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"smtpgate reload: no running gateway found ({pid_file}: {exc})", file=sys.stderr)
+        return 1
+    print(f"asked gateway {pid} to reload its certificates")
+    return 0
+
+
 def _sink(args: argparse.Namespace) -> int:
     from smtpgate.sink import SinkBehaviour, parse_reply, run_sink  # noqa: PLC0415
 
@@ -323,6 +340,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _verify(args)
     if args.command == "certs":
         return _certs(args)
+    if args.command == "reload":
+        return _reload(args)
     return 2
 
 
