@@ -162,12 +162,16 @@ async def build_gateway(config: GatewayConfig) -> Gateway:
         contexts,
         lambda: load_key(data_dir, create=False),
     )
+    identities = load_certificates(config)
     deliverer = Deliverer(
         config.gateway.hostname,
         config.timeouts,
         state.resolver,
         policy.smarthost_password,
         config.queue.connection_cache_time,
+        tls_policy=policy.outbound_tls,
+        identity_of=lambda c: identities.get(c.client_certificate or ""),
+        ca_files=tuple(str(p) for p in config.tls.ca_files),
     )
     manager = QueueManager(
         queue,

@@ -260,9 +260,9 @@ class SendConnector(Strict):
     security: Security = "starttls"
     cost: int = Field(default=10, ge=0)
     namespaces: list[Namespace] = Field(default_factory=lambda: [Namespace()])
-    failover_when_unreachable: bool = (
-        False  # try the next connector only if this one is unreachable
-    )
+    # Try the next connector only when this one cannot be reached at all.
+    failover_when_unreachable: bool = False
+    client_certificate: str | None = None  # client identity presented to next hops
 
 
 class RetrySettings(Strict):

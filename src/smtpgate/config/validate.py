@@ -166,6 +166,18 @@ def tls_listeners_have_certificates(config: GatewayConfig) -> list[FieldProblem]
     return problems
 
 
+def connector_certificates_exist(config: GatewayConfig) -> list[FieldProblem]:
+    names = {c.name for c in config.certificates}
+    return [
+        FieldProblem(
+            f"send_connectors[{i}].client_certificate",
+            f"no certificate named {c.client_certificate!r}",
+        )
+        for i, c in enumerate(config.send_connectors)
+        if c.client_certificate is not None and c.client_certificate not in names
+    ]
+
+
 def something_to_listen_on(config: GatewayConfig) -> list[FieldProblem]:
     if not config.listeners:
         return [FieldProblem("listeners", "at least one listener is needed")]
@@ -182,6 +194,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     unique_usernames,
     sender_domains_need_opportunistic_tls,
     password_files_are_private,
+    connector_certificates_exist,
 )
 
 

@@ -36,8 +36,14 @@ from smtpgate.delivery.client import SmtpClient
 from smtpgate.dns import Resolver
 from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import MailParams, Recipient
+from smtpgate.observe.log import get_logger
+from smtpgate.policy.tls import OutboundPolicy
 from smtpgate.proto.replies import Reply
 from smtpgate.spool import Body
+from smtpgate.tls.certificates import Loaded, certificate_matches
+from smtpgate.tls.context import client_context
+
+log = get_logger("smtpgate.delivery")
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,14 @@ def rcpt_command(recipient: Recipient, offered: dict[str, str]) -> str:
     return " ".join(words)
 
 
-def client_context() -> ssl.SSLContext:
-    """TLS to next hops: encryption; certificate validation comes with policy/tls."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+class _TlsFellThrough(Exception):  # noqa: N818 - a signal to retry without TLS, not an error
+    """Opportunistic STARTTLS failed: retry the same host without TLS."""
+
+
+def _names_ok(client: SmtpClient, policy: OutboundPolicy) -> bool:
+    ssl_object = client.writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der is not None and certificate_matches(der, policy.names)
 
 
 def _all(job: Job, code: int | None, text: str) -> list[Outcome]:
@@ -131,6 +138,9 @@ class Deliverer:
     resolver: Resolver
     password_of: Callable[[SendConnector], str | None]
     cache_time: float = 5.0
+    tls_policy: Callable[[SendConnector, str, str], OutboundPolicy] | None = None
+    identity_of: Callable[[SendConnector], Loaded | None] = lambda _: None
+    ca_files: tuple[str, ...] = ()
     _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -151,11 +161,15 @@ class Deliverer:
                 if report is not None and not report.connection_lost:
                     return report
             try:
-                client = await self._connect(job.connector, host, address, port)
+                client = await self._connect(job, host, address, port)
             except DeliveryError as exc:
                 last = str(exc)
                 continue
-            report = await self._on(client, job, host, fresh=True)
+            try:
+                report = await self._on(client, job, host, fresh=True)
+            except _TlsFellThrough as failed:
+                log.info("opportunistic TLS failed, retrying without", host=host, error=str(failed))
+                report = await self._plaintext(job, host, address, port)
             if report is None:
                 last = f"{host} did not greet with 220"
                 continue
@@ -191,27 +205,58 @@ class Deliverer:
             )
         return targets
 
+    def policy(self, job: Job, host: str) -> OutboundPolicy:
+        if self.tls_policy is None:
+            return OutboundPolicy(
+                job.connector.security in ("require-starttls", "implicit-tls"),
+                False,
+                (),
+                "TLSv1.2",
+                "high",
+                (),
+            )
+        return self.tls_policy(job.connector, host, job.domain)
+
+    def context(self, job: Job, policy: OutboundPolicy) -> ssl.SSLContext:
+        return client_context(
+            policy.minimum,
+            policy.strength,
+            validate=policy.validate,
+            ca_files=self.ca_files,
+            identity=self.identity_of(job.connector),
+        )
+
     async def _connect(
-        self, connector: SendConnector, host: str, address: str, port: int
+        self, job: Job, host: str, address: str, port: int, *, plaintext: bool = False
     ) -> SmtpClient:
-        implicit = connector.security == "implicit-tls"
+        implicit = job.connector.security == "implicit-tls" and not plaintext
         return await SmtpClient.connect(
             address,
             port,
             timeout=self.timeouts.delivery_connect,
             command_timeout=self.timeouts.delivery_command,
-            tls=client_context() if implicit else None,
+            tls=self.context(job, self.policy(job, host)) if implicit else None,
             server_hostname=host,
         )
 
+    async def _plaintext(
+        self, job: Job, host: str, address: str, port: int
+    ) -> AttemptReport | None:
+        """Opportunistic TLS failed: the same host again, in the clear."""
+        try:
+            client = await self._connect(job, host, address, port, plaintext=True)
+        except DeliveryError:
+            return None
+        return await self._on(client, job, host, fresh=True, plaintext=True)
+
     async def _on(
-        self, client: SmtpClient, job: Job, host: str, *, fresh: bool
+        self, client: SmtpClient, job: Job, host: str, *, fresh: bool, plaintext: bool = False
     ) -> AttemptReport | None:
         """The conversation on one connection; None when the server did not greet."""
         key = (job.connector.name, client.peer_address, client.peer_port)
         try:
             if fresh:
-                refusal = await self._open(client, job, host)
+                refusal = await self._open(client, job, host, plaintext=plaintext)
                 if refusal is not None:
                     await client.close()
                     return refusal if refusal.reached else None
@@ -224,26 +269,58 @@ class Deliverer:
         self._keep(key, client)
         return report
 
-    async def _open(self, client: SmtpClient, job: Job, host: str) -> AttemptReport | None:
+    async def _open(
+        self, client: SmtpClient, job: Job, host: str, *, plaintext: bool = False
+    ) -> AttemptReport | None:
         greeting = await client.read_reply()
         if greeting.code != 220:
             return AttemptReport([], reached=False)
         reply = await client.hello(self.hostname)
         if reply.code != 250:
             return AttemptReport(_all(job, reply.code, reply.text()), reached=True)
-        security = job.connector.security
-        if security in ("starttls", "require-starttls") and client.tls is None:
-            if "STARTTLS" in client.extensions:
-                await client.starttls(client_context(), server_hostname=host)
-                await client.hello(self.hostname)
-            elif security == "require-starttls":
-                return AttemptReport(
-                    _all(
-                        job, None, f"4.7.5 {host} offers no STARTTLS, which this connector requires"
-                    ),
-                    True,
-                )
+        policy = self.policy(job, host)
+        if client.tls is None and not plaintext and job.connector.security != "none":
+            refusal = await self._starttls(client, job, host, policy)
+            if refusal is not None:
+                return refusal
+        if client.tls is None and policy.mandatory:
+            why = (
+                "offers no STARTTLS"
+                if plaintext or "STARTTLS" not in client.extensions
+                else ("did not complete TLS")
+            )
+            return AttemptReport(
+                _all(
+                    job,
+                    None,
+                    f"4.7.5 {host} {why}, and TLS is mandatory ({'; '.join(policy.reasons)})",
+                ),
+                True,
+            )
+        if client.tls is not None and policy.validate and not _names_ok(client, policy):
+            return AttemptReport(
+                _all(
+                    job,
+                    None,
+                    f"4.7.5 the certificate of {host} does not match {', '.join(policy.names)}",
+                ),
+                True,
+            )
         return await self._authenticate(client, job, host)
+
+    async def _starttls(
+        self, client: SmtpClient, job: Job, host: str, policy: OutboundPolicy
+    ) -> AttemptReport | None:
+        if "STARTTLS" not in client.extensions:
+            return None
+        try:
+            await client.starttls(self.context(job, policy), server_hostname=host)
+        except DeliveryError as exc:
+            if policy.mandatory:
+                return AttemptReport(_all(job, None, f"4.7.5 TLS with {host} failed: {exc}"), True)
+            raise _TlsFellThrough(str(exc)) from exc
+        await client.hello(self.hostname)
+        return None
 
     async def _authenticate(self, client: SmtpClient, job: Job, host: str) -> AttemptReport | None:
         smarthost = job.connector.deliver.smarthost

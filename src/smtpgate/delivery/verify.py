@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smtpgate.config.schema import GatewayConfig, SendConnector
-from smtpgate.delivery.attempt import client_context
 from smtpgate.delivery.client import SmtpClient
 from smtpgate.dns import DnsResolver
 from smtpgate.errors import DeliveryError
+from smtpgate.tls.context import client_context
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What TLS does policy require? (inbound now; outbound with the TLS work)
+"""What TLS does policy require, inbound and outbound?
 
 Inbound: a profile's mandatory TLS overrides the global opportunistic
 setting. The profile found by client IP or host name decides; a profile
@@ -8,6 +8,9 @@ is all a sender domain ever does). MAIL without TLS then gets ``530 5.7.0``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from smtpgate.config.schema import TLS_ORDER, OutboundTls, SendConnector, TlsSettings, TlsVersion
 from smtpgate.policy.profile import ProfileMatch
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
@@ -27,3 +30,60 @@ def decide_mail_tls(required: bool, why: str, tls_active: bool) -> Verdict:
     if required and not tls_active:
         return Verdict.reject(MUST_STARTTLS, why)
     return Verdict.accept(why if required else "TLS not required")
+
+
+_STRENGTH = {"any": 0, "medium": 1, "high": 2}
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """The effective TLS requirement for one delivery, and where each part came from."""
+
+    mandatory: bool
+    validate: bool
+    names: tuple[str, ...]  # acceptable certificate names when validating
+    minimum: TlsVersion
+    strength: str
+    reasons: tuple[str, ...]
+
+
+def outbound_tls_policy(  # noqa: PLR0913, PLR0917 - the facts the decision needs
+    connector: SendConnector,
+    profile: OutboundTls | None,
+    profile_label: str,
+    global_tls: TlsSettings,
+    host: str,
+    recipient_domain: str,
+) -> OutboundPolicy:
+    """Connector security and the destination profile's outbound TLS: the stricter wins.
+
+    Match criteria: ``hostname`` (the host connected to: smarthost or MX),
+    ``mx_hostname`` (the same for direct delivery), ``recipient_domain``, or
+    a literal name.
+    """
+    reasons = [f"connector {connector.name}: security {connector.security}"]
+    mandatory = connector.security in ("require-starttls", "implicit-tls")
+    minimum: TlsVersion = global_tls.protocols[0]
+    strength = global_tls.cipher_strength
+    validate = False
+    names: tuple[str, ...] = ()
+    if profile is not None:
+        if profile.mandatory:
+            mandatory = True
+            reasons.append(f"{profile_label}: mandatory TLS")
+        if profile.protocols != "global":
+            floor = min(profile.protocols, key=TLS_ORDER.index)
+            if TLS_ORDER.index(floor) > TLS_ORDER.index(minimum):
+                minimum = floor
+                reasons.append(f"{profile_label}: protocols from {floor}")
+        if profile.cipher_strength != "global" and (
+            _STRENGTH[profile.cipher_strength] > _STRENGTH[strength]
+        ):
+            strength = profile.cipher_strength
+            reasons.append(f"{profile_label}: cipher strength {strength}")
+        if profile.validate_certificate:
+            validate = True
+            words = {"hostname": host, "mx_hostname": host, "recipient_domain": recipient_domain}
+            names = tuple(dict.fromkeys(words.get(m, m).lower() for m in profile.match))
+            reasons.append(f"{profile_label}: validate the certificate for {', '.join(names)}")
+    return OutboundPolicy(mandatory, validate, names, minimum, strength, tuple(reasons))

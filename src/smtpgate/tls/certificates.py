@@ -20,7 +20,7 @@ import datetime as dt
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +216,27 @@ def is_ca(certificate: x509.Certificate) -> bool:
         return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 §6.4.3: a wildcard only as the whole left-most label."""
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+def certificate_matches(der: bytes, names: Sequence[str]) -> bool:
+    """SANs first; the subject CN only when the certificate has no DNS SAN."""
+    certificate = x509.load_der_x509_certificate(der)
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        presented = [str(n) for n in sans.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        presented = []
+    if not presented:
+        presented = [
+            str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    return any(_name_matches(p, n) for p in presented for n in names)

@@ -86,3 +86,31 @@ def require_client_identity(
     anchor = identity.chain[0]
     context.load_verify_locations(cadata=anchor.public_bytes(Encoding.PEM).decode("ascii"))
     return None if is_ca(anchor) else fingerprint(anchor)
+
+
+def client_context(
+    minimum: TlsVersion = "TLSv1.2",
+    strength: str = "high",
+    *,
+    validate: bool = False,
+    ca_files: Sequence[str] = (),
+    identity: Loaded | None = None,
+) -> ssl.SSLContext:
+    """A context for delivery: the policy's floor and strength, chain validation
+    when asked (names are checked separately, SAN first), and a client identity."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _secure(
+        context, [v for v in TLS_ORDER if TLS_ORDER.index(v) >= TLS_ORDER.index(minimum)], strength
+    )
+    context.check_hostname = False
+    if validate:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        for path in ca_files:
+            context.load_verify_locations(cafile=path)
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    if identity is not None:
+        with as_files(identity) as (chain, key):
+            context.load_cert_chain(chain, key)
+    return context

@@ -1,0 +1,117 @@
+"""Outbound TLS policy against a real STARTTLS smarthost (a second gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from pathlib import Path
+from typing import Any
+
+from smtpgate.queue.store import Filters, QueueStore
+from tests.conftest import Certs, GatewayFactory, SinkHandle
+
+
+def _send(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("bob@example.org", ["alice@example.com"], b"Subject: t\r\n\r\nx\r\n")
+
+
+async def _smarthost(factory: GatewayFactory, certs: Certs, **tls: Any) -> int:
+    gw = await factory(
+        spoof_detection=False,
+        listeners=[
+            {"name": "mx", "address": "127.0.0.1:0", "security": "starttls", "certificate": "gw"}
+        ],
+        certificates=[{"name": "gw", "cert": str(certs.cert_file), "key": str(certs.key_file)}],
+        **({"tls": tls} if tls else {}),
+    )
+    return gw.port
+
+
+async def _sender(
+    factory: GatewayFactory,
+    smarthost: int,
+    outbound: dict[str, Any],
+    security: str = "starttls",
+    **extra: Any,
+) -> int:
+    gw = await factory(
+        spoof_detection=False,
+        connection_profiles=[
+            {"name": "next-hop", "client_hosts": ["127.0.0.1"], "outbound_tls": outbound}
+        ],
+        send_connectors=[
+            {
+                "name": "hop",
+                "security": security,
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": smarthost}},
+            }
+        ],
+        **extra,
+    )
+    return gw.port
+
+
+def _last_reply(tmp_path: Path, index: int) -> tuple[str, str]:
+    store = QueueStore(tmp_path / f"gw{index}" / "queue")
+    try:
+        [message] = list(store.list(Filters()))
+    finally:
+        store.close()
+    return message.recipients[0].state, message.recipients[0].last_reply or ""
+
+
+async def test_validation_with_a_mismatching_name_defers(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path
+) -> None:
+    hop = await _smarthost(gateway_factory, certs)
+    port = await _sender(
+        gateway_factory,
+        hop,
+        {"validate_certificate": True, "match": ["recipient_domain"]},
+        tls={"ca_files": [str(certs.ca_file)]},
+    )
+    await asyncio.to_thread(_send, port)
+    await asyncio.sleep(1)
+    state, reply = _last_reply(tmp_path, 1)
+    assert state == "deferred"
+    assert "4.7.5 the certificate of 127.0.0.1 does not match example.com" in reply
+    assert sink.messages() == []
+
+
+async def test_validation_with_the_right_name_delivers(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs
+) -> None:
+    hop = await _smarthost(gateway_factory, certs)
+    port = await _sender(
+        gateway_factory,
+        hop,
+        {"mandatory": True, "validate_certificate": True, "match": ["gw.test"]},
+        tls={"ca_files": [str(certs.ca_file)]},
+    )
+    await asyncio.to_thread(_send, port)
+    [(_, body)] = await sink.wait_for(1)
+    assert body.count(b"with ESMTPS") == 1  # the hop between the two gateways was TLS
+
+
+async def test_mandatory_tls_never_falls_back_to_plaintext(
+    gateway_factory: GatewayFactory, sink: SinkHandle, tmp_path: Path
+) -> None:
+    port = await _sender(gateway_factory, sink.port, {"mandatory": True})  # the sink has no TLS
+    await asyncio.to_thread(_send, port)
+    await asyncio.sleep(1)
+    state, reply = _last_reply(tmp_path, 0)
+    assert state == "deferred"
+    assert "4.7.5 127.0.0.1 offers no STARTTLS, and TLS is mandatory" in reply
+    assert sink.messages() == []
+
+
+async def test_opportunistic_tls_failure_retries_without_tls(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs
+) -> None:
+    hop = await _smarthost(gateway_factory, certs, protocols=["TLSv1.2"])
+    port = await _sender(gateway_factory, hop, {"protocols": ["TLSv1.3"]})  # no common version
+    await asyncio.to_thread(_send, port)
+    [(_, body)] = await sink.wait_for(1)
+    assert b"with ESMTP id" in body
+    assert b"with ESMTPS" not in body  # after the failed handshake, every hop was plain
