@@ -61,6 +61,8 @@ class Postfix:
     cert: Path | None = None
     key: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    ca_file: Path | None = None  # with require_client_cert: the CA client certificates come from
+    require_client_cert: bool = False
     _process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,6 +82,8 @@ class Postfix:
         if self.cert and self.key:  # smtpd reads them as root, from a place it can reach
             self.cert = Path(shutil.copy(self.cert, self.conf / "cert.pem"))
             self.key = Path(shutil.copy(self.key, self.conf / "key.pem"))
+        if self.ca_file:
+            self.ca_file = Path(shutil.copy(self.ca_file, self.conf / "ca.pem"))
         (self.conf / "main.cf").write_text(self._main_cf())
         (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
         if self.users:
@@ -123,6 +127,13 @@ class Postfix:
                 "smtpd_tls_security_level": "may",
                 "smtpd_tls_cert_file": str(self.cert),
                 "smtpd_tls_key_file": str(self.key),
+            }
+        if self.require_client_cert and self.ca_file:
+            settings |= {
+                "smtpd_tls_security_level": "encrypt",
+                "smtpd_tls_ask_ccert": "yes",
+                "smtpd_tls_req_ccert": "yes",
+                "smtpd_tls_CAfile": str(self.ca_file),
             }
         settings |= self.extra
         return "".join(f"{k} = {v}\n" for k, v in settings.items())

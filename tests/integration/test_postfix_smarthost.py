@@ -88,3 +88,43 @@ async def test_wrong_smarthost_password_defers_and_nothing_arrives(
     assert message.recipients[0].state == "deferred"
     assert "AUTH" in (message.recipients[0].last_reply or "")
     assert "smarthost-secret" not in (message.recipients[0].last_reply or "")
+
+
+async def test_postfix_requiring_a_client_certificate_gets_the_connectors_identity(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path
+) -> None:
+    client = certs.ca.issue_cert("gw-client.test")
+    client_cert, client_key = tmp_path / "client.pem", tmp_path / "client.key"
+    client.cert_chain_pems[0].write_to_path(str(client_cert))
+    client.private_key_pem.write_to_path(str(client_key))
+    client_key.chmod(0o600)
+    postfix = Postfix(
+        instance_directory(),
+        free_port(),
+        ("127.0.0.1", sink.port),
+        cert=certs.cert_file,
+        key=certs.key_file,
+        ca_file=certs.ca_file,
+        require_client_cert=True,
+    )
+    postfix.start()
+    try:
+        connector = {
+            "name": "partner",
+            "security": "require-starttls",
+            "deliver": {"smarthost": {"host": "127.0.0.1", "port": postfix.port}},
+        }
+        without = await gateway_factory(spoof_detection=False, send_connectors=[connector])
+        await asyncio.to_thread(_send, without.port)
+        await asyncio.sleep(1.5)
+        assert sink.messages() == []  # Postfix refuses mail without a client certificate
+        with_identity = await gateway_factory(
+            spoof_detection=False,
+            certificates=[{"name": "me", "cert": str(client_cert), "key": str(client_key)}],
+            send_connectors=[{**connector, "client_certificate": "me"}],
+        )
+        await asyncio.to_thread(_send, with_identity.port)
+        [(_, body)] = await sink.wait_for(1, timeout=30)
+        assert b"by postfix.test (Postfix) with ESMTPS" in body
+    finally:
+        postfix.stop()
