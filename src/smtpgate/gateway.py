@@ -9,7 +9,6 @@ messages on. Decisions are logged with their reasons; secrets never are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +37,6 @@ from smtpgate.policy.profile import (
     Profile,
     ProfileIndex,
     ProfileMatch,
-    client_address,
     match_profile,
     match_sender_domain,
 )
@@ -55,8 +53,8 @@ from smtpgate.policy.routing import select_connector
 from smtpgate.policy.tls import (
     OutboundPolicy,
     decide_mail_tls,
+    destination_tls,
     inbound_tls_required,
-    outbound_tls_policy,
 )
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
@@ -103,22 +101,7 @@ class GatewayPolicy:
 
     def outbound_tls(self, connector: SendConnector, host: str, domain: str) -> OutboundPolicy:
         """The TLS policy for delivering to ``host`` for ``domain`` through ``connector``."""
-        profiles = {p.name: p for p in self.config.connection_profiles}
-        match = None
-        with contextlib.suppress(ValueError):
-            match = self.profiles.by_address(client_address(host))
-        profile = (
-            match.profile
-            if match
-            else (
-                self.profiles.host_names.get(host.lower())
-                or self.profiles.sender_domains.get(domain)
-            )
-        )
-        chosen = profiles.get(profile.name) if profile else None
-        outbound = chosen.outbound_tls if chosen else self.config.default_profile.outbound_tls
-        label = f"connection profile {chosen.name!r}" if chosen else "the default profile"
-        return outbound_tls_policy(connector, outbound, label, self.config.tls, host, domain)
+        return destination_tls(self.config, self.profiles, connector, host, domain)
 
     def smarthost_password(self, connector: SendConnector) -> str | None:
         secret = self.smarthost_passwords.get(connector.name)

@@ -231,6 +231,11 @@ def test_policy_explain_text_and_json(tmp_path: Path) -> None:
                         "sender_domains": ["partner.example"],
                         "inbound_tls": {"mandatory": True},
                         "relay": "restricted-external",
+                        "outbound_tls": {
+                            "mandatory": True,
+                            "validate_certificate": True,
+                            "match": ["recipient_domain"],
+                        },
                     },
                 ],
                 "send_connectors": [
@@ -295,3 +300,14 @@ def test_policy_explain_text_and_json(tmp_path: Path) -> None:
     assert result["recipients"][0]["accepted"] is False
     assert result["recipients"][0]["reply"].startswith("554 5.7.1")
     assert result["spam_check"]["checked"] is True
+    outbound = json.loads(
+        subprocess.run(
+            [*base, "--client-ip", "10.0.0.9", "--recipient", "x@partner.example", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["recipients"][0]["outbound_tls"]
+    assert outbound["mandatory"] is True
+    assert outbound["names"] == ["partner.example"]
+    assert "connection profile 'partner': mandatory TLS" in outbound["reasons"]

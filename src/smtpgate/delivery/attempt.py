@@ -61,6 +61,7 @@ class AttemptReport:
     remote: str | None = None
     dsn_passed_on: bool = False  # the next hop offered DSN and took the parameters
     connection_lost: bool = False  # no reply at all on an open connection
+    verified: bool = False  # the next hop's certificate was validated (chain and name)
 
 
 @dataclass(frozen=True)
@@ -350,8 +351,12 @@ class Deliverer:
             if replies[0].code == 250:
                 replies += [await client.command(line) for line in rcpts]
 
+        verified = client.tls is not None and self.policy(job, host).validate
+
         def report(outcomes: list[Outcome]) -> AttemptReport:
-            return AttemptReport(outcomes, True, client.tls, host, "DSN" in offered)
+            return AttemptReport(
+                outcomes, True, client.tls, host, "DSN" in offered, verified=verified
+            )
 
         data_reply = replies.pop() if with_data else None
         if (

@@ -431,6 +431,8 @@ class Session(asyncio.Protocol):
             log.info("client certificate refused", client=self.info.client_ip, sha256=digest)
             return
         self.info.client_certificate = f"{certificate.subject.rfc4514_string()} (sha256 {digest})"
+        if self.info.tls and "client verified" not in self.info.tls:
+            self.info.tls += f", client verified: {certificate.subject.rfc4514_string()}"
         log.info(
             "client certificate",
             client=self.info.client_ip,

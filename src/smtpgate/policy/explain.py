@@ -25,7 +25,12 @@ from smtpgate.policy.relay import (
     split_address,
 )
 from smtpgate.policy.routing import select_connector
-from smtpgate.policy.tls import decide_mail_tls, inbound_tls_required
+from smtpgate.policy.tls import (
+    OutboundPolicy,
+    decide_mail_tls,
+    destination_tls,
+    inbound_tls_required,
+)
 from smtpgate.policy.verdict import Verdict
 
 
@@ -46,6 +51,7 @@ class RecipientDecision:
     verdict: Verdict
     connector: str | None
     connector_reason: str
+    outbound_tls: OutboundPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class Explanation:
                     **(verdict(d.verdict) or {}),
                     "connector": d.connector,
                     "connector_reason": d.connector_reason,
+                    "outbound_tls": _outbound(d.outbound_tls),
                 }
                 for d in self.recipients
             ],
@@ -116,7 +123,28 @@ class Explanation:
         for d in self.recipients:
             lines.append(f"recipient {d.recipient}: {show(d.verdict)}")
             lines.append(f"  connector:  {d.connector or '-'} ({d.connector_reason})")
+            if d.outbound_tls is not None:
+                tls = d.outbound_tls
+                lines.append(
+                    f"  outbound TLS: {'mandatory' if tls.mandatory else 'opportunistic'}"
+                    f", from {tls.minimum}, {tls.strength} ciphers"
+                    + (f", certificate must match {', '.join(tls.names)}" if tls.validate else "")
+                    + f" ({'; '.join(tls.reasons)})"
+                )
         return "\n".join(lines)
+
+
+def _outbound(tls: OutboundPolicy | None) -> dict[str, Any] | None:
+    if tls is None:
+        return None
+    return {
+        "mandatory": tls.mandatory,
+        "validate": tls.validate,
+        "names": list(tls.names),
+        "minimum": tls.minimum,
+        "cipher_strength": tls.strength,
+        "reasons": list(tls.reasons),
+    }
 
 
 def explain(
@@ -168,7 +196,12 @@ def explain(
             if connector
             else "no send connector matches: 550 5.7.1 at RCPT"
         )
-        result.recipients.append(
-            RecipientDecision(recipient, verdict, connector.name if connector else None, reason)
-        )
+        outbound = None
+        if connector is not None:
+            domain = split_address(recipient)[1]
+            smarthost = connector.deliver.smarthost
+            host = smarthost.host if smarthost else f"MX of {domain}"
+            outbound = destination_tls(config, index, connector, host, domain)
+        name = connector.name if connector else None
+        result.recipients.append(RecipientDecision(recipient, verdict, name, reason, outbound))
     return result

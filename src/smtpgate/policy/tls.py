@@ -8,10 +8,18 @@ is all a sender domain ever does). MAIL without TLS then gets ``530 5.7.0``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
-from smtpgate.config.schema import TLS_ORDER, OutboundTls, SendConnector, TlsSettings, TlsVersion
-from smtpgate.policy.profile import ProfileMatch
+from smtpgate.config.schema import (
+    TLS_ORDER,
+    GatewayConfig,
+    OutboundTls,
+    SendConnector,
+    TlsSettings,
+    TlsVersion,
+)
+from smtpgate.policy.profile import ProfileIndex, ProfileMatch, client_address
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
 
@@ -87,3 +95,25 @@ def outbound_tls_policy(  # noqa: PLR0913, PLR0917 - the facts the decision need
             names = tuple(dict.fromkeys(words.get(m, m).lower() for m in profile.match))
             reasons.append(f"{profile_label}: validate the certificate for {', '.join(names)}")
     return OutboundPolicy(mandatory, validate, names, minimum, strength, tuple(reasons))
+
+
+def destination_tls(
+    config: GatewayConfig, index: ProfileIndex, connector: SendConnector, host: str, domain: str
+) -> OutboundPolicy:
+    """The outbound policy for ``host``: its profile by IP, CIDR or host name, else by
+    recipient domain (a profile's sender domains name the partner's domain), else the
+    default profile."""
+    match = None
+    with contextlib.suppress(ValueError):
+        match = index.by_address(client_address(host))
+    profile = (
+        match.profile
+        if match
+        else (index.host_names.get(host.lower()) or index.sender_domains.get(domain))
+    )
+    chosen = next(
+        (p for p in config.connection_profiles if profile and p.name == profile.name), None
+    )
+    outbound = chosen.outbound_tls if chosen else config.default_profile.outbound_tls
+    label = f"connection profile {chosen.name!r}" if chosen else "the default profile"
+    return outbound_tls_policy(connector, outbound, label, config.tls, host, domain)
