@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from smtpgate.config.schema import GatewayConfig
+from smtpgate.config.schema import GatewayConfig, RequireCertificate, RequireSpkiPin
 from smtpgate.config.secret import load_key
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
@@ -61,7 +61,7 @@ def listener_specs(
     certificates = load_certificates(config)
     specs = []
     for listener in config.listeners:
-        context, pin = None, None
+        context, pin, spki = None, None, None
         if listener.certificate is not None and listener.security != "none":
             context = server_context(
                 certificates[listener.certificate], config.tls.protocols, config.tls.cipher_strength
@@ -70,11 +70,11 @@ def listener_specs(
                 contexts.setdefault(listener.certificate, []).append(context)
             identity = listener.client_identity
             if identity != "any":
-                anchor = (
-                    "trusted"
-                    if identity == "trusted"
-                    else certificates[identity.require_certificate]
-                )
+                anchor: str | Loaded = "trusted"
+                if isinstance(identity, RequireCertificate):
+                    anchor = certificates[identity.require_certificate]
+                elif isinstance(identity, RequireSpkiPin):
+                    spki = identity.require_spki_pin
                 pin = require_client_identity(
                     context, anchor, [str(p) for p in config.tls.ca_files]
                 )
@@ -91,6 +91,7 @@ def listener_specs(
             plaintext_auth_on_loopback=listener.plaintext_auth_on_loopback,
             client_certificate_required=listener.client_identity != "any",
             client_certificate_pin=pin,
+            client_spki_pin=spki,
         )
         implicit = context if listener.security == "implicit-tls" else None
         specs.append(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import smtplib
 import ssl
 import subprocess
 import time
@@ -20,9 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from smtpgate.config.load import parse_config
-from smtpgate.tls.certificates import load_all, self_signed
+from smtpgate.tls.certificates import load_all, self_signed, spki_pin
 from smtpgate.tls.context import CIPHERS, server_context
 from tests.conftest import SMTPGATE, Certs, GatewayFactory, run_tool
+from tests.integration.test_auth_live import PASSWORD, auth_config
 
 WEAK = ("RC4", "DES-CBC3", "DES-CBC-", "NULL", "EXP", "ADH", "AECDH", "MD5", "anon")
 
@@ -432,3 +434,74 @@ async def test_changed_certificate_files_are_noticed(
     seen, _, writer = await _peer_certificate(gw.port, certs)
     writer.close()
     assert seen == second != first
+
+
+async def test_client_identity_by_spki_pin(
+    gateway_factory: GatewayFactory, certs: Certs, client_certs: dict[str, Path]
+) -> None:
+    alice_pin = spki_pin(x509.load_pem_x509_certificate(client_certs["alice"].read_bytes()))
+    gw = await gateway_factory(
+        **_with_identity(certs, {"require_spki_pin": alice_pin}, ca_files=[str(certs.ca_file)])
+    )
+    alice = (client_certs["alice"], client_certs["alice-key"])
+    assert (await _mail_with_cert(gw.port, certs, *alice)).startswith(b"250 ")
+    assert await _refused(gw.port, certs, client_certs["bob"], client_certs["bob-key"])
+
+
+async def test_auth_works_on_an_implicit_tls_listener(
+    gateway_factory: GatewayFactory, sink: Any, certs: Certs, tmp_path: Path
+) -> None:
+    config = auth_config(tmp_path, certs)
+    config["listeners"][0]["security"] = "implicit-tls"
+    config["send_connectors"][0]["deliver"]["smarthost"]["port"] = sink.port
+    gw = await gateway_factory(**config)
+
+    def login() -> None:
+        context = ssl.create_default_context(cafile=str(certs.ca_file))
+        with smtplib.SMTP_SSL("127.0.0.1", gw.port, context=context, timeout=30) as client:
+            client.login("alice", PASSWORD)
+            client.sendmail("alice@example.com", ["x@foreign.example"], b"Subject: t\r\n\r\nx\r\n")
+
+    await asyncio.to_thread(login)
+    [(meta, _)] = await sink.wait_for(1)
+    assert meta["recipients"] == ["x@foreign.example"]
+
+
+def test_explain_shows_the_client_certificate(tmp_path: Path, certs: Certs) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(_implicit({"cert": str(certs.cert_file), "key": str(certs.key_file)}))
+    )
+    out = subprocess.run(
+        [
+            SMTPGATE,
+            "policy",
+            "explain",
+            "--config",
+            str(path),
+            "--client-ip",
+            "192.0.2.1",
+            "--client-certificate",
+            "CN=mx.partner.example",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "client cert:  CN=mx.partner.example (verified by the listener)" in out
+
+
+async def test_client_identity_listener_refuses_mail_in_the_clear(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    document = _with_identity(certs, "trusted", ca_files=[str(certs.ca_file)])
+    document["listeners"][0]["security"] = "starttls"
+    gw = await gateway_factory(**document)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    await reader.readline()
+    writer.write(b"EHLO client.test\r\n")
+    while (await reader.readline())[3:4] == b"-":
+        pass
+    writer.write(b"MAIL FROM:<a@x.example>\r\n")
+    assert (await reader.readline()).startswith(b"530 5.7.0")
+    writer.close()

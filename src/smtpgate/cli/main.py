@@ -79,6 +79,11 @@ def _add_policy(commands: Commands) -> None:
     explain.add_argument("--recipient", action="append", default=[])
     explain.add_argument("--tls", action="store_true", help="the client has done STARTTLS")
     explain.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
+    explain.add_argument(
+        "--client-certificate",
+        metavar="SUBJECT",
+        help="the client presented this verified certificate",
+    )
     explain.add_argument("--json", action="store_true")
 
 
@@ -195,6 +200,7 @@ def _explain(args: argparse.Namespace) -> int:
         tuple(args.recipient),
         args.tls,
         args.auth,
+        args.client_certificate,
     )
     result = explain(config, ProfileIndex(config), users, facts)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.as_text())

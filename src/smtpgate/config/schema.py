@@ -108,12 +108,19 @@ class RequireCertificate(Strict):
     require_certificate: str = Field(min_length=1)
 
 
+class RequireSpkiPin(Strict):
+    """The client's certificate must chain to a trusted CA and carry this public key
+    (base64 SHA-256 of its SubjectPublicKeyInfo, as ``smtpgate certs list`` shows)."""
+
+    require_spki_pin: str = Field(min_length=44, max_length=44)
+
+
 class Listener(Strict):
     name: str = Field(min_length=1)
     address: str
     security: Security = "starttls"
     certificate: str | None = None
-    client_identity: Literal["any", "trusted"] | RequireCertificate = "any"
+    client_identity: Literal["any", "trusted"] | RequireCertificate | RequireSpkiPin = "any"
     proxy_protocol: bool = False
     plaintext_auth_on_loopback: bool = False  # AUTH without TLS, for loopback clients only
 

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from smtpgate.config.schema import ConnectionProfile, GatewayConfig
+from smtpgate.config.schema import ConnectionProfile, GatewayConfig, RequireCertificate
 from smtpgate.errors import FieldProblem
 
 
@@ -150,7 +150,7 @@ def tls_listeners_have_certificates(config: GatewayConfig) -> list[FieldProblem]
         elif listener.certificate is not None and listener.certificate not in names:
             problems.append(FieldProblem(path, f"no certificate named {listener.certificate!r}"))
         identity = listener.client_identity
-        if not isinstance(identity, str):
+        if isinstance(identity, RequireCertificate):
             where = f"listeners[{index}].client_identity.require_certificate"
             if identity.require_certificate not in names:
                 problems.append(

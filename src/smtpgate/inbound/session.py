@@ -49,6 +49,7 @@ from smtpgate.proto import replies as r
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import ServerConnection, SessionLimits, State
 from smtpgate.spool import SpooledBody, new_queue_id
+from smtpgate.tls.certificates import spki_pin
 
 log = get_logger("smtpgate.session")
 
@@ -131,6 +132,7 @@ class SessionSettings:
     plaintext_auth_on_loopback: bool = False
     client_certificate_required: bool = False
     client_certificate_pin: str | None = None  # SHA-256 the client certificate must have
+    client_spki_pin: str | None = None  # base64 SHA-256 of the public key it must carry
 
 
 class SessionHost(Protocol):
@@ -376,8 +378,11 @@ class Session(asyncio.Protocol):
     # -- commands --------------------------------------------------------------------
 
     def _answer(self, event: ev.Event) -> Reply:
-        if type(event) is ev.MailFrom and self.settings.require_tls and not self.conn.tls_active:
-            return MUST_STARTTLS
+        if type(event) is ev.MailFrom:
+            if self.settings.require_tls and not self.conn.tls_active:
+                return MUST_STARTTLS
+            if self.settings.client_certificate_required and not self.info.client_certificate:
+                return CERTIFICATE_REQUIRED
         reply = self.handler.on_command(self.info, event) or self._default(event)
         if reply.code < 400:
             self._remember(event)
@@ -426,8 +431,10 @@ class Session(asyncio.Protocol):
             return
         certificate = x509.load_der_x509_certificate(der)
         digest = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
-        pin = self.settings.client_certificate_pin
-        if pin is not None and digest != pin:
+        pin, spki = self.settings.client_certificate_pin, self.settings.client_spki_pin
+        if (pin is not None and digest != pin) or (
+            spki is not None and spki_pin(certificate) != spki
+        ):
             log.info("client certificate refused", client=self.info.client_ip, sha256=digest)
             return
         self.info.client_certificate = f"{certificate.subject.rfc4514_string()} (sha256 {digest})"

@@ -43,6 +43,7 @@ class Facts:
     recipients: Sequence[str] = ()
     tls: bool = False
     auth_user: str | None = None
+    client_certificate: str | None = None  # as the listener verified it
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Explanation:
     sender: Verdict | None
     spam_check: tuple[bool, str]
     recipients: list[RecipientDecision] = field(default_factory=list)
+    client_certificate: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -86,6 +88,7 @@ class Explanation:
             },
             "connect": verdict(self.connect),
             "auth": self.auth,
+            "client_certificate": self.client_certificate,
             "relay": {"mode": self.rights.mode, "reason": self.rights.reason},
             "inbound_tls": {"required": self.tls_required, "verdict": verdict(self.tls)},
             "sender": verdict(self.sender),
@@ -111,6 +114,8 @@ class Explanation:
             )
 
         lines = [f"profile:      {self.profile.reason()}", f"connect:      {show(self.connect)}"]
+        if self.client_certificate:
+            lines.append(f"client cert:  {self.client_certificate} (verified by the listener)")
         if self.auth:
             lines.append(f"auth:         {self.auth}")
         lines.append(f"relay:        {self.rights.reason}")
@@ -183,6 +188,7 @@ def explain(
         tls,
         sender,
         spam_checked(rights.mode, config.spam.check_outbound),
+        client_certificate=facts.client_certificate,
     )
     sender_domain = split_address(facts.sender)[1] if facts.sender else ""
     roles = frozenset(config.gateway.roles)
