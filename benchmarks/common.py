@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import time
 
@@ -22,3 +23,22 @@ def wait_for(port: int, attempts: int = 200) -> None:
         else:
             return
     raise RuntimeError(f"nothing listens on port {port}")
+
+
+def smtp_source(port: int, args: argparse.Namespace, recipient: str, *, reuse: bool) -> list[str]:
+    """The smtp-source command line: ``args`` has messages, sessions and size."""
+    argv = [
+        "smtp-source",
+        "-c",
+        "-l",
+        str(args.size),
+        "-m",
+        str(args.messages),
+        "-s",
+        str(args.sessions),
+        "-f",
+        "sender@bench.example",
+        "-t",
+        recipient,
+    ]
+    return [*argv, *(["-d"] if reuse else []), f"127.0.0.1:{port}"]

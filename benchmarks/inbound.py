@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import free_port, wait_for
+from common import free_port, smtp_source, wait_for
 
 SERVERS = ("smtpgate", "aiosmtpd")
 LOOPS = ("asyncio", "uvloop")
@@ -106,23 +106,7 @@ def child(kind: str, loop: str, port: int, spool: Path) -> None:
 
 def load(port: int, args: argparse.Namespace, reuse: bool) -> float:
     """Messages per second that smtp-source got accepted."""
-    argv = [
-        "smtp-source",
-        "-c",
-        "-l",
-        str(args.size),
-        "-m",
-        str(args.messages),
-        "-s",
-        str(args.sessions),
-        "-f",
-        "sender@bench.example",
-        "-t",
-        "rcpt@bench.example",
-    ]
-    if reuse:
-        argv.append("-d")
-    argv.append(f"127.0.0.1:{port}")
+    argv = smtp_source(port, args, "rcpt@bench.example", reuse=reuse)
     start = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
     elapsed = time.perf_counter() - start

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import free_port, wait_for
+from common import free_port, smtp_source, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.postfix import Postfix, instance_directory
@@ -70,23 +70,9 @@ class Sink:
 
 def run_load(port: int, sink: Sink, args: argparse.Namespace, *, reuse: bool) -> float:
     before = sink.count
-    argv = [
-        "smtp-source",
-        "-c",
-        "-l",
-        str(args.size),
-        "-m",
-        str(args.messages),
-        "-s",
-        str(args.sessions),
-        "-f",
-        "sender@bench.example",
-        "-t",
-        "rcpt@far.example",
-    ]
     start = time.perf_counter()
     subprocess.run(
-        [*argv, *(["-d"] if reuse else []), f"127.0.0.1:{port}"],
+        smtp_source(port, args, "rcpt@far.example", reuse=reuse),
         check=True,
         capture_output=True,
         timeout=600,

@@ -107,14 +107,14 @@ def password_files_are_private(config: GatewayConfig) -> list[FieldProblem]:
     return problems
 
 
-def private_file_problem(path: Path) -> str | None:
+def private_file_problem(path: Path, what: str = "") -> str | None:
     """Why a secret file is unusable (missing, or readable by others), or None."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path} is readable by other users; run: chmod 600 {path}"
+        return f"{path}{what} is readable by other users; run: chmod 600 {path}"
     return None
 
 

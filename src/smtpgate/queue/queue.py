@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from smtpgate.model.envelope import Envelope
 from smtpgate.queue.store import (
@@ -34,10 +34,8 @@ class Queue:
         self.directory = directory
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue")
         self._store: QueueStore | None = None
-        self._pending: list[tuple[NewMessage, asyncio.Future[None]]] = []
-        self._committing = False
-        self._outcomes: list[tuple[list[RecipientUpdate], asyncio.Future[None]]] = []
-        self._applying = False
+        self._ingests: _GroupCommit[NewMessage] = _GroupCommit(self, self._commit)
+        self._outcomes: _GroupCommit[RecipientUpdate] = _GroupCommit(self, self._apply)
         self.changed = asyncio.Event()
 
     async def open(self) -> int:
@@ -64,50 +62,51 @@ class Queue:
 
     async def ingest(self, envelope: Envelope, body: SpooledBody, kind: int = KIND_MAIL) -> str:
         """Make a message durable; returns its queue id. Raises OSError/sqlite3.Error."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((NewMessage(envelope, body, kind), future))
-        if not self._committing:
-            self._committing = True
-            asyncio.get_running_loop().create_task(self._commit_batches())
-        await future
+        await self._ingests.submit([NewMessage(envelope, body, kind)])
+        self.changed.set()
         return body.queue_id
 
-    async def _commit_batches(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                messages = [m for m, _ in batch]
-                try:
-                    await self.call(functools.partial(self.store.commit, messages))
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-                self.changed.set()
-        finally:
-            self._committing = False
+    def _commit(self, batch: list[NewMessage]) -> None:
+        self.store.commit(batch)  # on the queue thread; the store exists once opened
+
+    def _apply(self, batch: list[RecipientUpdate]) -> None:
+        self.store.apply(batch)
 
     async def apply(self, updates: list[RecipientUpdate]) -> None:
         """Record outcomes; concurrent calls share one transaction (one fsync)."""
+        await self._outcomes.submit(updates)
+
+
+class _GroupCommit(Generic[T]):
+    """Items submitted while a commit runs go together into the next one.
+
+    ``commit`` runs on the queue's thread with everything collected; each
+    submitter learns the result of the commit that carried its items.
+    """
+
+    def __init__(self, queue: Queue, commit: Callable[[list[T]], object]) -> None:
+        self._queue = queue
+        self._commit = commit
+        self._waiting: list[tuple[list[T], asyncio.Future[None]]] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, items: list[T]) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outcomes.append((updates, future))
-        if not self._applying:
-            self._applying = True
-            asyncio.get_running_loop().create_task(self._apply_batches())
+        self._waiting.append((items, future))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.get_running_loop().create_task(self._run())
         await future
 
-    async def _apply_batches(self) -> None:
+    async def _run(self) -> None:
         try:
-            while self._outcomes:
-                batch, self._outcomes = self._outcomes, []
-                updates = [u for group, _ in batch for u in group]
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                items = [item for group, _ in batch for item in group]
                 try:
-                    await self.call(functools.partial(self.store.apply, updates))
-                except Exception as exc:
+                    await self._queue.call(functools.partial(self._commit, items))
+                except Exception as exc:  # every submitter must hear of it
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -116,4 +115,4 @@ class Queue:
                     if not future.done():
                         future.set_result(None)
         finally:
-            self._applying = False
+            self._running = False

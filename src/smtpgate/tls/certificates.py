@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
-import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from smtpgate.config.schema import Certificate
 from smtpgate.config.secret import read_secret
+from smtpgate.config.validate import private_file_problem
 from smtpgate.errors import ConfigError, FieldProblem
 
 EXPIRY_WARNING = dt.timedelta(days=30)
@@ -52,13 +52,7 @@ class Loaded:
 
 
 def key_permission_problem(path: Path) -> str | None:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror}"
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path} holds a private key and is readable by other users; run: chmod 600 {path}"
-    return None
+    return private_file_problem(path, " holds a private key and")
 
 
 def load(cert: Certificate, where: str, key: Fernet | None = None) -> Loaded:
