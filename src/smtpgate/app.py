@@ -89,6 +89,7 @@ def listener_specs(
             proxy_protocol=listener.proxy_protocol,
             proxy_timeout=config.timeouts.proxy_header,
             plaintext_auth_on_loopback=listener.plaintext_auth_on_loopback,
+            banner=config.gateway.banner,
             client_certificate_required=listener.client_identity != "any",
             client_certificate_pin=pin,
             client_spki_pin=spki,

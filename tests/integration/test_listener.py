@@ -122,3 +122,10 @@ async def test_proxy_listener_closes_connections_without_a_header(
     )
     assert await _send_through_proxy(gw.port, b"HELO sneaky.example\r\n") == b""
     assert await sink.wait_for(1, timeout=1.5) == []  # nothing arrives, even later
+
+
+async def test_the_banner_is_configurable(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(gateway={"banner": "ESMTP ready"})
+    greeting, writer = await _greeting(gw.port)
+    assert greeting == b"220 gw.test ESMTP ready\r\n"
+    writer.close()

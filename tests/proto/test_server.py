@@ -455,3 +455,14 @@ def test_554_greeting_only_honours_quit() -> None:
     out = conn.data_to_send().decode()
     assert codes(out) == ["554 5.7.1", "503 5.5.1", "503 5.5.1", "221 2.0.0"]
     assert conn.closing
+
+
+def test_overlong_auth_line_gets_5_5_6_and_ends_the_exchange() -> None:
+    d = Driver(auth=("LOGIN",))
+    d.feed(b"EHLO c.example\r\n")
+    d.overrides[ev.AuthRequested] = Reply.of(334, None, "VXNlcm5hbWU6")
+    d.feed(b"AUTH LOGIN\r\n")
+    out = d.feed(b"A" * 13_000)
+    assert codes(out) == ["500 5.5.6"]
+    d.feed(b"A\r\n")  # the rest of the over-long line is skipped
+    assert d.conn.state is State.GREETED

@@ -78,7 +78,8 @@ class GatewaySettings(Strict):
     roles: list[str] = Field(default_factory=lambda: ["edge"])
     data_dir: Path = Path("./var")
     admin_address: str | None = None
-    banner: str = "ESMTP"
+    # The greeting is "220 <hostname> <banner>"; printable ASCII on one line.
+    banner: str = Field(default="ESMTP smtpgate", pattern=r"^[ -~]{1,200}$")
     dns: DnsSettings = Field(default_factory=DnsSettings)
 
     @field_validator("hostname")

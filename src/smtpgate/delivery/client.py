@@ -141,13 +141,6 @@ class SmtpClient:
         self.writer.write(f"AUTH PLAIN {token}\r\n".encode("ascii"))
         return await self.read_reply()
 
-    async def alive(self) -> bool:
-        """A cached connection is still usable when RSET gets 250."""
-        try:
-            return (await self.command("RSET", timeout=10)).code == 250
-        except DeliveryError:
-            return False
-
     async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         reply = await self.command("STARTTLS")
         if reply.code != 220:

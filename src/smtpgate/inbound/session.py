@@ -130,6 +130,7 @@ class SessionSettings:
     proxy_protocol: bool = False
     proxy_timeout: float = 10.0
     plaintext_auth_on_loopback: bool = False
+    banner: str = "ESMTP smtpgate"  # the greeting is "220 <hostname> <banner>"
     client_certificate_required: bool = False
     client_certificate_pin: str | None = None  # SHA-256 the client certificate must have
     client_spki_pin: str | None = None  # base64 SHA-256 of the public key it must carry
@@ -258,7 +259,8 @@ class Session(asyncio.Protocol):
 
     async def _greet(self) -> None:
         refusal = await self.handler.on_connect(self.info)
-        self.conn.greet(refusal or Reply.of(220, None, f"{self.info.hostname} ESMTP smtpgate"))
+        greeting = Reply.of(220, None, f"{self.info.hostname} {self.settings.banner}")
+        self.conn.greet(refusal or greeting)
 
     def request_stop(self) -> None:
         """Shut down: at once when idle, after the current message otherwise."""

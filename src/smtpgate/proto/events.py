@@ -9,7 +9,6 @@ already been answered by the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from smtpgate.model.envelope import MailParams, RcptParams
 from smtpgate.proto.replies import Reply
@@ -141,5 +140,3 @@ Event = (
     | AuthResponse
     | AuthAborted
 )
-
-BodyKind = Literal["7BIT", "8BITMIME"]

@@ -47,18 +47,6 @@ class Reply:
         """Build a reply: ``Reply.of(250, "2.1.0", "Ok")``."""
         return cls(code, status, lines)
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
-    @property
-    def is_transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
     def text(self) -> str:
         """The reply text as one string, the way logs and bounces show it."""
         prefix = f"{self.status} " if self.status else ""

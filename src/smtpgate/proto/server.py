@@ -177,10 +177,6 @@ class ServerConnection:
     def helo_name(self) -> str:
         return self._session.helo_name
 
-    @property
-    def in_transaction(self) -> bool:
-        return self._session.txn is not None
-
     # -- application calls -----------------------------------------------------
 
     def greet(self, reply: Reply) -> None:
@@ -300,7 +296,10 @@ class ServerConnection:
                 if len(self._in) > self._line_limit():
                     self._in.clear()
                     self._skip_line = True
-                    self._error(r.LINE_TOO_LONG)
+                    in_auth = self.state is State.AUTH
+                    if in_auth:
+                        self.state = self._state_before_auth  # the exchange is over
+                    self._error(r.AUTH_LINE_TOO_LONG if in_auth else r.LINE_TOO_LONG)
                 return None
             line = bytes(self._in[: end + 1])
             del self._in[: end + 1]

@@ -20,7 +20,6 @@ Rules kept here:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -163,12 +162,3 @@ def build_report(report: Report, original: bytes, original_size: int, now: float
     if returned and not returned.endswith(b"\r\n"):
         returned += b"\r\n"
     return text + returned + f"\r\n--{boundary}--\r\n".encode("ascii")
-
-
-def group_by_action(
-    recipients: Iterable[ReportedRecipient],
-) -> dict[Action, list[ReportedRecipient]]:
-    groups: dict[Action, list[ReportedRecipient]] = {}
-    for r in recipients:
-        groups.setdefault(r.action, []).append(r)
-    return groups
