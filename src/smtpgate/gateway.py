@@ -33,28 +33,24 @@ from smtpgate.policy.auth import (
     AuthThrottle,
     CredentialIndex,
 )
+from smtpgate.policy.mail import decide_mail
 from smtpgate.policy.profile import (
     Profile,
     ProfileIndex,
     ProfileMatch,
     match_profile,
-    match_sender_domain,
 )
 from smtpgate.policy.relay import (
     RelayRights,
     decide_connect,
     decide_relay,
-    decide_sender,
     relay_rights,
-    spam_checked,
     split_address,
 )
 from smtpgate.policy.routing import select_connector
 from smtpgate.policy.tls import (
     OutboundPolicy,
-    decide_mail_tls,
     destination_tls,
-    inbound_tls_required,
 )
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
@@ -204,18 +200,19 @@ class GatewayHandler:
 
     def _mail(self, info: SessionInfo, sender: str) -> Reply | None:
         policy = self.policy
-        sender_domain = split_address(sender)[1] if sender else ""
-        sender_match = match_sender_domain(policy.profiles, sender_domain) if sender else None
-        required, why = inbound_tls_required(self.match, sender_match)
-        rights = self._rights()
-        for verdict in (
-            decide_mail_tls(required, why, info.tls is not None),
-            decide_sender(rights.mode, sender, policy.hosted, policy.config.spoof_detection),
-        ):
-            if verdict.reply is not None:
-                log.info("sender refused", client=info.client_ip, sender=sender, why=verdict.reason)
-                return verdict.reply
-        info.spam_check = spam_checked(rights.mode, policy.config.spam.check_outbound)[0]
+        decision = decide_mail(
+            policy.config,
+            policy.profiles,
+            self.match,
+            self._rights(),
+            sender,
+            tls_active=info.tls is not None,
+        )
+        refusal = decision.refusal
+        if refusal is not None:
+            log.info("sender refused", client=info.client_ip, sender=sender, why=refusal.reason)
+            return refusal.reply
+        info.spam_check = decision.spam_check[0]
         return None
 
     def _rcpt(self, info: SessionInfo, recipient: str) -> Reply | None:

@@ -14,22 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config.schema import GatewayConfig
-from smtpgate.policy.profile import ProfileIndex, ProfileMatch, match_profile, match_sender_domain
+from smtpgate.policy.mail import decide_mail
+from smtpgate.policy.profile import ProfileIndex, ProfileMatch, match_profile
 from smtpgate.policy.relay import (
     RelayRights,
     decide_connect,
     decide_relay,
-    decide_sender,
     relay_rights,
-    spam_checked,
     split_address,
 )
 from smtpgate.policy.routing import select_connector
 from smtpgate.policy.tls import (
     OutboundPolicy,
-    decide_mail_tls,
     destination_tls,
-    inbound_tls_required,
 )
 from smtpgate.policy.verdict import Verdict
 
@@ -169,25 +166,17 @@ def explain(
         )
     rights = relay_rights(match.profile, auth_profile)
     hosted = frozenset(config.hosted_domains)
-    sender_match = None
-    if facts.sender:
-        sender_match = match_sender_domain(index, split_address(facts.sender)[1])
-    required, why = inbound_tls_required(match, sender_match)
-    tls = decide_mail_tls(required, why, facts.tls) if facts.sender is not None else None
-    sender = (
-        decide_sender(rights.mode, facts.sender, hosted, config.spoof_detection)
-        if facts.sender is not None
-        else None
-    )
+    mail = decide_mail(config, index, match, rights, facts.sender or "", tls_active=facts.tls)
+    given = facts.sender is not None
     result = Explanation(
         match,
         connect,
         rights,
         auth_note,
-        required,
-        tls,
-        sender,
-        spam_checked(rights.mode, config.spam.check_outbound),
+        mail.tls_required,
+        mail.tls if given else None,
+        mail.sender if given else None,
+        mail.spam_check,
         client_certificate=facts.client_certificate,
     )
     sender_domain = split_address(facts.sender)[1] if facts.sender else ""
