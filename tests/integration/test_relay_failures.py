@@ -314,3 +314,30 @@ async def test_dsn_parameters_are_passed_to_a_next_hop_that_offers_dsn(
         "envid": "env-42",
         "recipients": [{"notify": ["DELAY", "FAILURE"], "orcpt": ["rfc822", "orig@x.example"]}],
     }
+
+
+async def test_a_cached_connection_the_next_hop_closed_is_replaced_not_deferred(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """The next hop times the idle connection out (421 and close) while it sits in our
+    cache; the next message must go over a fresh connection at once, not wait a retry."""
+    behaviour = SinkBehaviour(tmp_path / "cache-sink", fsync=False)
+    port = free_port()
+    first = build_sink("127.0.0.1", port, behaviour)
+    await first.start()
+    gw = await gateway_factory(
+        **NO_SPOOF,
+        queue={"retry": {"first": 3600, "max_backoff": 3600}, "connection_cache_time": 60},
+        send_connectors=[_connector("hop", port)],
+    )
+    await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+    handle = SinkHandle(port, behaviour.directory, behaviour, first)
+    await handle.wait_for(1)
+    await first.stop(1)  # idle sessions get "421 4.3.2" and are closed
+    second = build_sink("127.0.0.1", port, behaviour)
+    await second.start()
+    try:
+        await asyncio.to_thread(_send, gw.port, ["bob@example.com"])
+        assert len(await handle.wait_for(2, timeout=5)) == 2  # a deferral would wait an hour
+    finally:
+        await second.stop(1)

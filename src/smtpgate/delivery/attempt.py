@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,11 +263,18 @@ class Deliverer:
                     await client.close()
                     return refusal if refusal.reached else None
             report = await self._transaction(client, job, host)
+        except _TlsFellThrough:
+            await client.close()
+            raise
         except DeliveryError as exc:
             await client.close()
-            return AttemptReport(
-                _all(job, None, f"4.4.2 connection to {host} failed: {exc}"), reached=True
-            )
+            text = f"4.4.2 connection to {host} failed: {exc}"
+            return AttemptReport(_all(job, None, text), reached=True, connection_lost=True)
+        if any(o.code == 421 for o in report.outcomes):
+            # The server is closing the channel (RFC 5321 §3.8), e.g. an idle timeout on a
+            # cached connection: never keep it, and let a reuse retry on a fresh one.
+            await client.close()
+            return dataclasses.replace(report, connection_lost=True)
         self._keep(key, client)
         return report
 
