@@ -55,10 +55,12 @@ def load_certificates(config: GatewayConfig) -> dict[str, Loaded]:
 
 
 def listener_specs(
-    config: GatewayConfig, spool_dir: Path, contexts: dict[str, list[ssl.SSLContext]] | None = None
+    config: GatewayConfig,
+    spool_dir: Path,
+    certificates: dict[str, Loaded],
+    contexts: dict[str, list[ssl.SSLContext]],
 ) -> list[ListenerSpec]:
     """The listeners; ``contexts`` collects each certificate's contexts for reloads."""
-    certificates = load_certificates(config)
     specs = []
     for listener in config.listeners:
         context, pin, spki = None, None, None
@@ -66,8 +68,7 @@ def listener_specs(
             context = server_context(
                 certificates[listener.certificate], config.tls.protocols, config.tls.cipher_strength
             )
-            if contexts is not None:
-                contexts.setdefault(listener.certificate, []).append(context)
+            contexts.setdefault(listener.certificate, []).append(context)
             identity = listener.client_identity
             if identity != "any":
                 anchor: str | Loaded = "trusted"
@@ -157,14 +158,14 @@ async def build_gateway(config: GatewayConfig) -> Gateway:
         return GatewayHandler(policy, state, queue)
 
     contexts: dict[str, list[ssl.SSLContext]] = {}
-    specs = listener_specs(config, spool_dir, contexts)
+    certificates = load_certificates(config)  # once: listeners and client identities
+    specs = listener_specs(config, spool_dir, certificates, contexts)
     server = InboundServer(specs, handler_factory, limits, config.gateway.hostname)
     reloader = CertificateReloader(
         {c.name: (i, c) for i, c in enumerate(config.certificates)},
         contexts,
         lambda: load_key(data_dir, create=False),
     )
-    identities = load_certificates(config)
     deliverer = Deliverer(
         config.gateway.hostname,
         config.timeouts,
@@ -172,7 +173,7 @@ async def build_gateway(config: GatewayConfig) -> Gateway:
         policy.smarthost_password,
         config.queue.connection_cache_time,
         tls_policy=policy.outbound_tls,
-        identity_of=lambda c: identities.get(c.client_certificate or ""),
+        identity_of=lambda c: certificates.get(c.client_certificate or ""),
         ca_files=tuple(str(p) for p in config.tls.ca_files),
     )
     manager = QueueManager(

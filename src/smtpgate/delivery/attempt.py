@@ -157,21 +157,22 @@ class Deliverer:
             return targets
         last = "no address to connect to"
         for host, address, port in targets:
+            policy = self.policy(job, host)
             cached = await self._cached(job.connector.name, address, port)
             if cached is not None:
-                report = await self._on(cached, job, host, fresh=False)
+                report = await self._on(cached, job, host, policy, fresh=False)
                 if report is not None and not report.connection_lost:
                     return report
             try:
-                client = await self._connect(job, host, address, port)
+                client = await self._connect(job, host, address, port, policy)
             except DeliveryError as exc:
                 last = str(exc)
                 continue
             try:
-                report = await self._on(client, job, host, fresh=True)
+                report = await self._on(client, job, host, policy, fresh=True)
             except _TlsFellThrough as failed:
                 log.info("opportunistic TLS failed, retrying without", host=host, error=str(failed))
-                report = await self._plaintext(job, host, address, port)
+                report = await self._plaintext(job, host, address, port, policy)
             if report is None:
                 last = f"{host} did not greet with 220"
                 continue
@@ -228,8 +229,15 @@ class Deliverer:
             identity=self.identity_of(job.connector),
         )
 
-    async def _connect(
-        self, job: Job, host: str, address: str, port: int, *, plaintext: bool = False
+    async def _connect(  # noqa: PLR0913 - where to, and under which policy
+        self,
+        job: Job,
+        host: str,
+        address: str,
+        port: int,
+        policy: OutboundPolicy,
+        *,
+        plaintext: bool = False,
     ) -> SmtpClient:
         implicit = job.connector.security == "implicit-tls" and not plaintext
         return await SmtpClient.connect(
@@ -237,28 +245,35 @@ class Deliverer:
             port,
             timeout=self.timeouts.delivery_connect,
             command_timeout=self.timeouts.delivery_command,
-            tls=self.context(job, self.policy(job, host)) if implicit else None,
+            tls=self.context(job, policy) if implicit else None,
             server_hostname=host,
         )
 
     async def _plaintext(
-        self, job: Job, host: str, address: str, port: int
+        self, job: Job, host: str, address: str, port: int, policy: OutboundPolicy
     ) -> AttemptReport | None:
         """Opportunistic TLS failed: the same host again, in the clear."""
         try:
-            client = await self._connect(job, host, address, port, plaintext=True)
+            client = await self._connect(job, host, address, port, policy, plaintext=True)
         except DeliveryError:
             return None
-        return await self._on(client, job, host, fresh=True, plaintext=True)
+        return await self._on(client, job, host, policy, fresh=True, plaintext=True)
 
-    async def _on(
-        self, client: SmtpClient, job: Job, host: str, *, fresh: bool, plaintext: bool = False
+    async def _on(  # noqa: PLR0913 - one connection's conversation and its context
+        self,
+        client: SmtpClient,
+        job: Job,
+        host: str,
+        policy: OutboundPolicy,
+        *,
+        fresh: bool,
+        plaintext: bool = False,
     ) -> AttemptReport | None:
         """The conversation on one connection; None when the server did not greet."""
         key = (job.connector.name, client.peer_address, client.peer_port)
         try:
             if fresh:
-                refusal = await self._open(client, job, host, plaintext=plaintext)
+                refusal = await self._open(client, job, host, policy, plaintext=plaintext)
                 if refusal is not None:
                     await client.close()
                     return refusal if refusal.reached else None
@@ -279,7 +294,13 @@ class Deliverer:
         return report
 
     async def _open(
-        self, client: SmtpClient, job: Job, host: str, *, plaintext: bool = False
+        self,
+        client: SmtpClient,
+        job: Job,
+        host: str,
+        policy: OutboundPolicy,
+        *,
+        plaintext: bool = False,
     ) -> AttemptReport | None:
         greeting = await client.read_reply()
         if greeting.code != 220:
@@ -287,7 +308,6 @@ class Deliverer:
         reply = await client.hello(self.hostname)
         if reply.code != 250:
             return AttemptReport(_all(job, reply.code, reply.text()), reached=True)
-        policy = self.policy(job, host)
         if client.tls is None and not plaintext and job.connector.security != "none":
             refusal = await self._starttls(client, job, host, policy)
             if refusal is not None:
@@ -315,6 +335,7 @@ class Deliverer:
                 ),
                 True,
             )
+        client.verified = client.tls is not None and policy.validate  # chain and name passed
         return await self._authenticate(client, job, host)
 
     async def _starttls(
@@ -359,11 +380,9 @@ class Deliverer:
             if replies[0].code == 250:
                 replies += [await client.command(line) for line in rcpts]
 
-        verified = client.tls is not None and self.policy(job, host).validate
-
         def report(outcomes: list[Outcome]) -> AttemptReport:
             return AttemptReport(
-                outcomes, True, client.tls, host, "DSN" in offered, verified=verified
+                outcomes, True, client.tls, host, "DSN" in offered, verified=client.verified
             )
 
         data_reply = replies.pop() if with_data else None

@@ -61,6 +61,7 @@ class SmtpClient:
         self.tls: str | None = None
         self.peer_address = ""
         self.peer_port = 0
+        self.verified = False  # the peer's certificate passed chain and name checks
 
     @classmethod
     async def connect(  # noqa: PLR0913 - where, how long, and how securely

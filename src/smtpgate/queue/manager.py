@@ -156,6 +156,11 @@ class QueueManager:
                 for r in message.recipients
                 if r.state in ("queued", "deferred") and r.next_attempt <= now
             ]
+            store = self.queue.store
+            data = await self.queue.call(lambda: store.body(message.id))
+            if data is None:
+                return  # deleted meanwhile (queue tools)
+            body = StoredBody(data)  # read once: for every attempt and for reports
             result = _Result()
             for r in message.recipients:
                 if r.state == "bounce":  # `smtpgate queue bounce`
@@ -164,8 +169,8 @@ class QueueManager:
             if expired(message.arrival, now, self.settings.retry):
                 self._expire(message, due, now, result)
             else:
-                await self._deliver(message, due, result)
-            original = await self._original(message) if result.reported else b""
+                await self._deliver(message, due, body, result)
+            original = body.head(RETURN_LIMIT) if result.reported else b""
             if result.updates:
                 await self.queue.apply(result.updates)  # may delete the message
             await self._report(message, result.reported, original)
@@ -187,7 +192,7 @@ class QueueManager:
             )
 
     async def _deliver(
-        self, message: QueuedMessage, due: list[QueuedRecipient], result: _Result
+        self, message: QueuedMessage, due: list[QueuedRecipient], body: StoredBody, result: _Result
     ) -> None:
         groups: dict[tuple[str, str], tuple[SendConnector, list[QueuedRecipient]]] = {}
         for r in due:
@@ -199,7 +204,7 @@ class QueueManager:
             groups.setdefault(key, (connector, []))[1].append(r)
         await asyncio.gather(
             *(
-                self._attempt(message, connector, rcpts, key[1], result)
+                self._attempt(message, connector, rcpts, key[1], body=body, result=result)
                 for key, (connector, rcpts) in groups.items()
             )
         )
@@ -209,19 +214,16 @@ class QueueManager:
         smarthost = connector.deliver.smarthost
         return f"{smarthost.host}:{smarthost.port}" if smarthost else _domain(address)
 
-    async def _attempt(
+    async def _attempt(  # noqa: PLR0913 - one destination's attempt and where it reports
         self,
         message: QueuedMessage,
         connector: SendConnector,
         rcpts: list[QueuedRecipient],
         destination: str,
+        *,
+        body: StoredBody,
         result: _Result,
     ) -> None:
-        store = self.queue.store
-        data = await self.queue.call(lambda: store.body(message.id))
-        if data is None:
-            return
-        body = StoredBody(data)
         tried: set[str] = set()
         while True:
             tried.add(connector.name)
@@ -335,12 +337,6 @@ class QueueManager:
         )
 
     # -- reports -----------------------------------------------------------------
-
-    async def _original(self, message: QueuedMessage) -> bytes:
-        """The start of the message, for returning it in a report."""
-        store = self.queue.store
-        data = await self.queue.call(lambda: store.body(message.id))
-        return StoredBody(data).head(RETURN_LIMIT) if data is not None else b""
 
     async def _report(
         self, message: QueuedMessage, reported: list[ReportedRecipient], original: bytes
