@@ -54,13 +54,19 @@ class SinkHandle:
         return found
 
 
-@pytest.fixture
-async def sink(tmp_path: Path) -> AsyncIterator[SinkHandle]:
-    behaviour = SinkBehaviour(tmp_path / "sink", fsync=False)
+async def start_sink(directory: Path) -> SinkHandle:
+    """A recording sink on a free loopback port, writing to ``directory``."""
+    behaviour = SinkBehaviour(directory, fsync=False)
     server = build_sink("127.0.0.1", 0, behaviour)
     await server.start()
-    yield SinkHandle(server.bound_ports()["sink"], behaviour.directory, behaviour, server)
-    await server.stop(1)
+    return SinkHandle(server.bound_ports()["sink"], behaviour.directory, behaviour, server)
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[SinkHandle]:
+    handle = await start_sink(tmp_path / "sink")
+    yield handle
+    await handle.server.stop(1)
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

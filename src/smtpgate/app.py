@@ -7,6 +7,7 @@ Nothing here parses SMTP or decides policy: it builds the pieces
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import ssl
@@ -37,16 +38,11 @@ log = get_logger("smtpgate.app")
 
 
 def session_limits(config: GatewayConfig) -> SessionLimits:
-    lim = config.limits
-    return SessionLimits(
-        max_command_line=lim.max_command_line,
-        command_line_allowance=lim.command_line_allowance,
-        max_line_length=lim.max_line_length,
-        max_recipients=lim.max_recipients,
-        max_message_size=lim.max_message_size,
-        max_header_size=lim.max_header_size,
-        max_errors=lim.max_errors,
-    )
+    """The protocol core's limits, taken from ``limits`` by name (the core cannot
+    import the configuration; a limit the schema lacks keeps the core's default)."""
+    configured = config.limits.model_dump()
+    names = [f.name for f in dataclasses.fields(SessionLimits) if f.name in configured]
+    return SessionLimits(**{name: configured[name] for name in names})
 
 
 def load_certificates(config: GatewayConfig) -> dict[str, Loaded]:

@@ -16,7 +16,7 @@ import pytest
 
 from smtpgate.queue.store import Filters, QueueStore
 from smtpgate.sink import SinkBehaviour, build_sink, parse_reply
-from tests.conftest import GatewayFactory, GatewayHandle, SinkHandle, free_port
+from tests.conftest import GatewayFactory, GatewayHandle, SinkHandle, free_port, start_sink
 from tests.dnsserver import start_dns
 
 NO_SPOOF = {"spoof_detection": False}  # tests send as bob@example.org from a default client
@@ -42,11 +42,9 @@ def _send(
 
 @pytest.fixture
 async def second_sink(tmp_path: Path) -> AsyncIterator[SinkHandle]:
-    behaviour = SinkBehaviour(tmp_path / "sink2", fsync=False)
-    server = build_sink("127.0.0.1", 0, behaviour)
-    await server.start()
-    yield SinkHandle(server.bound_ports()["sink"], behaviour.directory, behaviour, server)
-    await server.stop(1)
+    handle = await start_sink(tmp_path / "sink2")
+    yield handle
+    await handle.server.stop(1)
 
 
 def _connector(name: str, port: int, cost: int = 10, **extra: object) -> dict[str, object]:
