@@ -259,7 +259,6 @@ async def test_a_queue_that_cannot_persist_gives_451_never_250(
         await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
     assert caught.value.smtp_code == 451
     assert b"4.3.0" in caught.value.smtp_error
-    queue._store = None  # the fixture's shutdown must not touch the closed database
 
 
 async def test_partial_acceptance_delivers_one_and_bounces_the_other(
