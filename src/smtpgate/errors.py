@@ -2,6 +2,9 @@
 
     SmtpgateError
     ├── ConfigError            a configuration document is invalid (carries field paths)
+    ├── AdminError             an administrative request cannot be done as asked
+    │   ├── NotFound           ... because the thing it names does not exist
+    │   └── Conflict           ... because of the store's state (a draft exists, changed)
     ├── ProtocolUsageError     our own code drove the sans-IO core wrongly (a bug)
     └── DeliveryError          a downstream hop could not take a message
 
@@ -36,6 +39,19 @@ class ConfigError(SmtpgateError):
     def __init__(self, problems: list[FieldProblem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class AdminError(SmtpgateError):
+    """An administrative request cannot be done as asked; the message says why."""
+
+
+class NotFound(AdminError):  # noqa: N818 - named for the HTTP status it becomes
+    """The request names a revision, object or message that does not exist."""
+
+
+class Conflict(AdminError):  # noqa: N818 - named for the HTTP status it becomes
+    """The store's state forbids the request (a draft would be replaced, the
+    draft changed since it was read, there is nothing to apply)."""
 
 
 class ProtocolUsageError(SmtpgateError):

@@ -30,7 +30,7 @@ def _path(location: tuple[int | str, ...]) -> str:
     return out
 
 
-def _from_pydantic(error: ValidationError) -> list[FieldProblem]:
+def from_pydantic(error: ValidationError) -> list[FieldProblem]:
     problems = []
     for item in error.errors(include_url=False):
         message = item["msg"].removeprefix("Value error, ")
@@ -49,7 +49,7 @@ def parse_config(document: Any) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(_from_pydantic(exc)) from None
+        raise ConfigError(from_pydantic(exc)) from None
     problems = validate(config)
     if problems:
         raise ConfigError(problems)

@@ -20,10 +20,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
+    SerializationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic import Strict as StrictMode
 
 Security = Literal["starttls", "require-starttls", "implicit-tls", "none"]
 RelayMode = Literal["none", "full", "restricted-external", "restricted-internal", "blocked"]
@@ -31,7 +35,27 @@ TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and so are values of the wrong type: ``0`` is not
+    ``false`` and ``"25"`` is not a port (YAML and JSON both type their scalars)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# File names are written as strings in YAML and JSON.
+FilePath = Annotated[Path, StrictMode(strict=False)]
+
+
+def _encrypted_or_redacted(value: SecretStr, info: SerializationInfo) -> str:
+    """Secrets hold ``enc:v1:`` tokens, never clear text, so the stored document,
+    exports and API replies carry the token; ``context={"redact": True}`` hides it."""
+    context = info.context or {}
+    return "<redacted>" if context.get("redact") else value.get_secret_value()
+
+
+# An encrypted secret: SecretStr in memory (repr shows ****), the token in JSON.
+EncryptedSecret = Annotated[
+    SecretStr, PlainSerializer(_encrypted_or_redacted, return_type=str, when_used="json")
+]
 
 
 def normalise_domain(value: str) -> str:
@@ -76,7 +100,7 @@ class GatewaySettings(Strict):
     hostname: str = Field(default_factory=_default_hostname, description="banner and EHLO name")
     node: str = "gw1"
     roles: list[str] = Field(default_factory=lambda: ["edge"])
-    data_dir: Path = Path("./var")
+    data_dir: FilePath = Path("./var")
     admin_address: str | None = None
     # The greeting is "220 <hostname> <banner>"; printable ASCII on one line.
     banner: str = Field(default="ESMTP smtpgate", pattern=r"^[ -~]{1,200}$")
@@ -145,11 +169,11 @@ class Certificate(Strict):
     or PKCS#12 opened with a PIN (its password)."""
 
     name: str = Field(min_length=1)
-    cert: Path | None = None
-    key: Path | None = None
-    pkcs12: Path | None = None
-    pin_file: Path | None = None
-    pin: SecretStr | None = None  # encrypted: enc:v1:...
+    cert: FilePath | None = None
+    key: FilePath | None = None
+    pkcs12: FilePath | None = None
+    pin_file: FilePath | None = None
+    pin: EncryptedSecret | None = None  # encrypted: enc:v1:...
 
     @model_validator(mode="after")
     def _one_source(self) -> Certificate:
@@ -212,20 +236,33 @@ def parse_duration(value: object) -> float:
         seconds = float(value)
     else:
         raise ValueError(f"{value!r} is not a duration (like 30s, 5m, 1h, 5d)")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not 0 <= seconds <= MAX_DURATION:
+        raise ValueError("a duration is between 0 and 3650 days")
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+MAX_DURATION = 3650 * 86400.0
+# The API schema says what the validator accepts: seconds, or a number and a unit.
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
+                {"type": "string", "pattern": "^[0-9]{1,6}(\\.[0-9]{1,3})?[smhd]?$"},
+            ]
+        }
+    ),
+]
 
 
 class Smarthost(Strict):
     host: str = Field(min_length=1)
     port: int = Field(default=25, gt=0, lt=65536)
     username: str | None = None
-    password: SecretStr | None = None  # encrypted: enc:v1:...
-    password_file: Path | None = None
+    password: EncryptedSecret | None = None  # encrypted: enc:v1:...
+    password_file: FilePath | None = None
 
     @model_validator(mode="after")
     def _credentials(self) -> Smarthost:
@@ -357,8 +394,8 @@ class Credential(Strict):
     """One SMTP AUTH user; the password encrypted (``enc:...``) or in a file."""
 
     username: str = Field(min_length=1, max_length=255)
-    password: SecretStr | None = None
-    password_file: Path | None = None
+    password: EncryptedSecret | None = None
+    password_file: FilePath | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> Credential:
@@ -404,7 +441,7 @@ TLS_ORDER: tuple[TlsVersion, ...] = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
 class TlsSettings(Strict):
     opportunistic: bool = True  # offer STARTTLS where the listener can
-    ca_files: list[Path] = Field(default_factory=list)  # trusted besides the system store
+    ca_files: list[FilePath] = Field(default_factory=list)  # trusted besides the system store
     protocols: list[TlsVersion] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     cipher_strength: Literal["high", "medium", "any"] = "high"
 
@@ -423,6 +460,19 @@ class SpamSettings(Strict):
     check_outbound: bool = False  # also scan mail from full / restricted-internal clients
 
 
+class AdminSettings(Strict):
+    """The REST API's listener; an empty ``listen`` turns the API off."""
+
+    listen: str = "127.0.0.1:8025"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen_address(value)
+        return value
+
+
 class GatewayConfig(Strict):
     """The whole configuration document."""
 
@@ -439,3 +489,4 @@ class GatewayConfig(Strict):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     spam: SpamSettings = Field(default_factory=SpamSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)

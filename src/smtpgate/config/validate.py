@@ -6,11 +6,17 @@ Each check is a function from the model to a list of problems, so that
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from smtpgate.config.schema import ConnectionProfile, GatewayConfig, RequireCertificate
+from smtpgate.config.schema import (
+    ConnectionProfile,
+    GatewayConfig,
+    RequireCertificate,
+    parse_listen_address,
+)
 from smtpgate.errors import FieldProblem
 
 
@@ -237,4 +243,19 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
             found.append(
                 FieldProblem(f"connection_profiles[{i}].smtp_auth", "enabled without credentials")
             )
-    return found
+    return found + _admin_warnings(config)
+
+
+def _admin_warnings(config: GatewayConfig) -> list[FieldProblem]:
+    if not config.admin.listen:
+        return []
+    host = parse_listen_address(config.admin.listen)[0]
+    if ipaddress.ip_address(host).is_loopback:
+        return []
+    return [
+        FieldProblem(
+            "admin.listen",
+            "the API speaks plain HTTP, so tokens would cross the network in clear; "
+            "keep it on loopback or put a TLS proxy in front",
+        )
+    ]

@@ -1,0 +1,320 @@
+"""The configuration store: applied revisions, one draft, the audit log, API tokens.
+
+Backed by SQLAlchemy so that the SQLite file in ``data_dir`` (the default)
+can be replaced by PostgreSQL for peer gateways without touching callers.
+Documents are stored in normal form (``smtpgate.config.document``) as JSON;
+their secrets are ``enc:v1:`` tokens, never clear text.
+
+Rules the store keeps:
+
+* revisions are only ever appended; the applied revision is the newest;
+* there is at most one draft, and it records the revision it started from
+  and a version number that every write increases (so two editors cannot
+  overwrite each other: a write names the version it read);
+* every change is one transaction, and writes take the database lock first
+  (``BEGIN IMMEDIATE`` on SQLite), so a read-modify-write cannot interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+
+from smtpgate.config.document import Document
+
+metadata = MetaData()
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("number", Integer, primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("applied_at", Float, nullable=False),
+    Column("applied_by", String(200), nullable=False),
+    Column("comment", Text, nullable=False, default=""),
+)
+drafts = Table(
+    "draft",
+    metadata,
+    Column("id", Integer, primary_key=True),  # always 1: at most one draft
+    Column("document", Text, nullable=False),
+    Column("base_revision", Integer),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+)
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+)
+tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+settings = Table(
+    "meta",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Revision:
+    number: int
+    document: Document
+    applied_at: float
+    applied_by: str
+    comment: str
+
+
+@dataclass(frozen=True)
+class Draft:
+    document: Document
+    base_revision: int | None
+    version: int
+    updated_at: float
+    updated_by: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: float
+    actor: str
+    action: str
+    detail: str
+
+
+class StaleDraft(Exception):  # noqa: N818 - a condition the caller reports, not a bug
+    """The draft changed since the caller read it."""
+
+
+def store_path(data_dir: Path) -> Path:
+    return data_dir / "config.db"
+
+
+def sqlite_engine(path: Path) -> Engine:
+    """An engine whose transactions take SQLite's write lock at BEGIN."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+        dbapi_connection.execute("PRAGMA busy_timeout=10000")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        immediate = connection.info.get("immediate")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class ConfigStore:
+    """Revisions, draft, audit log and tokens in one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        metadata.create_all(engine)
+
+    @classmethod
+    def open(cls, data_dir: Path) -> ConfigStore:
+        path = store_path(data_dir)
+        store = cls(sqlite_engine(path))
+        path.chmod(0o600)  # secrets are encrypted, but the audit log is private too
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction, holding the write lock from its start."""
+        with self.engine.connect() as connection:
+            connection.info["immediate"] = True
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                connection.info.pop("immediate", None)
+
+    # -- revisions -------------------------------------------------------------
+
+    def applied(self, connection: Connection | None = None) -> Revision | None:
+        query = select(revisions).order_by(revisions.c.number.desc()).limit(1)
+        row = self._one(query, connection)
+        return _revision(row) if row else None
+
+    def applied_document(self) -> Document | None:
+        revision = self.applied()
+        return revision.document if revision else None
+
+    def applied_number(self) -> int | None:
+        query = select(revisions.c.number).order_by(revisions.c.number.desc()).limit(1)
+        row = self._one(query, None)
+        return int(row[0]) if row else None
+
+    def revision(self, number: int) -> Revision | None:
+        row = self._one(select(revisions).where(revisions.c.number == number), None)
+        return _revision(row) if row else None
+
+    def history(self) -> list[Revision]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(revisions).order_by(revisions.c.number.desc()))
+            return [_revision(row) for row in rows]
+
+    def add_revision(
+        self, connection: Connection, document: Document, actor: str, comment: str
+    ) -> int:
+        current = self.applied(connection)
+        number = (current.number if current else 0) + 1
+        connection.execute(
+            insert(revisions).values(
+                number=number,
+                document=json.dumps(document),
+                applied_at=time.time(),
+                applied_by=actor,
+                comment=comment,
+            )
+        )
+        return number
+
+    # -- the draft -------------------------------------------------------------
+
+    def draft(self, connection: Connection | None = None) -> Draft | None:
+        row = self._one(select(drafts).where(drafts.c.id == 1), connection)
+        if row is None:
+            return None
+        return Draft(
+            json.loads(row.document),
+            row.base_revision,
+            row.version,
+            row.updated_at,
+            row.updated_by,
+        )
+
+    def save_draft(
+        self,
+        connection: Connection,
+        document: Document,
+        actor: str,
+        *,
+        base_revision: int | None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Write the draft; ``expected_version`` guards against lost updates."""
+        current = self.draft(connection)
+        if expected_version is not None and (
+            current is None or current.version != expected_version
+        ):
+            raise StaleDraft
+        version = (current.version if current else 0) + 1
+        values = {
+            "document": json.dumps(document),
+            "version": version,
+            "updated_at": time.time(),
+            "updated_by": actor,
+        }
+        if current is None:
+            connection.execute(insert(drafts).values(id=1, base_revision=base_revision, **values))
+        else:
+            connection.execute(update(drafts).where(drafts.c.id == 1).values(**values))
+        return version
+
+    def drop_draft(self, connection: Connection) -> bool:
+        return connection.execute(delete(drafts).where(drafts.c.id == 1)).rowcount > 0
+
+    # -- audit log and meta ----------------------------------------------------
+
+    def record(self, connection: Connection, actor: str, action: str, detail: str = "") -> None:
+        connection.execute(
+            insert(audit).values(at=time.time(), actor=actor, action=action, detail=detail)
+        )
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        query = select(audit).order_by(audit.c.id.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [
+                AuditEntry(r.at, r.actor, r.action, r.detail) for r in connection.execute(query)
+            ]
+
+    def meta(self, key: str) -> str | None:
+        row = self._one(select(settings.c.value).where(settings.c.key == key), None)
+        return str(row[0]) if row else None
+
+    def set_meta(self, connection: Connection, key: str, value: str) -> None:
+        connection.execute(delete(settings).where(settings.c.key == key))
+        connection.execute(insert(settings).values(key=key, value=value))
+
+    # -- API tokens ----------------------------------------------------------------
+
+    def add_token(self, connection: Connection, name: str, token_digest: str, actor: str) -> bool:
+        exists = connection.execute(select(tokens.c.name).where(tokens.c.name == name)).first()
+        if exists:
+            return False
+        connection.execute(
+            insert(tokens).values(
+                name=name, digest=token_digest, created_at=time.time(), created_by=actor
+            )
+        )
+        return True
+
+    def token_name(self, token_digest: str) -> str | None:
+        row = self._one(select(tokens.c.name).where(tokens.c.digest == token_digest), None)
+        return str(row[0]) if row else None
+
+    def token_list(self) -> list[tuple[str, float, str]]:
+        query = select(tokens.c.name, tokens.c.created_at, tokens.c.created_by)
+        with self.engine.connect() as connection:
+            return [(r[0], r[1], r[2]) for r in connection.execute(query.order_by(tokens.c.name))]
+
+    def remove_token(self, connection: Connection, name: str) -> bool:
+        return connection.execute(delete(tokens).where(tokens.c.name == name)).rowcount > 0
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _one(self, query: Any, connection: Connection | None) -> Any:
+        if connection is not None:
+            return connection.execute(query).first()
+        with self.engine.connect() as fresh:
+            return fresh.execute(query).first()
+
+
+def _revision(row: Any) -> Revision:
+    return Revision(
+        row.number, json.loads(row.document), row.applied_at, row.applied_by, row.comment
+    )
