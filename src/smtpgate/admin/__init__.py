@@ -1,0 +1,1 @@
+"""Administration: the configuration lifecycle, the REST API, shared operations."""

@@ -1,0 +1,289 @@
+"""Configuration use cases shared by the REST API and the CLI.
+
+The lifecycle: every edit changes only the *draft* (created from the applied
+revision on the first edit); ``diff`` compares the draft with the applied
+revision; ``validate`` runs every check ``smtpgate config check`` runs, plus
+opening the certificates and decrypting the secrets; ``apply`` validates,
+appends the draft as the next revision and drops the draft. A running
+gateway notices the new revision and swaps its snapshot.
+
+A draft is never dropped silently: ``import`` and ``rollback`` refuse to
+replace one unless asked to (``force``), and a stale editor (one that read an
+older draft version) is refused rather than overwriting someone else's work.
+Every change is written to the audit log with who made it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from smtpgate.config.document import (
+    Change,
+    Document,
+    diff,
+    digest,
+    normalise,
+    restart_required,
+    to_document,
+    to_yaml,
+)
+from smtpgate.config.load import from_pydantic, parse_config
+from smtpgate.config.schema import GatewayConfig, GatewaySettings
+from smtpgate.config.secret import load_key
+from smtpgate.config.store import ConfigStore, Draft, Revision, StaleDraft
+from smtpgate.errors import ConfigError, Conflict, FieldProblem, NotFound
+from smtpgate.gateway import GatewayPolicy
+from smtpgate.tls.certificates import load_all
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    revision: int
+    changes: list[Change]
+    restart_required: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "changes": [c.as_dict() for c in self.changes],
+            "restart_required": self.restart_required,
+        }
+
+
+@dataclass
+class ConfigService:
+    """The configuration lifecycle over one store."""
+
+    store: ConfigStore
+    data_dir: Path
+    on_applied: Callable[[int], None] = field(default=lambda _number: None)
+
+    # -- reading ---------------------------------------------------------------
+
+    def applied(self) -> Revision:
+        revision = self.store.applied()
+        if revision is None:
+            raise NotFound("the store has no applied configuration yet (import one)")
+        return revision
+
+    def draft(self) -> Draft | None:
+        return self.store.draft()
+
+    def working(self) -> tuple[Document, int | None]:
+        """The draft's document and version, or the applied document (version None)."""
+        draft = self.store.draft()
+        if draft is not None:
+            return draft.document, draft.version
+        return self.applied().document, None
+
+    def view(self, which: str) -> Document:
+        if which == "draft":
+            return self.working()[0]
+        if which == "applied":
+            return self.applied().document
+        number = int(which)
+        revision = self.store.revision(number)
+        if revision is None:
+            raise NotFound(f"no revision {number}")
+        return revision.document
+
+    def export(self, which: str, *, redact: bool = False) -> str:
+        """``which`` (applied, draft or a revision number) as YAML for people."""
+        return to_yaml(self.view(which), redact=redact)
+
+    def diff(self) -> list[Change]:
+        draft = self.store.draft()
+        if draft is None:
+            return []
+        applied = self.store.applied()
+        return diff(applied.document if applied else {}, draft.document)
+
+    def history(self) -> list[Revision]:
+        return self.store.history()
+
+    # -- editing the draft -----------------------------------------------------
+
+    def edit(
+        self,
+        change: Callable[[Document], Document],
+        actor: str,
+        what: str,
+        expected_version: int | None = None,
+    ) -> Draft:
+        """Apply ``change`` to the draft (or a new draft from the applied revision);
+        the result must pass every configuration check."""
+        with self.store.transaction() as connection:
+            current = self.store.draft(connection)
+            applied = self.store.applied(connection)
+            if current is not None:
+                base = current.document
+            elif applied is not None:
+                base = applied.document
+            else:
+                base = to_document(GatewayConfig(gateway=GatewaySettings(data_dir=self.data_dir)))
+            document = self.check(change(copy.deepcopy(base)), base)
+            try:
+                self.store.save_draft(
+                    connection,
+                    document,
+                    actor,
+                    base_revision=applied.number if applied else None,
+                    expected_version=expected_version,
+                )
+            except StaleDraft:
+                raise Conflict(
+                    "the draft changed since you read it; read it again and redo your change"
+                ) from None
+            self.store.record(connection, actor, "draft.edit", what)
+        draft = self.store.draft()
+        assert draft is not None
+        return draft
+
+    def check(self, document: Any, base: Document | None = None) -> Document:
+        """The normal form of ``document`` if it passes every check (else ConfigError);
+        ``base`` is the document it replaces, whose data directory it must keep."""
+        try:
+            normal = normalise(document)
+        except ValidationError as exc:
+            raise ConfigError(from_pydantic(exc)) from None
+        parse_config(normal)
+        kept = base["gateway"]["data_dir"] if base else normal["gateway"]["data_dir"]
+        if normal["gateway"]["data_dir"] != kept:
+            raise ConfigError(
+                [
+                    FieldProblem(
+                        "gateway.data_dir",
+                        f"cannot change here: it is where this store lives ({kept}); "
+                        "change it in the configuration file and restart",
+                    )
+                ]
+            )
+        return normal
+
+    def stage(self, document: Any, actor: str, what: str, *, force: bool = False) -> Draft:
+        """Make ``document`` the draft, refusing to replace one unless ``force``."""
+        if not force and self.store.draft() is not None:
+            raise Conflict(
+                "a draft is staged already; apply or discard it first (or force the replacement)"
+            )
+        return self.edit(lambda _old: document, actor, what)
+
+    def import_document(self, document: Any, actor: str, *, force: bool = False) -> Draft:
+        return self.stage(document, actor, "import", force=force)
+
+    def rollback(self, number: int, actor: str, *, force: bool = False) -> Draft:
+        """Stage revision ``number`` as the draft (apply makes it current again)."""
+        revision = self.store.revision(number)
+        if revision is None:
+            raise NotFound(f"no revision {number}")
+        return self.stage(revision.document, actor, f"rollback to revision {number}", force=force)
+
+    def discard(self, actor: str) -> None:
+        with self.store.transaction() as connection:
+            if not self.store.drop_draft(connection):
+                raise NotFound("there is no draft to discard")
+            self.store.record(connection, actor, "draft.discard")
+
+    # -- validate and apply ----------------------------------------------------
+
+    def validate(self, document: Document | None = None) -> list[FieldProblem]:
+        """Every problem with the draft (or ``document``), deep checks included."""
+        if document is None:
+            document = self.working()[0]
+        try:
+            config = parse_config(self.check(document, self.store.applied_document()))
+            load_all(config.certificates, lambda: load_key(self.data_dir, create=False))
+            GatewayPolicy.build(config)  # decrypts every secret once
+        except ConfigError as exc:
+            return exc.problems
+        return []
+
+    def apply(self, actor: str, comment: str = "") -> ApplyResult:
+        draft = self.store.draft()
+        if draft is None:
+            raise Conflict("there is no draft to apply")
+        problems = self.validate(draft.document)
+        if problems:
+            raise ConfigError(problems)
+        with self.store.transaction() as connection:
+            if self.store.draft(connection) != draft:
+                raise Conflict("the draft changed while it was being validated; apply again")
+            applied = self.store.applied(connection)
+            changes = diff(applied.document if applied else {}, draft.document)
+            number = self.store.add_revision(connection, draft.document, actor, comment)
+            self.store.drop_draft(connection)
+            detail = json.dumps({"revision": number, "changes": len(changes), "comment": comment})
+            self.store.record(connection, actor, "apply", detail)
+        self.on_applied(number)
+        return ApplyResult(number, changes, restart_required(changes))
+
+    # -- the configuration file --------------------------------------------------
+
+    def adopt_file(self, config: GatewayConfig, source: str) -> tuple[Revision, str]:
+        """Reconcile the store with the configuration file ``smtpgate serve`` was
+        given; returns the revision to run and a sentence saying what happened.
+
+        * an empty store takes the file as revision 1;
+        * a file that changed since the store last saw it becomes a new revision
+          (a staged draft stays staged);
+        * an unchanged file leaves the store alone: changes applied through the
+          API or CLI since then stay in force.
+        """
+        document = to_document(config)
+        seen = digest(document)
+        applied = self.store.applied()
+        if applied is not None and self.store.meta("file_digest") == seen:
+            return applied, f"running revision {applied.number} from the store"
+        with self.store.transaction() as connection:
+            applied = self.store.applied(connection)
+            if applied is None or applied.document != document:
+                self.store.add_revision(connection, document, source, "from the configuration file")
+                self.store.record(connection, source, "apply", "configuration file changed")
+                what = "the configuration file is new or changed"
+            else:
+                what = "the configuration file matches"
+            self.store.set_meta(connection, "file_digest", seen)
+        revision = self.applied()
+        draft = self.store.draft()
+        if draft is not None:
+            what += f"; a draft based on revision {draft.base_revision} is still staged"
+        return revision, f"{what}: running revision {revision.number}"
+
+
+# -- API tokens ----------------------------------------------------------------
+
+
+def token_digest(token: str) -> str:
+    """Tokens are 256 random bits, so one SHA-256 is enough to keep them unusable
+    at rest (a slow hash only matters for guessable secrets such as passwords)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(store: ConfigStore, name: str, actor: str) -> str:
+    token = "sgt_" + secrets.token_urlsafe(32)
+    with store.transaction() as connection:
+        if not store.add_token(connection, name, token_digest(token), actor):
+            raise Conflict(f"a token named {name!r} exists already")
+        store.record(connection, actor, "token.create", name)
+    return token
+
+
+def revoke_token(store: ConfigStore, name: str, actor: str) -> None:
+    with store.transaction() as connection:
+        if not store.remove_token(connection, name):
+            raise NotFound(f"no token named {name!r}")
+        store.record(connection, actor, "token.revoke", name)
+
+
+def authenticate(store: ConfigStore, token: str) -> str | None:
+    """The name of the token, or None when it is unknown."""
+    return store.token_name(token_digest(token)) if token else None
