@@ -89,6 +89,7 @@ def base_config(data_dir: Path, sink_port: int) -> dict[str, Any]:
             "admin_address": "postmaster@example.com",
         },
         "queue": {"retry": {"first": 0.5, "max_backoff": 2}, "connection_cache_time": 0.5},
+        "admin": {"listen": ""},  # API tests turn it on with a free port
         "hosted_domains": ["example.com", "example.org"],
         "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": "none"}],
         "send_connectors": [
