@@ -105,7 +105,7 @@ async def test_queue_list_show_hold_release_delete_bounce(
 async def test_queue_retry_now(
     gateway_factory: GatewayFactory, sink: SinkHandle, tmp_path: Path
 ) -> None:
-    overrides = {"spoof_detection": False, "queue": {"retry": {"first": 3600}}}
+    overrides = {"spoof_detection": False, "queue": {"retry": {"first": 3600, "max_backoff": 3600}}}
     gw = await gateway_factory(**overrides)
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump({**base_config(tmp_path / "gw0", sink.port), **overrides}))

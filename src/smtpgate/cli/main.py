@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smtpgate import __version__
+from smtpgate.cli import admin as admin_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.config.load import notices, parse_config, read_document
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
-from smtpgate.errors import ConfigError
+from smtpgate.errors import AdminError, ConfigError
 from smtpgate.observe.log import configure
 
 
@@ -37,15 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
 
-    config = commands.add_parser("config", help="configuration tools")
+    config = commands.add_parser("config", help="configuration: check, draft, diff, apply")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
+    admin_cli.add_config_commands(config_commands)
 
     _add_policy(commands)
     _add_credentials(commands)
     queue_cli.add_parser(commands)
-    _add_connector(commands)
+    admin_cli.add_object_commands(commands)
+    _add_connector_verify(commands)
+    admin_cli.add_admin_commands(commands)
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
@@ -114,9 +118,11 @@ def _add_certs(commands: Commands) -> None:
     selfsigned.add_argument("--out", type=Path, default=Path("certs"), help="directory")
 
 
-def _add_connector(commands: Commands) -> None:
-    connector = commands.add_parser("connector", help="send connector tools")
-    connector_commands = connector.add_subparsers(dest="connector_command", required=True)
+def _add_connector_verify(commands: Commands) -> None:
+    connector = commands.choices["connector"]
+    connector_commands = next(
+        a for a in connector._actions if isinstance(a, argparse._SubParsersAction)
+    )
     verify = connector_commands.add_parser(
         "verify", help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step"
     )
@@ -157,6 +163,22 @@ def _load(path: Path, *, announce: bool) -> GatewayConfig:
     return config
 
 
+def _applied(path: Path) -> GatewayConfig:
+    """The configuration the gateway runs: the store's applied revision, or the
+    file itself while the store is empty (before the first ``smtpgate serve``)."""
+    config = _load(path, announce=False)
+    from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
+
+    if not store_path(config.gateway.data_dir).exists():
+        return config
+    store = ConfigStore.open(config.gateway.data_dir)
+    try:
+        revision = store.applied()
+    finally:
+        store.close()
+    return parse_config(revision.document) if revision else config
+
+
 def _config_check(path: Path) -> int:
     from smtpgate.app import load_certificates  # noqa: PLC0415
 
@@ -169,10 +191,16 @@ def _config_check(path: Path) -> int:
 def _serve(args: argparse.Namespace) -> int:
     configure(args.log_level, json=args.log_json)
     config = _load(args.config, announce=True)
+    from smtpgate.admin.services import ConfigService  # noqa: PLC0415
     from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
+    from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
+    store = ConfigStore.open(config.gateway.data_dir)
+    service = ConfigService(store, config.gateway.data_dir)
+    revision, what = service.adopt_file(config, f"file:{args.config}")
+    print(f"smtpgate: {what}", file=sys.stderr)
     try:
-        run(config)
+        run(parse_config(revision.document), store, revision.number)
     except OSError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -184,7 +212,7 @@ def _explain(args: argparse.Namespace) -> int:
     from smtpgate.policy.explain import Facts, explain  # noqa: PLC0415
     from smtpgate.policy.profile import ProfileIndex  # noqa: PLC0415
 
-    config = _load(args.config, announce=False)
+    config = _applied(args.config)
     names = list(args.hostname)
     if args.lookup:
         resolver = DnsResolver(config.gateway.dns)
@@ -223,18 +251,17 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _send_credentials(args: argparse.Namespace) -> int:
-    from smtpgate.gateway import GatewayPolicy, credentials_message  # noqa: PLC0415
-    from smtpgate.queue.store import NewMessage, QueueStore  # noqa: PLC0415
+    from smtpgate.admin.operations import send_credentials  # noqa: PLC0415
+    from smtpgate.queue.store import QueueStore  # noqa: PLC0415
 
     configure("warning")
-    config = _load(args.config, announce=False)
+    config = _applied(args.config)
     store = QueueStore(config.gateway.data_dir / "queue")
-    envelope, body = credentials_message(GatewayPolicy.build(config), args.profile, store.bodies)
     try:
-        store.commit([NewMessage(envelope, body)])
+        result = send_credentials(config, store, args.profile)
     finally:
         store.close()
-    print(f"queued as {body.queue_id} for {envelope.recipients[0].address}")
+    print(f"queued as {result['queue_id']} for {result['to']}")
     return 0
 
 
@@ -242,7 +269,7 @@ def _verify(args: argparse.Namespace) -> int:
     from smtpgate.delivery.verify import verify_connector  # noqa: PLC0415
     from smtpgate.gateway import GatewayPolicy  # noqa: PLC0415
 
-    config = _load(args.config, announce=False)
+    config = _applied(args.config)
     policy = GatewayPolicy.build(config)
     connector = next((c for c in config.send_connectors if c.name == args.name), None)
     if connector is None:
@@ -273,7 +300,7 @@ def _certs(args: argparse.Namespace) -> int:
         return 0
     from smtpgate.app import load_certificates  # noqa: PLC0415
 
-    loaded = load_certificates(_load(args.config, announce=False))
+    loaded = load_certificates(_applied(args.config))
     now = dt.datetime.now(dt.UTC)
     facts = [certificates.describe(item, now) for item in loaded.values()]
     if args.json:
@@ -333,7 +360,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "config":
-        return _config_check(args.config)
+        if args.config_command == "check":
+            return _config_check(args.config)
+        return admin_cli.run_config(args)
+    if args.command in ("profile", "listener", "certificate", "domain") or (
+        args.command == "connector" and args.object_command != "verify"
+    ):
+        return admin_cli.run_object(args)
+    if args.command == "admin":
+        return admin_cli.run_admin(args)
     if args.command == "policy":
         return _explain(args)
     if args.command == "credentials":
@@ -342,7 +377,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _sink(args)
     if args.command == "queue":
         return queue_cli.run(args, _load(args.config, announce=False))
-    if args.command == "connector":
+    if args.command == "connector":  # verify
         return _verify(args)
     if args.command == "certs":
         return _certs(args)
@@ -357,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as exc:
         return _fail(getattr(args, "config", None) or Path("configuration"), exc)
+    except AdminError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

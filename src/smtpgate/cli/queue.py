@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show, when
 from smtpgate.config.schema import GatewayConfig, parse_duration
+from smtpgate.errors import NotFound
 from smtpgate.queue.store import Filters, QueuedMessage, QueueStore
 
 ACTIONS = ("list", "show", "retry", "hold", "release", "delete", "bounce")
@@ -48,39 +47,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _when(stamp: float | None) -> str:
-    if stamp is None:
-        return "-"
-    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _as_dict(message: QueuedMessage) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "sender": message.sender,
-        "arrival": _when(message.arrival),
-        "size": message.size,
-        "kind": ["mail", "report", "admin-report"][message.kind],
-        "client": message.meta.get("client_ip"),
-        "profile": message.meta.get("profile"),
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state,
-                "attempts": r.attempts,
-                "last_attempt": _when(r.last_attempt),
-                "next_attempt": _when(r.next_attempt),
-                "last_reply": r.last_reply,
-            }
-            for r in message.recipients
-        ],
-    }
-
-
 def _table(messages: list[QueuedMessage]) -> str:
     lines = [f"{'ID':<22} {'SIZE':>9}  {'ARRIVAL':<19}  SENDER / RECIPIENTS"]
     for m in messages:
-        lines.append(f"{m.id:<22} {m.size:>9}  {_when(m.arrival):<19}  <{m.sender}>")
+        lines.append(f"{m.id:<22} {m.size:>9}  {when(m.arrival):<19}  <{m.sender}>")
         for r in m.recipients:
             reply = f"  ({r.last_reply})" if r.last_reply else ""
             lines.append(f"{'':<55}{r.address}  [{r.state}, {r.attempts} attempts]{reply}")
@@ -98,45 +68,30 @@ def run(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 def _act(store: QueueStore, args: argparse.Namespace) -> int:
     action = args.queue_command
-    if action == "list":
-        older = parse_duration(args.older_than) if args.older_than else None
-        filters = Filters(args.state, args.sender, args.recipient, args.domain, older)
-        messages = list(store.list(filters))
-        print(
-            json.dumps([_as_dict(m) for m in messages], indent=1) if args.json else _table(messages)
-        )
-        return 0
-    if action == "show":
-        message = store.get(args.id)
-        if message is None:
-            return _missing(args.id)
-        print(json.dumps(_as_dict(message), indent=1))
-        return 0
+    try:
+        if action == "list":
+            older = parse_duration(args.older_than) if args.older_than else None
+            filters = Filters(args.state, args.sender, args.recipient, args.domain, older)
+            messages = queue_list(store, filters)
+            print(
+                json.dumps([message_dict(m) for m in messages], indent=1)
+                if args.json
+                else _table(messages)
+            )
+            return 0
+        if action == "show":
+            print(json.dumps(message_dict(queue_show(store, args.id)), indent=1))
+            return 0
+        target = None if getattr(args, "all", False) else args.id
+        result = queue_act(store, action, target)
+    except NotFound as exc:
+        print(exc)
+        return 1
     if action == "delete":
-        return 0 if _done(store.delete(args.id), args.id, "deleted") else 1
-    moves = {
-        "retry": (("deferred", "queued"), "queued"),
-        "hold": (("queued", "deferred"), "held"),
-        "release": (("held",), "queued"),
-        "bounce": (("queued", "deferred", "held"), "bounce"),
-    }
-    states, new = moves[action]
-    target = None if getattr(args, "all", False) else args.id
-    if target is not None and store.get(target) is None:
-        return _missing(target)
-    changed = store.set_state(target, states, new)
+        print(f"{args.id}: deleted")
+        return 0
     print(
-        f"{action}: {changed} recipient(s) now {new}"
-        + (f" at {_when(time.time())}" if new == "queued" else "")
+        f"{action}: {result['recipients']} recipient(s) now {result['state']}"
+        + (f" at {result['at']}" if result["state"] == "queued" else "")
     )
     return 0
-
-
-def _missing(message_id: str) -> int:
-    print(f"no message {message_id} in the queue")
-    return 1
-
-
-def _done(ok: bool, message_id: str, what: str) -> bool:
-    print(f"{message_id}: {what}" if ok else f"no message {message_id} in the queue")
-    return ok
