@@ -180,10 +180,12 @@ class Gateway:
                     await self.config_changed.wait()
             self.config_changed.clear()
             try:
-                revision = await asyncio.to_thread(store.applied)
-                if revision is None or revision.number == self.live.revision:
+                number = await asyncio.to_thread(store.applied_number)
+                if number is None or number == self.live.revision:
                     continue
-                self.swap(parse_config(revision.document), revision.number)
+                revision = await asyncio.to_thread(store.revision, number)
+                if revision is not None:
+                    self.swap(parse_config(revision.document), revision.number)
             except ConfigError as exc:
                 log.error("cannot take on the applied configuration", error=str(exc))
             except Exception as exc:  # the store is unreachable: keep running as we are

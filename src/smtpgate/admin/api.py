@@ -42,7 +42,7 @@ from smtpgate.admin.operations import (
 )
 from smtpgate.admin.services import ConfigService, authenticate
 from smtpgate.config.document import Document
-from smtpgate.config.load import parse_config
+from smtpgate.config.load import field_path, parse_config
 from smtpgate.config.schema import (
     AdminSettings,
     Certificate,
@@ -187,6 +187,18 @@ def _allowed(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _request_problem(error: Any) -> FieldProblem:
+    """``relay``, ``client_hosts[0]`` for the body (as in a configuration file);
+    ``query.older_than`` or ``path.action`` for the other parts of a request."""
+    where, *rest = error["loc"]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling in docs/configuration.md)"
+    if where == "body":
+        return FieldProblem(field_path(tuple(rest)) or "body", message)
+    return FieldProblem(".".join(str(part) for part in error["loc"]), message)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def config_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ConfigError)
@@ -194,9 +206,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def request_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        problems = [
-            FieldProblem(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()
-        ]
+        problems = [_request_problem(e) for e in exc.errors()]
         return _error(422, "the request is invalid", problems)
 
     async def admin_error(_request: Request, exc: Exception) -> JSONResponse:

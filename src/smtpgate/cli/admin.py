@@ -23,7 +23,7 @@ from smtpgate.config.load import read_document
 from smtpgate.errors import AdminError
 
 if TYPE_CHECKING:  # the store and the HTTP client load only for the commands that use them
-    from smtpgate.cli.backend import Backend
+    from smtpgate.cli.backend import ApiBackend, Backend
 
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -49,7 +49,8 @@ LIFECYCLE = {
 }
 
 
-def where_options(parser: argparse.ArgumentParser) -> None:
+def where_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
+    """``--config`` | ``--data-dir`` | ``--api URL`` (with ``--token``), and ``--json``."""
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", type=Path, help="the configuration file (locates the store)")
     target.add_argument("--data-dir", type=Path, help="the data directory holding the store")
@@ -57,7 +58,8 @@ def where_options(parser: argparse.ArgumentParser) -> None:
         "--api", metavar="URL", help="a running gateway's API, e.g. http://127.0.0.1:8025"
     )
     parser.add_argument("--token", help="API token (default: $SMTPGATE_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def add_config_commands(config_commands: Commands) -> None:
@@ -125,21 +127,27 @@ def add_admin_commands(commands: Commands) -> None:
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:
-    if args.data_dir is not None:
+    if getattr(args, "data_dir", None) is not None:
         return Path(args.data_dir)
     from smtpgate.config.load import load_config  # noqa: PLC0415
 
     return load_config(args.config).gateway.data_dir
 
 
+def api_for(args: argparse.Namespace) -> ApiBackend:
+    from smtpgate.cli.backend import ApiBackend  # noqa: PLC0415
+
+    token = args.token or os.environ.get("SMTPGATE_TOKEN", "")
+    if not token:
+        raise AdminError("--api needs a token: --token or SMTPGATE_TOKEN")
+    return ApiBackend(args.api, token)
+
+
 def backend_for(args: argparse.Namespace) -> Backend:
-    from smtpgate.cli.backend import ApiBackend, LocalBackend  # noqa: PLC0415
+    from smtpgate.cli.backend import LocalBackend  # noqa: PLC0415
 
     if args.api:
-        token = args.token or os.environ.get("SMTPGATE_TOKEN", "")
-        if not token:
-            raise AdminError("--api needs a token: --token or SMTPGATE_TOKEN")
-        return ApiBackend(args.api, token)
+        return api_for(args)
     return LocalBackend.open(data_dir_of(args))
 
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smtpgate import __version__
 from smtpgate.cli import admin as admin_cli
 from smtpgate.cli import queue as queue_cli
+from smtpgate.cli import tools
 from smtpgate.config.load import notices, parse_config, read_document
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
@@ -44,11 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, required=True)
     admin_cli.add_config_commands(config_commands)
 
-    _add_policy(commands)
-    _add_credentials(commands)
+    tools.add_policy(commands)
+    tools.add_credentials(commands)
     queue_cli.add_parser(commands)
     admin_cli.add_object_commands(commands)
-    _add_connector_verify(commands)
+    tools.add_connector_verify(commands)
     admin_cli.add_admin_commands(commands)
     _add_certs(commands)
     _add_sink(commands)
@@ -59,50 +59,6 @@ def _parser() -> argparse.ArgumentParser:
 
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-def _add_policy(commands: Commands) -> None:
-    policy = commands.add_parser("policy", help="policy tools")
-    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    explain = policy_commands.add_parser(
-        "explain", help="show every decision the gateway would make for a client"
-    )
-    explain.add_argument("--config", type=Path, required=True)
-    explain.add_argument("--client-ip", required=True)
-    explain.add_argument(
-        "--hostname",
-        action="append",
-        default=[],
-        help="a forward-confirmed host name of the client (no DNS lookup)",
-    )
-    explain.add_argument(
-        "--lookup", action="store_true", help="find confirmed host names with DNS (gateway.dns)"
-    )
-    explain.add_argument("--helo")
-    explain.add_argument("--sender")
-    explain.add_argument("--recipient", action="append", default=[])
-    explain.add_argument("--tls", action="store_true", help="the client has done STARTTLS")
-    explain.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
-    explain.add_argument(
-        "--client-certificate",
-        metavar="SUBJECT",
-        help="the client presented this verified certificate",
-    )
-    explain.add_argument("--json", action="store_true")
-
-
-def _add_credentials(commands: Commands) -> None:
-    credentials = commands.add_parser("credentials", help="SMTP AUTH credentials")
-    cred_commands = credentials.add_subparsers(dest="credentials_command", required=True)
-    encrypt = cred_commands.add_parser(
-        "encrypt", help="encrypt a password (read from standard input) for the configuration"
-    )
-    encrypt.add_argument("--config", type=Path, required=True)
-    send = cred_commands.add_parser(
-        "send", help="mail a profile's user names and passwords to gateway.admin_address"
-    )
-    send.add_argument("profile")
-    send.add_argument("--config", type=Path, required=True)
 
 
 def _add_certs(commands: Commands) -> None:
@@ -116,19 +72,6 @@ def _add_certs(commands: Commands) -> None:
     selfsigned.add_argument("--host", required=True, help="the host name it is for")
     selfsigned.add_argument("--days", type=int, default=365)
     selfsigned.add_argument("--out", type=Path, default=Path("certs"), help="directory")
-
-
-def _add_connector_verify(commands: Commands) -> None:
-    connector = commands.choices["connector"]
-    connector_commands = next(
-        a for a in connector._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    verify = connector_commands.add_parser(
-        "verify", help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step"
-    )
-    verify.add_argument("name")
-    verify.add_argument("--config", type=Path, required=True)
-    verify.add_argument("--domain", help="recipient domain to look up (direct delivery)")
 
 
 def _add_sink(commands: Commands) -> None:
@@ -163,22 +106,6 @@ def _load(path: Path, *, announce: bool) -> GatewayConfig:
     return config
 
 
-def _applied(path: Path) -> GatewayConfig:
-    """The configuration the gateway runs: the store's applied revision, or the
-    file itself while the store is empty (before the first ``smtpgate serve``)."""
-    config = _load(path, announce=False)
-    from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
-
-    if not store_path(config.gateway.data_dir).exists():
-        return config
-    store = ConfigStore.open(config.gateway.data_dir)
-    try:
-        revision = store.applied()
-    finally:
-        store.close()
-    return parse_config(revision.document) if revision else config
-
-
 def _config_check(path: Path) -> int:
     from smtpgate.app import load_certificates  # noqa: PLC0415
 
@@ -207,82 +134,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain(args: argparse.Namespace) -> int:
-    from smtpgate.dns import DnsResolver, confirmed_names  # noqa: PLC0415
-    from smtpgate.policy.explain import Facts, explain  # noqa: PLC0415
-    from smtpgate.policy.profile import ProfileIndex  # noqa: PLC0415
-
-    config = _applied(args.config)
-    names = list(args.hostname)
-    if args.lookup:
-        resolver = DnsResolver(config.gateway.dns)
-        names += asyncio.run(confirmed_names(resolver, args.client_ip))
-    users = {
-        c.username: p.name for p in config.connection_profiles for c in p.smtp_auth.credentials
-    }
-    facts = Facts(
-        args.client_ip,
-        tuple(names),
-        args.helo,
-        args.sender,
-        tuple(args.recipient),
-        args.tls,
-        args.auth,
-        args.client_certificate,
-    )
-    result = explain(config, ProfileIndex(config), users, facts)
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.as_text())
-    return 0
-
-
-def _encrypt(args: argparse.Namespace) -> int:
-    from smtpgate.config.secret import encrypt, load_key  # noqa: PLC0415
-
-    config = _load(args.config, announce=False)
-    if sys.stdin.isatty():
-        password = getpass.getpass("password: ")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        print("smtpgate credentials encrypt: empty password", file=sys.stderr)
-        return 2
-    print(encrypt(load_key(config.gateway.data_dir, create=True), password))
-    return 0
-
-
-def _send_credentials(args: argparse.Namespace) -> int:
-    from smtpgate.admin.operations import send_credentials  # noqa: PLC0415
-    from smtpgate.queue.store import QueueStore  # noqa: PLC0415
-
-    configure("warning")
-    config = _applied(args.config)
-    store = QueueStore(config.gateway.data_dir / "queue")
-    try:
-        result = send_credentials(config, store, args.profile)
-    finally:
-        store.close()
-    print(f"queued as {result['queue_id']} for {result['to']}")
-    return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from smtpgate.delivery.verify import verify_connector  # noqa: PLC0415
-    from smtpgate.gateway import GatewayPolicy  # noqa: PLC0415
-
-    config = _applied(args.config)
-    policy = GatewayPolicy.build(config)
-    connector = next((c for c in config.send_connectors if c.name == args.name), None)
-    if connector is None:
-        print(f"no send connector named {args.name!r}", file=sys.stderr)
-        return 1
-    steps = asyncio.run(
-        verify_connector(config, connector, policy.smarthost_password(connector), args.domain)
-    )
-    for step in steps:
-        print(f"{'ok  ' if step.ok else 'FAIL'} {step.name}: {step.detail}")
-    return 0 if all(step.ok for step in steps) else 1
-
-
 def _certs(args: argparse.Namespace) -> int:
     import datetime as dt  # noqa: PLC0415
 
@@ -300,7 +151,7 @@ def _certs(args: argparse.Namespace) -> int:
         return 0
     from smtpgate.app import load_certificates  # noqa: PLC0415
 
-    loaded = load_certificates(_applied(args.config))
+    loaded = load_certificates(tools.applied_config(args))
     now = dt.datetime.now(dt.UTC)
     facts = [certificates.describe(item, now) for item in loaded.values()]
     if args.json:
@@ -357,33 +208,29 @@ def _sink(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "config":
+    command = args.command
+    if command == "config":
         if args.config_command == "check":
             return _config_check(args.config)
         return admin_cli.run_config(args)
-    if args.command in ("profile", "listener", "certificate", "domain") or (
-        args.command == "connector" and args.object_command != "verify"
-    ):
+    if command == "credentials":
+        if args.credentials_command == "encrypt":
+            return tools.encrypt(args)
+        return tools.send_credentials(args)
+    if command == "connector" and args.object_command == "verify":
+        return tools.verify(args)
+    if command in ("profile", "connector", "listener", "certificate", "domain"):
         return admin_cli.run_object(args)
-    if args.command == "admin":
-        return admin_cli.run_admin(args)
-    if args.command == "policy":
-        return _explain(args)
-    if args.command == "credentials":
-        return _encrypt(args) if args.credentials_command == "encrypt" else _send_credentials(args)
-    if args.command == "sink":
-        return _sink(args)
-    if args.command == "queue":
-        return queue_cli.run(args, _load(args.config, announce=False))
-    if args.command == "connector":  # verify
-        return _verify(args)
-    if args.command == "certs":
-        return _certs(args)
-    if args.command == "reload":
-        return _reload(args)
-    return 2
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "admin": admin_cli.run_admin,
+        "policy": tools.explain,
+        "queue": queue_cli.run,
+        "certs": _certs,
+        "reload": _reload,
+        "sink": _sink,
+    }
+    return handlers[command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

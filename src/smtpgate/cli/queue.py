@@ -3,19 +3,25 @@
 ``list`` (mailq), ``show`` (postcat -q), ``retry`` (postqueue -f / -i),
 ``hold`` and ``release`` (postsuper -h / -H), ``delete`` (postsuper -d),
 ``bounce`` (postsuper -b... with a report to the sender). They work on the
-queue database directly; a running gateway notices within a second.
+queue database directly (a running gateway notices within a second), or
+through a running gateway's API with ``--api URL``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show, when
-from smtpgate.config.schema import GatewayConfig, parse_duration
+from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show
+from smtpgate.cli.admin import api_for, data_dir_of, where_options
+from smtpgate.config.schema import parse_duration
 from smtpgate.errors import NotFound
-from smtpgate.queue.store import Filters, QueuedMessage, QueueStore
+from smtpgate.queue.store import Filters, QueueStore
+
+if TYPE_CHECKING:
+    from smtpgate.cli.backend import ApiBackend
 
 ACTIONS = ("list", "show", "retry", "hold", "release", "delete", "bounce")
 
@@ -43,55 +49,112 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ):
         actions.add_parser(name, help=text).add_argument("id")
     for parser in (listing, show, retry, *[actions.choices[a] for a in ACTIONS[3:]]):
-        parser.add_argument("--config", type=Path, required=True)
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        where_options(parser)
 
 
-def _table(messages: list[QueuedMessage]) -> str:
+def _table(messages: list[dict[str, Any]]) -> str:
     lines = [f"{'ID':<22} {'SIZE':>9}  {'ARRIVAL':<19}  SENDER / RECIPIENTS"]
     for m in messages:
-        lines.append(f"{m.id:<22} {m.size:>9}  {when(m.arrival):<19}  <{m.sender}>")
-        for r in m.recipients:
-            reply = f"  ({r.last_reply})" if r.last_reply else ""
-            lines.append(f"{'':<55}{r.address}  [{r.state}, {r.attempts} attempts]{reply}")
+        lines.append(f"{m['id']:<22} {m['size']:>9}  {m['arrival']:<19}  <{m['sender']}>")
+        for r in m["recipients"]:
+            reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
+            lines.append(f"{'':<55}{r['address']}  [{r['state']}, {r['attempts']} attempts]{reply}")
     lines.append(f"-- {len(messages)} message(s)")
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, config: GatewayConfig) -> int:
-    store = QueueStore(config.gateway.data_dir / "queue")
+class Target(Protocol):
+    def list(self, filters: dict[str, str | None]) -> list[dict[str, Any]]: ...
+    def show(self, message_id: str) -> dict[str, Any]: ...
+    def act(self, action: str, message_id: str | None) -> dict[str, Any]: ...
+
+
+@dataclass
+class LocalQueue:
+    """The queue database of a data directory, used directly."""
+
+    store: QueueStore
+
+    def list(self, filters: dict[str, str | None]) -> list[dict[str, Any]]:
+        older = filters.pop("older_than")
+        chosen = Filters(**filters, older_than=parse_duration(older) if older else None)
+        return [message_dict(m) for m in queue_list(self.store, chosen)]
+
+    def show(self, message_id: str) -> dict[str, Any]:
+        return message_dict(queue_show(self.store, message_id))
+
+    def act(self, action: str, message_id: str | None) -> dict[str, Any]:
+        return queue_act(self.store, action, message_id)
+
+
+@dataclass
+class RemoteQueue:
+    """A running gateway's queue, through its API."""
+
+    api: ApiBackend
+
+    def list(self, filters: dict[str, str | None]) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        found: list[dict[str, Any]] = self.api.call("GET", "/queue", params=params)
+        return found
+
+    def show(self, message_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.api.call("GET", f"/queue/{message_id}")
+        return found
+
+    def act(self, action: str, message_id: str | None) -> dict[str, Any]:
+        if message_id is None:
+            result: dict[str, Any] = self.api.call("POST", "/queue-retry-all")
+        elif action == "delete":
+            result = self.api.call("DELETE", f"/queue/{message_id}")
+        else:
+            result = self.api.call("POST", f"/queue/{message_id}/{action}")
+        return result
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.api:
+        api = api_for(args)
+        try:
+            return _act(RemoteQueue(api), args)
+        finally:
+            api.close()
+    store = QueueStore(data_dir_of(args) / "queue")
     try:
-        return _act(store, args)
+        return _act(LocalQueue(store), args)
     finally:
         store.close()
 
 
-def _act(store: QueueStore, args: argparse.Namespace) -> int:
+def _act(queue: Target, args: argparse.Namespace) -> int:
     action = args.queue_command
     try:
         if action == "list":
-            older = parse_duration(args.older_than) if args.older_than else None
-            filters = Filters(args.state, args.sender, args.recipient, args.domain, older)
-            messages = queue_list(store, filters)
-            print(
-                json.dumps([message_dict(m) for m in messages], indent=1)
-                if args.json
-                else _table(messages)
-            )
+            filters = {
+                "state": args.state,
+                "sender": args.sender,
+                "recipient": args.recipient,
+                "domain": args.domain,
+                "older_than": args.older_than,
+            }
+            messages = queue.list(filters)
+            print(json.dumps(messages, indent=1) if args.json else _table(messages))
             return 0
         if action == "show":
-            print(json.dumps(message_dict(queue_show(store, args.id)), indent=1))
+            print(json.dumps(queue.show(args.id), indent=1))
             return 0
         target = None if getattr(args, "all", False) else args.id
-        result = queue_act(store, action, target)
+        result = queue.act(action, target)
     except NotFound as exc:
         print(exc)
         return 1
-    if action == "delete":
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif action == "delete":
         print(f"{args.id}: deleted")
-        return 0
-    print(
-        f"{action}: {result['recipients']} recipient(s) now {result['state']}"
-        + (f" at {result['at']}" if result["state"] == "queued" else "")
-    )
+    else:
+        print(
+            f"{action}: {result['recipients']} recipient(s) now {result['state']}"
+            + (f" at {result['at']}" if result["state"] == "queued" else "")
+        )
     return 0

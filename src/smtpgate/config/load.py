@@ -18,7 +18,7 @@ from smtpgate.config.validate import validate
 from smtpgate.errors import ConfigError, FieldProblem
 
 
-def _path(location: tuple[int | str, ...]) -> str:
+def field_path(location: tuple[int | str, ...]) -> str:
     out = ""
     for part in location:
         if isinstance(part, int):
@@ -36,7 +36,7 @@ def from_pydantic(error: ValidationError) -> list[FieldProblem]:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling in docs/configuration.md)"
-        problems.append(FieldProblem(_path(tuple(item["loc"])), message))
+        problems.append(FieldProblem(field_path(tuple(item["loc"])), message))
     return problems
 
 

@@ -103,37 +103,44 @@ class Explanation:
         }
 
     def as_text(self) -> str:
-        def show(v: Verdict) -> str:
-            return (
-                f"accept ({v.reason})"
-                if v.accepted
-                else f"refuse {v.reply.text() if v.reply else ''} ({v.reason})"
-            )
+        return explanation_text(self.as_dict())
 
-        lines = [f"profile:      {self.profile.reason()}", f"connect:      {show(self.connect)}"]
-        if self.client_certificate:
-            lines.append(f"client cert:  {self.client_certificate} (verified by the listener)")
-        if self.auth:
-            lines.append(f"auth:         {self.auth}")
-        lines.append(f"relay:        {self.rights.reason}")
-        if self.tls is not None:
-            lines.append(f"inbound TLS:  {show(self.tls)}")
-        if self.sender is not None:
-            lines.append(f"sender:       {show(self.sender)}")
-        checked, why = self.spam_check
-        lines.append(f"spam check:   {'yes' if checked else 'no'} ({why})")
-        for d in self.recipients:
-            lines.append(f"recipient {d.recipient}: {show(d.verdict)}")
-            lines.append(f"  connector:  {d.connector or '-'} ({d.connector_reason})")
-            if d.outbound_tls is not None:
-                tls = d.outbound_tls
-                lines.append(
-                    f"  outbound TLS: {'mandatory' if tls.mandatory else 'opportunistic'}"
-                    f", from {tls.minimum}, {tls.strength} ciphers"
-                    + (f", certificate must match {', '.join(tls.names)}" if tls.validate else "")
-                    + f" ({'; '.join(tls.reasons)})"
-                )
-        return "\n".join(lines)
+
+def _show(verdict: dict[str, Any]) -> str:
+    if verdict["accepted"]:
+        return f"accept ({verdict['reason']})"
+    return f"refuse {verdict['reply'] or ''} ({verdict['reason']})"
+
+
+def explanation_text(result: dict[str, Any]) -> str:
+    """The text ``policy explain`` prints, from :meth:`Explanation.as_dict` (which
+    is also what the API returns, so the CLI prints the same either way)."""
+    lines = [f"profile:      {result['profile']['reason']}"]
+    lines.append(f"connect:      {_show(result['connect'])}")
+    if result["client_certificate"]:
+        lines.append(f"client cert:  {result['client_certificate']} (verified by the listener)")
+    if result["auth"]:
+        lines.append(f"auth:         {result['auth']}")
+    lines.append(f"relay:        {result['relay']['reason']}")
+    if result["inbound_tls"]["verdict"] is not None:
+        lines.append(f"inbound TLS:  {_show(result['inbound_tls']['verdict'])}")
+    if result["sender"] is not None:
+        lines.append(f"sender:       {_show(result['sender'])}")
+    spam = result["spam_check"]
+    lines.append(f"spam check:   {'yes' if spam['checked'] else 'no'} ({spam['reason']})")
+    for d in result["recipients"]:
+        lines.append(f"recipient {d['recipient']}: {_show(d)}")
+        lines.append(f"  connector:  {d['connector'] or '-'} ({d['connector_reason']})")
+        tls = d["outbound_tls"]
+        if tls is not None:
+            names = ", ".join(tls["names"])
+            lines.append(
+                f"  outbound TLS: {'mandatory' if tls['mandatory'] else 'opportunistic'}"
+                f", from {tls['minimum']}, {tls['cipher_strength']} ciphers"
+                + (f", certificate must match {names}" if tls["validate"] else "")
+                + f" ({'; '.join(tls['reasons'])})"
+            )
+    return "\n".join(lines)
 
 
 def _outbound(tls: OutboundPolicy | None) -> dict[str, Any] | None:

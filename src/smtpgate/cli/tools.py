@@ -1,0 +1,210 @@
+"""``policy explain``, ``credentials encrypt|send`` and ``connector verify``:
+tools that act on the applied configuration, locally or through a running
+gateway's API (``--api URL``). Both ways print the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from smtpgate.cli.admin import api_for, data_dir_of, where_options
+from smtpgate.config.load import load_config, parse_config
+from smtpgate.config.schema import GatewayConfig
+from smtpgate.errors import NotFound
+from smtpgate.observe.log import configure
+
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def add_policy(commands: Commands) -> None:
+    policy = commands.add_parser("policy", help="policy tools")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    explain = policy_commands.add_parser(
+        "explain", help="show every decision the gateway would make for a client"
+    )
+    where_options(explain)
+    explain.add_argument("--client-ip", required=True)
+    explain.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        help="a forward-confirmed host name of the client (no DNS lookup)",
+    )
+    explain.add_argument(
+        "--lookup", action="store_true", help="find confirmed host names with DNS (gateway.dns)"
+    )
+    explain.add_argument("--helo")
+    explain.add_argument("--sender")
+    explain.add_argument("--recipient", action="append", default=[])
+    explain.add_argument("--tls", action="store_true", help="the client has done STARTTLS")
+    explain.add_argument("--auth", metavar="USER", help="the client authenticated as USER")
+    explain.add_argument(
+        "--client-certificate",
+        metavar="SUBJECT",
+        help="the client presented this verified certificate",
+    )
+
+
+def add_credentials(commands: Commands) -> None:
+    credentials = commands.add_parser("credentials", help="SMTP AUTH credentials")
+    cred_commands = credentials.add_subparsers(dest="credentials_command", required=True)
+    encrypt = cred_commands.add_parser(
+        "encrypt", help="encrypt a password (read from standard input) for the configuration"
+    )
+    where_options(encrypt, json_output=False)
+    send = cred_commands.add_parser(
+        "send", help="mail a profile's user names and passwords to gateway.admin_address"
+    )
+    send.add_argument("profile")
+    where_options(send, json_output=False)
+
+
+def add_connector_verify(commands: Commands) -> None:
+    connector = commands.choices["connector"]
+    connector_commands = next(
+        a for a in connector._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    verify = connector_commands.add_parser(
+        "verify", help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step"
+    )
+    verify.add_argument("name")
+    where_options(verify, json_output=False)
+    verify.add_argument("--domain", help="recipient domain to look up (direct delivery)")
+
+
+def applied_config(args: argparse.Namespace) -> GatewayConfig:
+    """The configuration the gateway runs: the store's applied revision, or the
+    file itself while the store is empty (before the first ``smtpgate serve``)."""
+    from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
+
+    data_dir = data_dir_of(args)
+    file_config = load_config(args.config) if args.config else None
+    if store_path(data_dir).exists():
+        store = ConfigStore.open(data_dir)
+        try:
+            revision = store.applied()
+        finally:
+            store.close()
+        if revision is not None:
+            return parse_config(revision.document)
+    if file_config is None:
+        raise NotFound(f"no applied configuration in {data_dir}")
+    return file_config
+
+
+def explain(args: argparse.Namespace) -> int:
+    from smtpgate.policy.explain import explanation_text  # noqa: PLC0415
+
+    facts: dict[str, Any] = {
+        "client_ip": args.client_ip,
+        "confirmed_names": list(args.hostname),
+        "helo": args.helo,
+        "sender": args.sender,
+        "recipients": list(args.recipient),
+        "tls": args.tls,
+        "auth_user": args.auth,
+        "client_certificate": args.client_certificate,
+    }
+    if getattr(args, "api", None):
+        if args.lookup:
+            print("--lookup needs the local configuration; pass --hostname", file=sys.stderr)
+            return 2
+        api = api_for(args)
+        try:
+            result = api.call("POST", "/policy/explain", json=facts)
+        finally:
+            api.close()
+    else:
+        result = _explain_locally(args, facts)
+    print(json.dumps(result, indent=2) if args.json else explanation_text(result))
+    return 0
+
+
+def _explain_locally(args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:
+    from smtpgate.admin.operations import explain_policy  # noqa: PLC0415
+    from smtpgate.dns import DnsResolver, confirmed_names  # noqa: PLC0415
+    from smtpgate.policy.explain import Facts  # noqa: PLC0415
+
+    config = applied_config(args)
+    if args.lookup:
+        resolver = DnsResolver(config.gateway.dns)
+        facts["confirmed_names"] += asyncio.run(confirmed_names(resolver, args.client_ip))
+    return explain_policy(config, Facts(**facts)).as_dict()
+
+
+def encrypt(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("smtpgate credentials encrypt: empty password", file=sys.stderr)
+        return 2
+    if args.api:
+        api = api_for(args)
+        try:
+            print(api.call("POST", "/secrets/encrypt", json={"value": password})["value"])
+        finally:
+            api.close()
+        return 0
+    from smtpgate.config.secret import encrypt as encrypt_with  # noqa: PLC0415
+    from smtpgate.config.secret import load_key  # noqa: PLC0415
+
+    print(encrypt_with(load_key(data_dir_of(args), create=True), password))
+    return 0
+
+
+def send_credentials(args: argparse.Namespace) -> int:
+    configure("warning")
+    if args.api:
+        api = api_for(args)
+        try:
+            result = api.call("POST", f"/profiles/{args.profile}/send-credentials")
+        finally:
+            api.close()
+    else:
+        from smtpgate.admin.operations import send_credentials as queue_it  # noqa: PLC0415
+        from smtpgate.queue.store import QueueStore  # noqa: PLC0415
+
+        config = applied_config(args)
+        store = QueueStore(config.gateway.data_dir / "queue")
+        try:
+            result = queue_it(config, store, args.profile)
+        finally:
+            store.close()
+    print(f"queued as {result['queue_id']} for {result['to']}")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    if args.api:
+        api = api_for(args)
+        try:
+            params = {"domain": args.domain} if args.domain else {}
+            steps = api.call("POST", f"/connectors/{args.name}/verify", params=params)
+        finally:
+            api.close()
+    else:
+        steps = _verify_locally(args)
+    for step in steps:
+        print(f"{'ok  ' if step['ok'] else 'FAIL'} {step['name']}: {step['detail']}")
+    return 0 if all(step["ok"] for step in steps) else 1
+
+
+def _verify_locally(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from smtpgate.delivery.verify import verify_connector  # noqa: PLC0415
+    from smtpgate.gateway import GatewayPolicy  # noqa: PLC0415
+
+    config = applied_config(args)
+    connector = next((c for c in config.send_connectors if c.name == args.name), None)
+    if connector is None:
+        raise NotFound(f"no send connector named {args.name!r}")
+    password = GatewayPolicy.build(config).smarthost_password(connector)
+    steps = asyncio.run(verify_connector(config, connector, password, args.domain))
+    return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
