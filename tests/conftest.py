@@ -169,9 +169,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 15) -> None:
+def wait_for_port(port: int, timeout: float = 15, alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -211,7 +211,12 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         )
         handle = GatewayProcess(process, port, path)
         running.append(handle)
-        wait_for_port(port)
+        try:
+            wait_for_port(port, timeout=30, alive=lambda: process.poll() is None)
+        except TimeoutError:
+            process.kill()
+            _, err = process.communicate()
+            raise TimeoutError(f"smtpgate serve did not start: {err.decode()[-2000:]}") from None
         return handle
 
     yield start

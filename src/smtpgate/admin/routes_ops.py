@@ -1,0 +1,131 @@
+"""The operation routes: status, the queue, policy explain, connector verify,
+credentials and secret encryption."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter
+from pydantic import AfterValidator, Field
+
+from smtpgate.admin.http import ApiContext, StrictBody
+from smtpgate.admin.operations import (
+    explain_policy,
+    message_dict,
+    queue_act,
+    queue_list,
+    queue_show,
+    send_credentials,
+)
+from smtpgate.config.load import parse_config
+from smtpgate.config.schema import (
+    parse_duration,
+)
+from smtpgate.config.secret import encrypt, load_key
+from smtpgate.delivery.verify import verify_connector
+from smtpgate.errors import ConfigError, FieldProblem, NotFound
+from smtpgate.gateway import GatewayPolicy
+from smtpgate.policy.explain import Facts
+from smtpgate.queue.store import Filters, QueueStore
+
+
+def _ip_address(value: str) -> str:
+    return str(ipaddress.ip_address(value))  # ValueError: "does not appear to be an IP"
+
+
+class ExplainRequest(StrictBody):
+    client_ip: Annotated[str, AfterValidator(_ip_address)] = Field(max_length=100)
+    confirmed_names: list[str] = Field(default_factory=list, max_length=20)
+    helo: str | None = Field(default=None, max_length=255)
+    sender: str | None = Field(default=None, max_length=512)
+    recipients: list[str] = Field(default_factory=list, max_length=100)
+    tls: bool = False
+    auth_user: str | None = Field(default=None, max_length=255)
+    client_certificate: str | None = Field(default=None, max_length=1000)
+
+
+class Secret(StrictBody):
+    value: str = Field(min_length=1, max_length=4096)
+
+
+def operation_routes(router: APIRouter, context: ApiContext) -> None:
+    service = context.service
+    queue_dir = service.data_dir / "queue"
+
+    def applied_config() -> Any:
+        return parse_config(service.applied().document)
+
+    def with_queue(work: Callable[[QueueStore], Any]) -> Any:
+        store = QueueStore(queue_dir)
+        try:
+            return work(store)
+        finally:
+            store.close()
+
+    @router.get("/status", tags=["operations"])
+    def status() -> dict[str, Any]:
+        return context.status()
+
+    @router.get("/queue", tags=["queue"])
+    def listing(
+        state: Literal["queued", "deferred", "held", "bounce"] | None = None,
+        sender: str | None = None,
+        recipient: str | None = None,
+        domain: str | None = None,
+        older_than: str | None = None,
+    ) -> list[dict[str, Any]]:
+        try:
+            older = parse_duration(older_than) if older_than else None
+        except ValueError as exc:
+            raise ConfigError([FieldProblem("older_than", str(exc))]) from None
+        filters = Filters(state, sender, recipient, domain, older)
+        return [message_dict(m) for m in with_queue(lambda s: queue_list(s, filters))]
+
+    @router.get("/queue/{message_id}", tags=["queue"])
+    def show(message_id: str) -> dict[str, Any]:
+        return message_dict(with_queue(lambda s: queue_show(s, message_id)))
+
+    @router.post("/queue/{message_id}/{action}", tags=["queue"])
+    def act(
+        message_id: str, action: Literal["retry", "hold", "release", "bounce"]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = with_queue(lambda s: queue_act(s, action, message_id))
+        return result
+
+    @router.delete("/queue/{message_id}", tags=["queue"])
+    def delete(message_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = with_queue(lambda s: queue_act(s, "delete", message_id))
+        return result
+
+    @router.post("/queue-retry-all", tags=["queue"])
+    def retry_all() -> dict[str, Any]:
+        result: dict[str, Any] = with_queue(lambda s: queue_act(s, "retry", None))
+        return result
+
+    @router.post("/policy/explain", tags=["operations"])
+    def explain(request: ExplainRequest) -> dict[str, Any]:
+        facts = Facts(**request.model_dump())
+        result: dict[str, Any] = explain_policy(applied_config(), facts).as_dict()
+        return result
+
+    @router.post("/connectors/{name}/verify", tags=["operations"])
+    async def verify(name: str, domain: str | None = None) -> list[dict[str, Any]]:
+        config = applied_config()
+        connector = next((c for c in config.send_connectors if c.name == name), None)
+        if connector is None:
+            raise NotFound(f"no send connector named {name!r}")
+        password = GatewayPolicy.build(config).smarthost_password(connector)
+        steps = await verify_connector(config, connector, password, domain)
+        return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
+
+    @router.post("/profiles/{name}/send-credentials", tags=["operations"])
+    def credentials(name: str) -> dict[str, str]:
+        config = applied_config()
+        result: dict[str, str] = with_queue(lambda s: send_credentials(config, s, name))
+        return result
+
+    @router.post("/secrets/encrypt", tags=["operations"])
+    def encrypt_secret(body: Secret) -> dict[str, str]:
+        return {"value": encrypt(load_key(service.data_dir, create=True), body.value)}
