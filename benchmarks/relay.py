@@ -9,6 +9,11 @@ otherwise); smtpgate runs ``smtpgate serve`` with an equivalent
 configuration (a full-relay profile for 127.0.0.0/8, one smarthost
 connector). Needs root, Debian's postfix, and the project installed.
 
+The smtpgate rows run with the REST API listening; the row "+ API load"
+repeats the run while a client reads ``/api/v1/status`` and
+``/api/v1/config/diff`` as fast as it can, to show what admin traffic costs
+SMTP (the API runs in its own thread of the same process).
+
 Usage: ``python benchmarks/relay.py [--messages N] [--sessions N] [--size B]``
 """
 
@@ -82,14 +87,36 @@ def run_load(port: int, sink: Sink, args: argparse.Namespace, *, reuse: bool) ->
     return args.messages / (time.perf_counter() - start)
 
 
-def start_smtpgate(directory: Path, sink: Sink) -> tuple[subprocess.Popen[bytes], int]:
+class ApiLoad(threading.Thread):
+    """Admin requests back to back until stopped; ``count`` says how many."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token = url, token
+        self.count = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=self.url + "/api/v1", headers=headers) as client:
+            while not self.halt.is_set():
+                for path in ("/status", "/config/diff"):
+                    client.get(path).raise_for_status()
+                    self.count += 1
+
+
+def start_smtpgate(directory: Path, sink: Sink) -> tuple[subprocess.Popen[bytes], int, str, str]:
     port = free_port()
+    api_port = free_port()
     config = {
         "gateway": {"hostname": "gw.bench", "data_dir": str(directory / "data")},
         "hosted_domains": ["bench.example"],
         "spoof_detection": False,
         "listeners": [{"name": "mx", "address": f"127.0.0.1:{port}", "security": "none"}],
         "limits": {"max_connections_per_ip": 1000},
+        "admin": {"listen": f"127.0.0.1:{api_port}"},
         "connection_profiles": [
             {"name": "loopback", "client_hosts": ["127.0.0.0/8"], "relay": "full"}
         ],
@@ -101,13 +128,21 @@ def start_smtpgate(directory: Path, sink: Sink) -> tuple[subprocess.Popen[bytes]
             }
         ],
     }
-    (directory / "gw.yaml").write_text(yaml.safe_dump(config))
+    path = directory / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    token = subprocess.run(
+        [BIN, "admin", "token", "create", "bench", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     process = subprocess.Popen(
-        [BIN, "serve", "--config", str(directory / "gw.yaml"), "--log-level", "warning"],
+        [BIN, "serve", "--config", str(path), "--log-level", "warning"],
         stderr=subprocess.DEVNULL,
     )
     wait_for(port)
-    return process, port
+    wait_for(api_port)
+    return process, port, f"http://127.0.0.1:{api_port}", token
 
 
 def main() -> None:
@@ -124,16 +159,31 @@ def main() -> None:
     sink = Sink()
     try:
         with tempfile.TemporaryDirectory() as directory:
-            gateway, port = start_smtpgate(Path(directory), sink)
+            gateway, port, url, token = start_smtpgate(Path(directory), sink)
             try:
                 ours = (
                     run_load(port, sink, args, reuse=False),
                     run_load(port, sink, args, reuse=True),
                 )
+                print(f"{'smtpgate':<22}{ours[0]:>10.0f}/s{ours[1]:>10.0f}/s", flush=True)
+                admin = ApiLoad(url, token)
+                admin.start()
+                started = time.perf_counter()
+                loaded = (
+                    run_load(port, sink, args, reuse=False),
+                    run_load(port, sink, args, reuse=True),
+                )
+                admin.halt.set()
+                admin.join()
+                rate = admin.count / (time.perf_counter() - started)
+                print(
+                    f"{'smtpgate + API load':<22}{loaded[0]:>10.0f}/s{loaded[1]:>10.0f}/s"
+                    f"   ({rate:.0f} API requests/s meanwhile)",
+                    flush=True,
+                )
             finally:
                 gateway.terminate()
                 gateway.wait(60)
-        print(f"{'smtpgate':<22}{ours[0]:>10.0f}/s{ours[1]:>10.0f}/s", flush=True)
         postfix = Postfix(instance_directory(), free_port(), ("127.0.0.1", sink.port))
         postfix.start()
         try:

@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import smtplib
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,22 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(api: Api) 
         timeout=900,
     )
     assert code == 0, out[-6000:]
+
+
+async def test_oversized_and_anonymous_bodies_are_refused_unread(api: Api) -> None:
+    big = b'{"document": {"hosted_domains": ["' + b"a" * (5 * 1024 * 1024) + b'"]}}'
+    headers = {"Content-Type": "application/json"}
+    response = await api.call("POST", "/config/import", content=big, headers=headers)
+    assert response.status_code == 413
+    assert "larger than" in response.json()["detail"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: streamed
+        for _ in range(80):
+            yield b" " * 65536
+
+    response = await api.call("PUT", "/config/draft", content=chunks(), headers=headers)
+    assert response.status_code == 413
+    async with httpx.AsyncClient(base_url=api.url) as anonymous:
+        response = await anonymous.post("/api/v1/config/import", content=big, headers=headers)
+    assert response.status_code == 401
+    assert (await api.ok("GET", "/config/draft"))["staged"] is False
