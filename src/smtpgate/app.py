@@ -18,12 +18,13 @@ import dataclasses
 import os
 import signal
 import ssl
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smtpgate.admin.api import ApiContext, ApiServer, create_app
-from smtpgate.admin.services import ConfigService
+from smtpgate.admin.services import publish_status
 from smtpgate.config.document import diff, restart_required, to_document
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import (
@@ -44,11 +45,10 @@ from smtpgate.inbound.server import (
     until_stop_signal,
 )
 from smtpgate.inbound.session import SessionHandler, SessionSettings
-from smtpgate.observe.log import get_logger
+from smtpgate.observe.log import get_logger, log_options
 from smtpgate.proto.server import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
-from smtpgate.queue.store import QueueStore
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.certificates import Loaded, load_all
 from smtpgate.tls.context import require_client_identity, server_context
@@ -156,7 +156,11 @@ class Gateway:
         self.manager_task = loop.create_task(self.manager.run())
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
+            await asyncio.to_thread(self.publish, self.store)
             self.config_task = loop.create_task(self._follow_store(self.store))
+
+    def publish(self, store: ConfigStore) -> None:
+        publish_status(store, self.live.config.gateway.node, status_of(self))
 
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
@@ -172,11 +176,12 @@ class Gateway:
         return restart_required(diff(to_document(self.started), to_document(self.live.config)))
 
     async def _follow_store(self, store: ConfigStore) -> None:
-        """Take on each newly applied revision (told directly by the API, or noticed
-        within a second when the CLI or a peer applied it)."""
+        """Take on each newly applied revision, noticed within a quarter of a second
+        whoever applied it (the API's process, the CLI, later a peer);
+        ``config_changed`` is the seam for a push notification."""
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(0.25):
                     await self.config_changed.wait()
             self.config_changed.clear()
             try:
@@ -186,6 +191,7 @@ class Gateway:
                 revision = await asyncio.to_thread(store.revision, number)
                 if revision is not None:
                     self.swap(parse_config(revision.document), revision.number)
+                    await asyncio.to_thread(self.publish, store)
             except ConfigError as exc:
                 log.error("cannot take on the applied configuration", error=str(exc))
             except Exception as exc:  # the store is unreachable: keep running as we are
@@ -263,45 +269,40 @@ async def build_gateway(
     return gateway
 
 
-def status_of(gateway: Gateway, store: ConfigStore) -> dict[str, Any]:
-    """What ``GET /api/v1/status`` reports (read from the API's thread)."""
+def status_of(gateway: Gateway) -> dict[str, Any]:
+    """What this node runs, as published to the store for ``GET /api/v1/status``."""
     live = gateway.live
-    queue = QueueStore(live.config.gateway.data_dir / "queue")
-    try:
-        counts = queue.counts()
-    finally:
-        queue.close()
     return {
-        "node": live.config.gateway.node,
         "hostname": live.config.gateway.hostname,
         "running_revision": live.revision,
-        "applied_revision": store.applied_number(),
         "restart_required": gateway.restart_required(),
         "listeners": [
             {"name": x.name, "address": x.address, "security": x.security}
             for x in gateway.started.listeners
         ],
-        "queue": counts,
+        "pid": os.getpid(),
     }
 
 
-def start_api(gateway: Gateway, store: ConfigStore) -> ApiServer | None:
-    """The REST API on ``admin.listen`` (its own thread), or None when it is off."""
-    config = gateway.started
+async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
+    """The REST API on ``admin.listen`` in a child process, or None when it is off."""
     if not config.admin.listen:
         return None
-    loop = asyncio.get_running_loop()
-
-    def applied(_number: int) -> None:  # called in the API's thread
-        loop.call_soon_threadsafe(gateway.config_changed.set)
-
-    service = ConfigService(store, config.gateway.data_dir, on_applied=applied)
-    context = ApiContext(service, lambda: status_of(gateway, store))
+    command = [sys.executable, "-m", "smtpgate.cli.main", "admin", "api"]
+    command += ["--data-dir", str(config.gateway.data_dir), "--listen", config.admin.listen]
+    command += log_options()
+    child = await asyncio.create_subprocess_exec(*command)
     host, port = parse_listen_address(config.admin.listen)
-    api = ApiServer(create_app(context), host, port)
-    api.start()
-    log.info("admin API listening", address=config.admin.listen)
-    return api
+    deadline = time.monotonic() + 30
+    while child.returncode is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            _reader, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return child
+        await asyncio.sleep(0.05)
+    if child.returncode is None:
+        child.kill()
+    raise OSError(f"the admin API could not listen on {config.admin.listen} (admin.listen)")
 
 
 async def serve(
@@ -310,7 +311,7 @@ async def serve(
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     gateway = await build_gateway(config, revision, store)
     await gateway.start()
-    api = start_api(gateway, store) if store is not None else None
+    api = await start_api(config) if store is not None else None
     pid_file = config.gateway.data_dir / "smtpgate.pid"
     pid_file.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
@@ -325,8 +326,11 @@ async def serve(
         await until_stop_signal()
         log.info("shutting down", grace=config.timeouts.shutdown_grace)
         if api is not None:
-            await asyncio.to_thread(api.stop)
+            api.terminate()
         await gateway.stop(config.timeouts.shutdown_grace)
+        if api is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(api.wait(), 10)
     finally:
         pid_file.unlink(missing_ok=True)
 

@@ -9,15 +9,20 @@ request, 404 for something that does not exist, 409 for a conflicting store
 state, 401 without a valid token. No reply carries a stack trace or a secret
 in clear (secrets are ``enc:v1:`` tokens, see ``smtpgate.config.schema``).
 
-The API runs in its own thread with its own event loop (:class:`ApiServer`),
-so a slow request never holds up an SMTP session. The routes live in
+The API runs in a process of its own (:func:`run_api`, started by ``smtpgate
+serve``), so admin traffic never takes CPU time from SMTP sessions. It talks
+to the gateway only through the store: an applied revision is noticed by the
+gateway within a second, and the gateway publishes its running state there. The routes live in
 ``routes_config`` and ``routes_ops``; what they share, in ``http``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -31,8 +36,10 @@ from smtpgate.admin.guard import Guard
 from smtpgate.admin.http import ERRORS, ApiContext, Unauthorised, problems, require_actor
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
-from smtpgate.admin.services import authenticate
+from smtpgate.admin.services import ConfigService, authenticate, node_status
 from smtpgate.config.load import field_path
+from smtpgate.config.schema import parse_listen_address
+from smtpgate.config.store import ConfigStore
 from smtpgate.errors import AdminError, ConfigError, Conflict, FieldProblem, NotFound
 from smtpgate.observe.log import get_logger
 
@@ -126,36 +133,33 @@ def create_app(context: ApiContext) -> FastAPI:
     return app
 
 
-# -- the server thread -----------------------------------------------------------
+# -- the server process ----------------------------------------------------------
 
 
-class ApiServer:
-    """uvicorn in a thread of its own, with its own event loop."""
-
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="smtpgate-api", daemon=True)
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise OSError("the admin API could not start listening (see admin.listen)")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
-
-    @property
-    def port(self) -> int:
-        servers = self.server.servers
-        sockets = servers[0].sockets if servers else []
-        return int(sockets[0].getsockname()[1]) if sockets else 0
+def run_api(data_dir: Path, listen: str) -> None:
+    """Serve the API on ``listen`` until SIGTERM (uvicorn in this process's main
+    thread). ``smtpgate serve`` runs this in a child process; it leaves when its
+    parent does, so a killed gateway never leaves an orphan holding the port."""
+    store = ConfigStore.open(data_dir)
+    service = ConfigService(store, data_dir)
+    context = ApiContext(service, lambda: node_status(store, data_dir))
+    host, port = parse_listen_address(listen)
+    _leave_with_parent()
+    log.info("admin API listening", address=listen)
+    uvicorn.run(
+        create_app(context), host=host, port=port, log_config=None, access_log=False, lifespan="off"
+    )
 
 
-__all__ = ["ApiContext", "ApiServer", "create_app"]
+def _leave_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+__all__ = ["ApiContext", "create_app", "run_api"]

@@ -287,3 +287,36 @@ def revoke_token(store: ConfigStore, name: str, actor: str) -> None:
 def authenticate(store: ConfigStore, token: str) -> str | None:
     """The name of the token, or None when it is unknown."""
     return store.token_name(token_digest(token)) if token else None
+
+
+# -- the running gateway's state, as the API reports it ------------------------
+
+
+def publish_status(store: ConfigStore, node: str, status: dict[str, Any]) -> None:
+    """Record what this node runs (revision, what waits for a restart, listeners)."""
+    with store.transaction() as connection:
+        store.set_meta(connection, f"node:{node}", json.dumps(status))
+
+
+def node_status(store: ConfigStore, data_dir: Path) -> dict[str, Any]:
+    """``GET /status``: the applied revision, each node's published state, the queue."""
+    from smtpgate.queue.store import QueueStore  # noqa: PLC0415
+
+    queue = QueueStore(data_dir / "queue")
+    try:
+        counts = queue.counts()
+    finally:
+        queue.close()
+    applied = store.applied()
+    node = applied.document["gateway"]["node"] if applied else ""
+    published = json.loads(store.meta(f"node:{node}") or "{}")
+    return {
+        "node": node,
+        "hostname": published.get("hostname"),
+        "running_revision": published.get("running_revision"),
+        "applied_revision": applied.number if applied else None,
+        "restart_required": published.get("restart_required", []),
+        "listeners": published.get("listeners", []),
+        "pid": published.get("pid"),
+        "queue": counts,
+    }

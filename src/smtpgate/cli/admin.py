@@ -108,8 +108,15 @@ def add_object_commands(commands: Commands) -> None:
 
 
 def add_admin_commands(commands: Commands) -> None:
-    admin = commands.add_parser("admin", help="API tokens")
+    admin = commands.add_parser("admin", help="API tokens, the API server")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    api = admin_commands.add_parser(
+        "api", help="run the REST API alone (smtpgate serve starts it for admin.listen)"
+    )
+    api.add_argument("--data-dir", type=Path, required=True)
+    api.add_argument("--listen", required=True, metavar="HOST:PORT")
+    api.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    api.add_argument("--log-json", action="store_true")
     token = admin_commands.add_parser("token", help="API tokens (kept hashed in the store)")
     actions = token.add_subparsers(dest="token_command", required=True)
     create = actions.add_parser("create", help="make a token; it is printed once")
@@ -272,6 +279,13 @@ def _domain(backend: Backend, args: argparse.Namespace) -> int:
 
 
 def run_admin(args: argparse.Namespace) -> int:
+    if args.admin_command == "api":
+        from smtpgate.admin.api import run_api  # noqa: PLC0415
+        from smtpgate.observe.log import configure  # noqa: PLC0415
+
+        configure(args.log_level, json=args.log_json)
+        run_api(args.data_dir, args.listen)
+        return 0
     from smtpgate.admin.services import create_token, revoke_token  # noqa: PLC0415
     from smtpgate.cli.backend import local_actor  # noqa: PLC0415
     from smtpgate.config.store import ConfigStore  # noqa: PLC0415

@@ -12,9 +12,18 @@ import sys
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+current: dict[str, str] = {"level": "info", "format": "console"}  # for child processes
+
+
+def log_options() -> list[str]:
+    """Command-line options that give a child process this process's logging."""
+    return ["--log-level", current["level"]] + (
+        ["--log-json"] if current["format"] == "json" else []
+    )
 
 
 def configure(level: str = "info", *, json: bool = False) -> None:
+    current.update(level=level, format="json" if json else "console")
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
