@@ -274,6 +274,15 @@ async def test_queue_and_policy_operations(api: Api, sink: SinkHandle) -> None:
     assert (await api.ok("POST", f"/queue/{message_id}/release"))["state"] == "queued"
     assert (await api.ok("DELETE", f"/queue/{message_id}"))["state"] == "deleted"
     assert (await api.call("GET", f"/queue/{message_id}")).status_code == 404
+    audit = await api.ok("GET", "/audit")
+    done = [
+        (e["actor"], e["action"], e["detail"]) for e in audit if e["action"].startswith("queue.")
+    ]
+    assert done == [
+        ("token:tests", "queue.delete", message_id),
+        ("token:tests", "queue.release", message_id),
+        ("token:tests", "queue.hold", message_id),
+    ]
 
     explained = await api.ok(
         "POST",

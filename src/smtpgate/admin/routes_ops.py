@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter
 from pydantic import AfterValidator, Field
 
-from smtpgate.admin.http import ApiContext, StrictBody
+from smtpgate.admin.http import Actor, ApiContext, StrictBody
 from smtpgate.admin.operations import (
     explain_policy,
     message_dict,
@@ -19,6 +19,7 @@ from smtpgate.admin.operations import (
     queue_show,
     send_credentials,
 )
+from smtpgate.admin.services import record
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import (
     parse_duration,
@@ -89,19 +90,22 @@ def operation_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.post("/queue/{message_id}/{action}", tags=["queue"])
     def act(
-        message_id: str, action: Literal["retry", "hold", "release", "bounce"]
+        message_id: str, action: Literal["retry", "hold", "release", "bounce"], who: Actor
     ) -> dict[str, Any]:
         result: dict[str, Any] = with_queue(lambda s: queue_act(s, action, message_id))
+        record(service.store, who, f"queue.{action}", message_id)
         return result
 
     @router.delete("/queue/{message_id}", tags=["queue"])
-    def delete(message_id: str) -> dict[str, Any]:
+    def delete(message_id: str, who: Actor) -> dict[str, Any]:
         result: dict[str, Any] = with_queue(lambda s: queue_act(s, "delete", message_id))
+        record(service.store, who, "queue.delete", message_id)
         return result
 
     @router.post("/queue-retry-all", tags=["queue"])
-    def retry_all() -> dict[str, Any]:
+    def retry_all(who: Actor) -> dict[str, Any]:
         result: dict[str, Any] = with_queue(lambda s: queue_act(s, "retry", None))
+        record(service.store, who, "queue.retry", "all")
         return result
 
     @router.post("/policy/explain", tags=["operations"])
@@ -121,9 +125,10 @@ def operation_routes(router: APIRouter, context: ApiContext) -> None:
         return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
 
     @router.post("/profiles/{name}/send-credentials", tags=["operations"])
-    def credentials(name: str) -> dict[str, str]:
+    def credentials(name: str, who: Actor) -> dict[str, str]:
         config = applied_config()
         result: dict[str, str] = with_queue(lambda s: send_credentials(config, s, name))
+        record(service.store, who, "credentials.send", f"{name} → {result['to']}")
         return result
 
     @router.post("/secrets/encrypt", tags=["operations"])

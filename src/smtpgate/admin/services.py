@@ -259,6 +259,12 @@ class ConfigService:
         return revision, f"{what}: running revision {revision.number}"
 
 
+def record(store: ConfigStore, actor: str, action: str, detail: str = "") -> None:
+    """An audit entry for a change outside the configuration (queue, credentials)."""
+    with store.transaction() as connection:
+        store.record(connection, actor, action, detail)
+
+
 # -- API tokens ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show
@@ -71,9 +72,11 @@ class Target(Protocol):
 
 @dataclass
 class LocalQueue:
-    """The queue database of a data directory, used directly."""
+    """The queue database of a data directory, used directly; changes go to the
+    configuration store's audit log (when there is one) as ``cli:USER``."""
 
     store: QueueStore
+    data_dir: Path
 
     def list(self, filters: dict[str, str | None]) -> list[dict[str, Any]]:
         older = filters.pop("older_than")
@@ -84,7 +87,22 @@ class LocalQueue:
         return message_dict(queue_show(self.store, message_id))
 
     def act(self, action: str, message_id: str | None) -> dict[str, Any]:
-        return queue_act(self.store, action, message_id)
+        result = queue_act(self.store, action, message_id)
+        self._audit(f"queue.{action}", message_id or "all")
+        return result
+
+    def _audit(self, action: str, detail: str) -> None:
+        from smtpgate.admin.services import record  # noqa: PLC0415
+        from smtpgate.cli.backend import local_actor  # noqa: PLC0415
+        from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
+
+        if not store_path(self.data_dir).exists():
+            return
+        config_store = ConfigStore.open(self.data_dir)
+        try:
+            record(config_store, local_actor(), action, detail)
+        finally:
+            config_store.close()
 
 
 @dataclass
@@ -119,9 +137,10 @@ def run(args: argparse.Namespace) -> int:
             return _act(RemoteQueue(api), args)
         finally:
             api.close()
-    store = QueueStore(data_dir_of(args) / "queue")
+    data_dir = data_dir_of(args)
+    store = QueueStore(data_dir / "queue")
     try:
-        return _act(LocalQueue(store), args)
+        return _act(LocalQueue(store, data_dir), args)
     finally:
         store.close()
 
