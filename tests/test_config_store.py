@@ -196,6 +196,20 @@ def test_the_file_and_the_store(tmp_path: Path) -> None:
     assert revision.document == normalise(document(data_dir, hosted_domains=["example.net"]))
     assert "draft based on revision 2 is still staged" in what
     assert relay_of(service) == "blocked"
+    # applying it would undo revision 3 (the file's change): only when forced
+    with pytest.raises(Conflict, match="staged on revision 2"):
+        service.apply("alice")
+    assert service.diff()[0].text() == "hosted domains: removed example.net"
+    assert service.apply("alice", force=True).revision == 4
+
+
+def test_a_replaced_draft_starts_from_the_applied_revision(service: ConfigService) -> None:
+    set_relay(service, "relay=full")  # staged on revision 1
+    newer = parse_config(document(service.data_dir, hosted_domains=["example.net"]))
+    service.adopt_file(newer, "file:g.yaml")  # revision 2 arrives meanwhile
+    service.import_document(document(service.data_dir), "bob", force=True)
+    assert service.draft().base_revision == 2  # type: ignore[union-attr]
+    assert service.apply("bob").revision == 3  # no force needed: nothing is undone unseen
 
 
 def test_tokens_are_kept_hashed(service: ConfigService) -> None:

@@ -51,6 +51,7 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 
 class ApplyRequest(StrictBody):
     comment: str = Field(default="", max_length=1000)
+    force: bool = False  # apply a draft staged on an older revision
 
 
 class RollbackRequest(StrictBody):
@@ -121,7 +122,7 @@ def _lifecycle_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.post("/config/apply", tags=["config"])
     def apply(request: ApplyRequest, who: Actor) -> dict[str, Any]:
-        return service.apply(who, request.comment).as_dict()
+        return service.apply(who, request.comment, force=request.force).as_dict()
 
     @router.get("/config/history", tags=["config"])
     def history() -> list[dict[str, Any]]:

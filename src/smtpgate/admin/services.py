@@ -118,6 +118,8 @@ class ConfigService:
         actor: str,
         what: str,
         expected_version: int | None = None,
+        *,
+        rebase: bool = False,
     ) -> Draft:
         """Apply ``change`` to the draft (or a new draft from the applied revision);
         the result must pass every configuration check."""
@@ -138,6 +140,7 @@ class ConfigService:
                     actor,
                     base_revision=applied.number if applied else None,
                     expected_version=expected_version,
+                    rebase=rebase,
                 )
             except StaleDraft:
                 raise Conflict(
@@ -175,7 +178,7 @@ class ConfigService:
             raise Conflict(
                 "a draft is staged already; apply or discard it first (or force the replacement)"
             )
-        return self.edit(lambda _old: document, actor, what)
+        return self.edit(lambda _old: document, actor, what, rebase=True)
 
     def import_document(self, document: Any, actor: str, *, force: bool = False) -> Draft:
         return self.stage(document, actor, "import", force=force)
@@ -207,10 +210,20 @@ class ConfigService:
             return exc.problems
         return []
 
-    def apply(self, actor: str, comment: str = "") -> ApplyResult:
+    def apply(self, actor: str, comment: str = "", *, force: bool = False) -> ApplyResult:
+        """Make the draft current. A draft staged on an older revision than the
+        applied one would silently undo what was applied since; that needs
+        ``force`` (after reading ``diff``, which shows the undoing)."""
         draft = self.store.draft()
         if draft is None:
             raise Conflict("there is no draft to apply")
+        applied_number = self.store.applied_number()
+        if not force and draft.base_revision != applied_number:
+            raise Conflict(
+                f"the draft was staged on revision {draft.base_revision}, but revision "
+                f"{applied_number} has been applied since; applying would undo its changes. "
+                "Check the diff, then force the apply, or discard the draft"
+            )
         problems = self.validate(draft.document)
         if problems:
             raise ConfigError(problems)

@@ -70,6 +70,9 @@ def add_config_commands(config_commands: Commands) -> None:
     show.add_argument("--applied", action="store_true")
     show.add_argument("--revision", type=int)
     parsers["apply"].add_argument("--comment", default="", help="recorded in the history")
+    parsers["apply"].add_argument(
+        "--force", action="store_true", help="apply a draft staged on an older revision"
+    )
     parsers["rollback"].add_argument("revision", type=int)
     parsers["import"].add_argument("file", type=Path)
     for name in ("rollback", "import"):
@@ -185,7 +188,7 @@ def _lifecycle(backend: Backend, args: argparse.Namespace) -> int:  # noqa: PLR0
             print("the draft is invalid" if problems else "the draft is valid")
         return 1 if problems else 0
     elif action == "apply":
-        result = backend.apply(args.comment)
+        result = backend.apply(args.comment, args.force)
         print(json.dumps(result, indent=1) if args.json else _applied_text(result))
     elif action == "discard":
         backend.discard()

@@ -27,7 +27,7 @@ class Backend(Protocol):
     def view(self, which: str) -> Document: ...
     def diff(self) -> dict[str, Any]: ...
     def validate(self) -> list[dict[str, str]]: ...
-    def apply(self, comment: str) -> dict[str, Any]: ...
+    def apply(self, comment: str, force: bool) -> dict[str, Any]: ...
     def discard(self) -> None: ...
     def history(self) -> list[dict[str, Any]]: ...
     def audit(self) -> list[dict[str, Any]]: ...
@@ -74,8 +74,8 @@ class LocalBackend:
     def validate(self) -> list[dict[str, str]]:
         return [{"path": p.path, "message": p.message} for p in self.service.validate()]
 
-    def apply(self, comment: str) -> dict[str, Any]:
-        return self.service.apply(self.actor, comment).as_dict()
+    def apply(self, comment: str, force: bool) -> dict[str, Any]:
+        return self.service.apply(self.actor, comment, force=force).as_dict()
 
     def discard(self) -> None:
         self.service.discard(self.actor)
@@ -159,8 +159,9 @@ class ApiBackend:
         found: list[dict[str, str]] = self.call("POST", "/config/validate")["problems"]
         return found
 
-    def apply(self, comment: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.call("POST", "/config/apply", json={"comment": comment})
+    def apply(self, comment: str, force: bool) -> dict[str, Any]:
+        body = {"comment": comment, "force": force}
+        found: dict[str, Any] = self.call("POST", "/config/apply", json=body)
         return found
 
     def discard(self) -> None:

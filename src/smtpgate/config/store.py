@@ -227,7 +227,7 @@ class ConfigStore:
             row.updated_by,
         )
 
-    def save_draft(
+    def save_draft(  # noqa: PLR0913 - what a draft write needs to know
         self,
         connection: Connection,
         document: Document,
@@ -235,8 +235,11 @@ class ConfigStore:
         *,
         base_revision: int | None,
         expected_version: int | None = None,
+        rebase: bool = False,
     ) -> int:
-        """Write the draft; ``expected_version`` guards against lost updates."""
+        """Write the draft; ``expected_version`` guards against lost updates. A new
+        draft starts from ``base_revision``; ``rebase`` moves an existing one there
+        (its whole document was replaced)."""
         current = self.draft(connection)
         if expected_version is not None and (
             current is None or current.version != expected_version
@@ -252,6 +255,8 @@ class ConfigStore:
         if current is None:
             connection.execute(insert(drafts).values(id=1, base_revision=base_revision, **values))
         else:
+            if rebase:
+                values["base_revision"] = base_revision
             connection.execute(update(drafts).where(drafts.c.id == 1).values(**values))
         return version
 
