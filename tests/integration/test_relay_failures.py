@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from smtpgate.inbound.session import SessionInfo
+from smtpgate.model.envelope import Envelope
+from smtpgate.proto.replies import Reply
 from smtpgate.queue.store import Filters, QueueStore
-from smtpgate.sink import SinkBehaviour, build_sink, parse_reply
+from smtpgate.sink import SinkBehaviour, SinkHandler, build_sink, parse_reply
+from smtpgate.spool import SpooledBody
 from tests.conftest import GatewayFactory, GatewayHandle, SinkHandle, free_port, start_sink
 from tests.dnsserver import start_dns
 
@@ -338,3 +342,45 @@ async def test_a_cached_connection_the_next_hop_closed_is_replaced_not_deferred(
         assert len(await handle.wait_for(2, timeout=5)) == 2  # a deferral would wait an hour
     finally:
         await second.stop(1)
+
+
+class _SlowSink(SinkHandler):
+    """A sink that takes its time over each message and notes how many it held at once."""
+
+    active = 0
+    most = 0
+
+    async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
+        _SlowSink.active += 1
+        _SlowSink.most = max(_SlowSink.most, _SlowSink.active)
+        try:
+            await asyncio.sleep(0.3)
+            return await super().on_message(info, envelope, body)
+        finally:
+            _SlowSink.active -= 1
+
+
+async def test_destination_concurrency_caps_parallel_deliveries(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    _SlowSink.active = _SlowSink.most = 0
+    behaviour = SinkBehaviour(tmp_path / "slow", fsync=False)
+    server = build_sink("127.0.0.1", 0, behaviour)
+    server.new_handler = lambda: _SlowSink(behaviour)
+    await server.start()
+    try:
+        port = server.bound_ports()["sink"]
+        gw = await gateway_factory(
+            **NO_SPOOF,
+            queue={"destination_concurrency": 2, "max_deliveries": 50},
+            send_connectors=[_connector("slow", port)],
+        )
+        for n in range(8):
+            await asyncio.to_thread(_send, gw.port, [f"user{n}@example.com"])
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(list(behaviour.directory.glob("*.eml"))) < 8:
+            assert asyncio.get_running_loop().time() < deadline, "not all delivered"
+            await asyncio.sleep(0.05)
+        assert _SlowSink.most == 2  # eight waiting, never more than two at the sink at once
+    finally:
+        await server.stop(1)
