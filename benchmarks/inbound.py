@@ -35,13 +35,13 @@ LOOPS = ("asyncio", "uvloop")
 
 
 async def serve_smtpgate(port: int, spool: Path) -> None:
+    from smtpgate.inbound.contract import SessionHandler, SessionInfo, SessionSettings
     from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits
-    from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
     from smtpgate.model.envelope import Envelope
     from smtpgate.observe.log import configure
     from smtpgate.proto import events as ev
     from smtpgate.proto.replies import Reply
-    from smtpgate.proto.server import SessionLimits
+    from smtpgate.proto.state import SessionLimits
     from smtpgate.spool import SpooledBody
 
     configure("warning")

@@ -38,15 +38,15 @@ from smtpgate.config.store import ConfigStore
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.errors import ConfigError
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
+from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.server import (
     InboundServer,
     ListenerSpec,
     ServerLimits,
     until_stop_signal,
 )
-from smtpgate.inbound.session import SessionHandler, SessionSettings
 from smtpgate.observe.log import get_logger, log_options
-from smtpgate.proto.server import SessionLimits
+from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans

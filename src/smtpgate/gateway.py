@@ -22,8 +22,8 @@ from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.config.secret import load_key, read_password, read_secret
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import ConfigError, FieldProblem
+from smtpgate.inbound.contract import SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
-from smtpgate.inbound.session import SessionInfo
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.auth import (

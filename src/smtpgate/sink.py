@@ -16,12 +16,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtpgate.inbound.contract import SessionHandler, SessionInfo, SessionSettings
 from smtpgate.inbound.server import InboundServer, ListenerSpec, ServerLimits, until_stop_signal
-from smtpgate.inbound.session import SessionHandler, SessionInfo, SessionSettings
 from smtpgate.model.envelope import Envelope
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import SessionLimits
+from smtpgate.proto.state import SessionLimits
 from smtpgate.spool import SpooledBody, fsync_path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.inbound.session import SessionInfo
+from smtpgate.inbound.contract import SessionInfo
 from smtpgate.model.envelope import Envelope
 from smtpgate.proto.replies import Reply
 from smtpgate.queue.store import Filters, QueueStore

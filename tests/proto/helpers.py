@@ -5,7 +5,8 @@ from __future__ import annotations
 from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import ServerConnection, SessionLimits
+from smtpgate.proto.server import ServerConnection
+from smtpgate.proto.state import SessionLimits
 
 
 class Driver:

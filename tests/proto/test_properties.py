@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from smtpgate.delivery.client import stuff_dots
 from smtpgate.proto import events as ev
-from smtpgate.proto.server import SessionLimits
+from smtpgate.proto.state import SessionLimits
 from tests.proto.helpers import Driver, codes
 
 body_pieces = st.lists(

@@ -7,7 +7,8 @@ import pytest
 from smtpgate.errors import ProtocolUsageError
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import ServerConnection, SessionLimits, State
+from smtpgate.proto.server import ServerConnection
+from smtpgate.proto.state import SessionLimits, State
 from tests.proto.helpers import Driver, codes
 
 

@@ -23,12 +23,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from smtpgate.inbound.session import (
-    Session,
-    SessionHandler,
-    SessionSettings,
-    wait_closed,
-)
+from smtpgate.inbound.contract import SessionHandler, SessionSettings
+from smtpgate.inbound.session import Session, wait_closed
 from smtpgate.observe.log import get_logger
 from smtpgate.proto.replies import Reply
 

@@ -27,29 +27,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, cast
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
 from smtpgate.inbound import sasl
+from smtpgate.inbound.contract import SessionHandler, SessionInfo, SessionSettings
+from smtpgate.inbound.peer import client_certificate, is_loopback, tls_summary
 from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
 from smtpgate.inbound.sasl import SaslExchange, SaslStep
 from smtpgate.inbound.trace import TraceFacts, received_header
-from smtpgate.model.envelope import Envelope, MailParams, Recipient
+from smtpgate.model.envelope import MailParams, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import ServerConnection, SessionLimits, State
+from smtpgate.proto.server import ServerConnection
+from smtpgate.proto.state import State
 from smtpgate.spool import SpooledBody, new_queue_id
-from smtpgate.tls.certificates import spki_pin
 
 log = get_logger("smtpgate.session")
 
@@ -61,79 +57,6 @@ CERTIFICATE_REQUIRED = Reply.of(
 )
 SPOOL_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error")
 HAND_OFF_FAILED = Reply.of(451, "4.3.0", "Error: local error in processing")
-_NO_PARAMS = MailParams()
-
-
-@dataclass
-class SessionInfo:
-    """Facts about one session that handlers read (and policy later extends)."""
-
-    listener: str
-    client_ip: str
-    client_port: int
-    hostname: str
-    tls: str | None = None
-    helo: str = ""
-    esmtp: bool = False
-    auth_user: str | None = None
-    sender: str | None = None
-    mail_params: MailParams = _NO_PARAMS
-    recipients: list[Recipient] = field(default_factory=list)
-    # What the session offers; the handler may change these in on_connect.
-    offer_starttls: bool = False
-    auth_mechanisms: tuple[str, ...] = ()
-    client_certificate: str | None = None  # "subject (sha256 ...)" once verified
-    # What the handler decided, carried into the envelope.
-    spam_check: bool = True
-    profile: str = ""
-
-    def envelope(self) -> Envelope:
-        return Envelope(
-            sender=self.sender or "",
-            recipients=tuple(self.recipients),
-            mail_params=self.mail_params,
-            helo=self.helo,
-            client_ip=self.client_ip,
-            client_port=self.client_port,
-            tls=self.tls,
-            auth_user=self.auth_user,
-            spam_check=self.spam_check,
-            profile=self.profile,
-        )
-
-
-class SessionHandler(Protocol):
-    """What the session asks; the gateway and the sink each provide one."""
-
-    async def on_connect(self, info: SessionInfo) -> Reply | None:
-        """Before the greeting: ``None`` for 220, or a 554/421 refusal."""
-
-    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
-        """Per command, a pure decision: ``None`` for the default answer."""
-
-    async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
-        """A complete, checked body: hand it on and return the final reply."""
-
-    async def on_auth(self, info: SessionInfo, username: str, password: str) -> Reply:
-        """Verify credentials: 235 to accept, 535 or 454 to refuse."""
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    limits: SessionLimits
-    command_timeout: float
-    data_timeout: float
-    tls_handshake_timeout: float
-    spool_dir: Path
-    tls_context: ssl.SSLContext | None  # None: STARTTLS not offered
-    require_tls: bool
-    proxy_protocol: bool = False
-    proxy_timeout: float = 10.0
-    plaintext_auth_on_loopback: bool = False
-    banner: str = "ESMTP smtpgate"  # the greeting is "220 <hostname> <banner>"
-    client_certificate_required: bool = False
-    client_certificate_pin: str | None = None  # SHA-256 the client certificate must have
-    client_spki_pin: str | None = None  # base64 SHA-256 of the public key it must carry
 
 
 class SessionHost(Protocol):
@@ -431,17 +354,14 @@ class Session(asyncio.Protocol):
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return
-        certificate = x509.load_der_x509_certificate(der)
-        digest = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
-        pin, spki = self.settings.client_certificate_pin, self.settings.client_spki_pin
-        if (pin is not None and digest != pin) or (
-            spki is not None and spki_pin(certificate) != spki
-        ):
-            log.info("client certificate refused", client=self.info.client_ip, sha256=digest)
+        settings = self.settings
+        found = client_certificate(der, settings.client_certificate_pin, settings.client_spki_pin)
+        if isinstance(found, str):
+            log.info("client certificate refused", client=self.info.client_ip, sha256=found)
             return
-        self.info.client_certificate = f"{certificate.subject.rfc4514_string()} (sha256 {digest})"
+        subject, self.info.client_certificate = found
         if self.info.tls and "client verified" not in self.info.tls:
-            self.info.tls += f", client verified: {certificate.subject.rfc4514_string()}"
+            self.info.tls += f", client verified: {subject}"
         log.info(
             "client certificate",
             client=self.info.client_ip,
@@ -452,7 +372,7 @@ class Session(asyncio.Protocol):
 
     def _plaintext_auth_allowed(self) -> bool:
         """AUTH without TLS: only for loopback clients of a listener that says so."""
-        return self.settings.plaintext_auth_on_loopback and _is_loopback(self.info.client_ip)
+        return self.settings.plaintext_auth_on_loopback and is_loopback(self.info.client_ip)
 
     def _auth_step(self, event: ev.AuthRequested | ev.AuthResponse) -> None:
         if isinstance(event, ev.AuthRequested):
@@ -530,7 +450,7 @@ class Session(asyncio.Protocol):
         self._drop_spool()
         self._spool_failed = False
         info = self.info
-        info.sender, info.mail_params, info.recipients = None, _NO_PARAMS, []
+        info.sender, info.mail_params, info.recipients = None, MailParams(), []
 
     def _drop_spool(self) -> None:
         if self.spool is not None:
@@ -572,24 +492,6 @@ class Session(asyncio.Protocol):
         early, self._tls_early = bytes(self._tls_early), None
         if early:
             self.conn.receive_data(early)
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
-def tls_summary(transport: asyncio.BaseTransport) -> str | None:
-    """``"TLSv1.3 TLS_AES_256_GCM_SHA384 (256 bits)"`` for the Received header."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    if not cipher:
-        return str(ssl_object.version())
-    return f"{ssl_object.version()} {cipher[0]} ({cipher[2]} bits)"
 
 
 async def wait_closed(sessions: list[Session], timeout: float) -> list[Session]:

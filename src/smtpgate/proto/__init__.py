@@ -26,7 +26,8 @@ from smtpgate.proto.events import (
     Verify,
 )
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import ServerConnection, SessionLimits, State
+from smtpgate.proto.server import ServerConnection
+from smtpgate.proto.state import SessionLimits, State
 
 __all__ = [
     "AuthAborted",

@@ -31,14 +31,9 @@ Rules kept here:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import enum
-from dataclasses import dataclass, field
-
 from smtpgate.errors import ProtocolUsageError
 from smtpgate.proto import replies as r
-from smtpgate.proto.body import BodyChecker, BodyLimits, ChunkFramer, DotFramer, Step
+from smtpgate.proto.body import BodyChecker, ChunkFramer, DotFramer, Step
 from smtpgate.proto.events import (
     AuthAborted,
     AuthRequested,
@@ -69,66 +64,23 @@ from smtpgate.proto.grammar import (
     split_params,
 )
 from smtpgate.proto.replies import Reply
+from smtpgate.proto.state import (
+    SessionFacts,
+    SessionLimits,
+    State,
+    Transaction,
+    b64,
+    extensions,
+    start_auth,
+)
 
 NEED_DATA = NeedData()
-
-
-class State(enum.Enum):
-    """Where the conversation stands."""
-
-    CONNECTED = "connected"  # greeting not yet sent
-    REFUSED = "refused"  # 554 greeting: only QUIT is honoured (RFC 5321 §3.1)
-    READY = "ready"  # greeting sent, no EHLO/HELO yet
-    GREETED = "greeted"  # EHLO/HELO done, no transaction
-    MAIL = "mail"  # sender accepted
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # receiving a DATA body
-    BDAT = "bdat"  # receiving a BDAT chunk
-    AUTH = "auth"  # inside a SASL exchange (RFC 4954 §4)
-    TLS_PENDING = "tls-pending"  # 220 to STARTTLS sent, handshake not done
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """Limits of one session; defaults follow Postfix where it has one."""
-
-    max_command_line: int = 512  # RFC 5321 §4.5.3.1.4, including CRLF
-    command_line_allowance: int = 1024  # extra room for MAIL/RCPT parameters
-    max_auth_line: int = 12288  # RFC 4954 §4
-    max_line_length: int = 8192  # body text line, including CRLF
-    max_recipients: int = 1000  # Postfix smtpd_recipient_limit
-    max_message_size: int = 10_240_000  # Postfix message_size_limit
-    max_header_size: int = 102_400  # Postfix header_size_limit
-    max_errors: int = 20  # Postfix smtpd_hard_error_limit
-
-    def body(self) -> BodyLimits:
-        return BodyLimits(self.max_message_size, self.max_header_size, self.max_line_length)
 
 
 _NO_REPLY = (NeedData, MessageData, MessageRejected, AuthAborted)
 _MUST_END_GROUP = frozenset({"EHLO", "HELO", "DATA"})
 _FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "USER", "PASS"})
 _UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
-
-
-@dataclass(slots=True)
-class _Transaction:
-    smtputf8: bool = False
-    recipients: int = 0
-    used_bdat: bool = False
-    checker: BodyChecker | None = None
-
-
-@dataclass(slots=True)
-class _Session:
-    esmtp: bool = False
-    offer_starttls: bool = False
-    auth_mechanisms: tuple[str, ...] = ()
-    authenticated: bool = False
-    txn: _Transaction | None = None
-    helo_name: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class ServerConnection:
@@ -142,7 +94,7 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._pending: Event | None = None
-        self._session = _Session()
+        self._session = SessionFacts()
         self._framer: DotFramer | ChunkFramer | None = None
         self._bdat_last = False
         self._held: Event | None = None
@@ -202,21 +154,8 @@ class ServerConnection:
         self._session.auth_mechanisms = auth
         if not self._pending.extended:
             return Reply.of(250, None, hostname)
-        lines = [
-            hostname,
-            "PIPELINING",
-            f"SIZE {self.limits.max_message_size}",
-            "ENHANCEDSTATUSCODES",
-            "8BITMIME",
-            "SMTPUTF8",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self._session.offer_starttls:
-            lines.append("STARTTLS")
-        if auth:
-            lines.append("AUTH " + " ".join(auth))
-        return Reply(250, None, tuple(lines))
+        offered = extensions(self.limits, starttls=self._session.offer_starttls, auth=auth)
+        return Reply(250, None, (hostname, *offered))
 
     def reply(self, reply: Reply) -> None:
         """Answer the pending command event; state follows the reply given."""
@@ -235,7 +174,7 @@ class ServerConnection:
         """The handshake after STARTTLS succeeded: forget the plaintext session."""
         self._expect_state(State.TLS_PENDING)
         self.tls_active = True
-        self._session = _Session()
+        self._session = SessionFacts()
         self._in.clear()
         self.state = State.READY
 
@@ -480,37 +419,19 @@ class ServerConnection:
         return StartTls()
 
     def _auth(self, arg: str) -> Event | None:
-        session = self._session
-        if not session.auth_mechanisms:
-            self._error(r.AUTH_UNAVAILABLE)
+        started = start_auth(self._session, arg)
+        if isinstance(started, Reply):
+            self._error(started)
             return None
-        if session.authenticated:
-            self._error(r.ALREADY_AUTHENTICATED)
-            return None
-        if session.txn is not None:
-            self._error(r.AUTH_IN_TRANSACTION)
-            return None
-        words = arg.split(" ")
-        mechanism = words[0].upper()
-        if mechanism not in session.auth_mechanisms or len(words) > 2:
-            self._error(r.AUTH_MECHANISM_UNKNOWN)
-            return None
-        initial: bytes | None = None
-        if len(words) == 2:
-            decoded = _b64(words[1]) if words[1] != "=" else b""
-            if decoded is None:
-                self._error(r.AUTH_BAD_BASE64)
-                return None
-            initial = decoded
         self._state_before_auth = self.state
-        return AuthRequested(mechanism, initial)
+        return started
 
     def _auth_line(self, raw: bytes) -> Event | None:
         self.state = self._state_before_auth
         if raw == b"*":
             self._error(r.AUTH_CANCELLED)
             return AuthAborted()
-        decoded = _b64(raw.decode("ascii", "replace"))
+        decoded = b64(raw.decode("ascii", "replace"))
         if decoded is None:
             self._error(r.AUTH_BAD_BASE64)
             return None
@@ -573,7 +494,7 @@ class ServerConnection:
             session.txn = None
             self.state = State.GREETED
         elif isinstance(event, MailFrom) and ok:
-            session.txn = _Transaction(smtputf8=event.params.smtputf8)
+            session.txn = Transaction(smtputf8=event.params.smtputf8)
             self.state = State.MAIL
         elif isinstance(event, RcptTo) and ok and session.txn is not None:
             session.txn.recipients += 1
@@ -625,10 +546,3 @@ class ServerConnection:
     def _expect_state(self, state: State) -> None:
         if self.state is not state:
             raise ProtocolUsageError(f"expected state {state.value}, in {self.state.value}")
-
-
-def _b64(text: str) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
