@@ -295,9 +295,7 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
     host, port = parse_listen_address(config.admin.listen)
     deadline = time.monotonic() + 30
     while child.returncode is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            _reader, writer = await asyncio.open_connection(host, port)
-            writer.close()
+        if await _answers_http(host, port):
             return child
         await asyncio.sleep(0.05)
     if child.returncode is None:
@@ -305,13 +303,42 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
     raise OSError(f"the admin API could not listen on {config.admin.listen} (admin.listen)")
 
 
+async def _answers_http(host: str, port: int) -> bool:
+    """Our API is up (not merely something listening on its port)."""
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /openapi.json HTTP/1.0\r\nHost: smtpgate\r\n\r\n")
+            status = await reader.readline()
+            writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return status.startswith(b"HTTP/1.1 200")
+
+
 async def serve(
     config: GatewayConfig, store: ConfigStore | None = None, revision: int | None = None
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    gateway = await build_gateway(config, revision, store)
-    await gateway.start()
+    """Run until SIGTERM or SIGINT, then shut down gracefully. The API starts
+    first, so a taken ``admin.listen`` stops the start before any SMTP socket."""
     api = await start_api(config) if store is not None else None
+    try:
+        gateway = await build_gateway(config, revision, store)
+        await gateway.start()
+        await _run_until_stopped(gateway, config, revision, api)
+    finally:
+        if api is not None and api.returncode is None:
+            api.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(api.wait(), 10)
+
+
+async def _run_until_stopped(
+    gateway: Gateway,
+    config: GatewayConfig,
+    revision: int | None,
+    api: asyncio.subprocess.Process | None,
+) -> None:
     pid_file = config.gateway.data_dir / "smtpgate.pid"
     pid_file.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
@@ -326,11 +353,8 @@ async def serve(
         await until_stop_signal()
         log.info("shutting down", grace=config.timeouts.shutdown_grace)
         if api is not None:
-            api.terminate()
+            api.terminate()  # no admin changes while the gateway winds down
         await gateway.stop(config.timeouts.shutdown_grace)
-        if api is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(api.wait(), 10)
     finally:
         pid_file.unlink(missing_ok=True)
 

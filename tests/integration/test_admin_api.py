@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import smtplib
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import SMTPGATE, SinkHandle, free_port, run_tool
+from tests.conftest import SMTPGATE, SinkHandle, base_config, free_port, run_tool
 from tests.integration.conftest import PROFILE, Api
 
 
@@ -390,3 +392,28 @@ async def test_oversized_and_anonymous_bodies_are_refused_unread(api: Api) -> No
         response = await anonymous.post("/api/v1/config/import", content=big, headers=headers)
     assert response.status_code == 401
     assert (await api.ok("GET", "/config/draft"))["staged"] is False
+
+
+def test_a_taken_api_port_stops_serve_before_smtp_listens(tmp_path: Path) -> None:
+    with socket.socket() as squatter:  # listens, but is not our API
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        smtp = free_port()
+        document = base_config(tmp_path / "var", 2526)
+        document["listeners"][0]["address"] = f"127.0.0.1:{smtp}"
+        document["admin"] = {"listen": f"127.0.0.1:{taken}"}
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(document))
+        done = subprocess.run(
+            [SMTPGATE, "serve", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert f"the admin API could not listen on 127.0.0.1:{taken}" in done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened

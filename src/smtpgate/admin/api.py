@@ -145,7 +145,7 @@ def run_api(data_dir: Path, listen: str) -> None:
     context = ApiContext(service, lambda: node_status(store, data_dir))
     host, port = parse_listen_address(listen)
     _leave_with_parent()
-    log.info("admin API listening", address=listen)
+    log.info("admin API starting", address=listen)
     uvicorn.run(
         create_app(context), host=host, port=port, log_config=None, access_log=False, lifespan="off"
     )
