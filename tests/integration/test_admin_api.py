@@ -13,7 +13,7 @@ import smtplib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import SMTPGATE, SinkHandle, base_config, free_port, run_tool
-from tests.integration.conftest import PROFILE, Api
+from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle, base_config, free_port, run_tool
+from tests.dnsserver import start_dns
+from tests.integration.conftest import PROFILE, Api, make_token
 
 
 def _send(port: int, source: str, to: str) -> str:
@@ -417,3 +418,34 @@ def test_a_taken_api_port_stops_serve_before_smtp_listens(tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened
+
+
+async def test_explain_over_the_api_looks_up_names_with_the_gateways_dns(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    records = {
+        ("5.0.0.127.in-addr.arpa", "PTR"): ["mail.partner.test."],
+        ("mail.partner.test", "A"): ["127.0.0.5"],
+    }
+    dns, dns_port = await start_dns(records)
+    try:
+        port = free_port()
+        gateway = gateway_process(
+            sink.port,
+            gateway={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 2}},
+            admin={"listen": f"127.0.0.1:{port}"},
+            connection_profiles=[
+                {"name": "by-name", "client_hosts": ["mail.partner.test"], "relay": "full"}
+            ],
+        )
+        token = await asyncio.to_thread(make_token, gateway.config_path)
+        where = ["--api", f"http://127.0.0.1:{port}", "--token", token]
+        code, out = await run_tool(
+            SMTPGATE, "policy", "explain", "--client-ip", "127.0.0.5", "--lookup", *where
+        )
+        assert code == 0, out
+        assert "connection profile 'by-name'" in out
+        assert "mail.partner.test" in out
+    finally:
+        assert dns.transport is not None
+        dns.transport.close()

@@ -21,11 +21,10 @@ from smtpgate.admin.operations import (
 )
 from smtpgate.admin.services import record
 from smtpgate.config.load import parse_config
-from smtpgate.config.schema import (
-    parse_duration,
-)
+from smtpgate.config.schema import parse_duration
 from smtpgate.config.secret import encrypt, load_key
 from smtpgate.delivery.verify import verify_connector
+from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import ConfigError, FieldProblem, NotFound
 from smtpgate.gateway import GatewayPolicy
 from smtpgate.policy.explain import Facts
@@ -45,6 +44,7 @@ class ExplainRequest(StrictBody):
     tls: bool = False
     auth_user: str | None = Field(default=None, max_length=255)
     client_certificate: str | None = Field(default=None, max_length=1000)
+    lookup: bool = False  # add the forward-confirmed names the gateway's DNS finds
 
 
 class Secret(StrictBody):
@@ -109,9 +109,13 @@ def operation_routes(router: APIRouter, context: ApiContext) -> None:
         return result
 
     @router.post("/policy/explain", tags=["operations"])
-    def explain(request: ExplainRequest) -> dict[str, Any]:
-        facts = Facts(**request.model_dump())
-        result: dict[str, Any] = explain_policy(applied_config(), facts).as_dict()
+    async def explain(request: ExplainRequest) -> dict[str, Any]:
+        config = applied_config()
+        asked = request.model_dump(exclude={"lookup"})
+        if request.lookup:  # from the gateway, with gateway.dns: what a session would see
+            resolver = DnsResolver(config.gateway.dns)
+            asked["confirmed_names"] += await confirmed_names(resolver, request.client_ip)
+        result: dict[str, Any] = explain_policy(config, Facts(**asked)).as_dict()
         return result
 
     @router.post("/connectors/{name}/verify", tags=["operations"])

@@ -112,12 +112,9 @@ def explain(args: argparse.Namespace) -> int:
         "client_certificate": args.client_certificate,
     }
     if getattr(args, "api", None):
-        if args.lookup:
-            print("--lookup needs the local configuration; pass --hostname", file=sys.stderr)
-            return 2
         api = api_for(args)
         try:
-            result = api.call("POST", "/policy/explain", json=facts)
+            result = api.call("POST", "/policy/explain", json={**facts, "lookup": args.lookup})
         finally:
             api.close()
     else:
