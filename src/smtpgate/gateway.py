@@ -45,9 +45,8 @@ from smtpgate.policy.relay import (
     decide_connect,
     decide_relay,
     relay_rights,
-    split_address,
 )
-from smtpgate.policy.routing import select_connector
+from smtpgate.policy.routing import route
 from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
@@ -90,10 +89,7 @@ class GatewayPolicy:
     def route(
         self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
     ) -> SendConnector | None:
-        sender_domain = split_address(sender)[1] if sender else ""
-        recipient_domain = split_address(recipient)[1]
-        connectors = [c for c in self.config.send_connectors if c.name not in exclude]
-        return select_connector(connectors, self.roles, sender_domain, recipient_domain)
+        return route(self.config.send_connectors, self.roles, sender, recipient, exclude)
 
     def outbound_tls(self, connector: SendConnector, host: str, domain: str) -> OutboundPolicy:
         """The TLS policy for delivering to ``host`` for ``domain`` through ``connector``."""

@@ -23,7 +23,7 @@ from smtpgate.policy.relay import (
     relay_rights,
     split_address,
 )
-from smtpgate.policy.routing import select_connector
+from smtpgate.policy.routing import route
 from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
@@ -186,13 +186,10 @@ def explain(
         mail.spam_check,
         client_certificate=facts.client_certificate,
     )
-    sender_domain = split_address(facts.sender)[1] if facts.sender else ""
     roles = frozenset(config.gateway.roles)
     for recipient in facts.recipients:
         verdict = decide_relay(rights.mode, recipient, hosted)
-        connector = select_connector(
-            config.send_connectors, roles, sender_domain, split_address(recipient)[1]
-        )
+        connector = route(config.send_connectors, roles, facts.sender or "", recipient)
         reason = (
             f"cheapest matching connector (cost {connector.cost})"
             if connector

@@ -18,6 +18,7 @@ from collections.abc import Sequence, Set
 from functools import lru_cache
 
 from smtpgate.config.schema import SendConnector
+from smtpgate.policy.relay import split_address
 
 
 @lru_cache(maxsize=4096)
@@ -53,3 +54,17 @@ def select_connector(
         c for c in connectors if connector_applies(c, roles, sender_domain, recipient_domain)
     ]
     return min(candidates, key=lambda c: (c.cost, c.name), default=None)
+
+
+def route(
+    connectors: Sequence[SendConnector],
+    roles: Set[str],
+    sender: str,
+    recipient: str,
+    exclude: Set[str] = frozenset(),
+) -> SendConnector | None:
+    """The connector for ``sender`` → ``recipient`` (addresses), skipping the
+    connectors named in ``exclude`` (already tried, for failover)."""
+    usable = [c for c in connectors if c.name not in exclude] if exclude else connectors
+    sender_domain = split_address(sender)[1] if sender else ""
+    return select_connector(usable, roles, sender_domain, split_address(recipient)[1])
