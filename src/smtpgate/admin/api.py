@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from smtpgate.admin.guard import Guard
-from smtpgate.admin.http import ERRORS, ApiContext, Unauthorised, problems, require_actor
+from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
-from smtpgate.admin.services import ConfigService, authenticate, node_status
+from smtpgate.admin.services import ConfigService, authenticate
 from smtpgate.config.load import field_path
 from smtpgate.config.schema import parse_listen_address
 from smtpgate.config.store import ConfigStore
@@ -108,27 +108,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 # -- the application -----------------------------------------------------------
 
 
-def create_app(context: ApiContext) -> FastAPI:
+def create_app(service: ConfigService) -> FastAPI:
     app = FastAPI(
         title="smtpgate",
         version="1",
         description="Configuration, queue and policy tools of an smtpgate gateway.",
     )
     _install_error_handlers(app)
-    app.state.context = context
-    app.add_middleware(
-        Guard, check=lambda token: authenticate(context.service.store, token) is not None
-    )
-
-    async def unauthorised(_request: Request, _exc: Exception) -> JSONResponse:
-        response = _error(401, "a valid API token is needed (Authorization: Bearer ...)")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-
-    app.add_exception_handler(Unauthorised, unauthorised)
-    router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_actor)], responses=ERRORS)
-    config_routes(router, context)
-    operation_routes(router, context)
+    app.add_middleware(Guard, token_name=lambda token: authenticate(service.store, token))
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(bearer)], responses=ERRORS)
+    config_routes(router, service)
+    operation_routes(router, service)
     app.include_router(router)
     return app
 
@@ -142,12 +132,11 @@ def run_api(data_dir: Path, listen: str) -> None:
     parent does, so a killed gateway never leaves an orphan holding the port."""
     store = ConfigStore.open(data_dir)
     service = ConfigService(store, data_dir)
-    context = ApiContext(service, lambda: node_status(store, data_dir))
     host, port = parse_listen_address(listen)
     _leave_with_parent()
     log.info("admin API starting", address=listen)
     uvicorn.run(
-        create_app(context), host=host, port=port, log_config=None, access_log=False, lifespan="off"
+        create_app(service), host=host, port=port, log_config=None, access_log=False, lifespan="off"
     )
 
 
@@ -162,4 +151,4 @@ def _leave_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-__all__ = ["ApiContext", "create_app", "run_api"]
+__all__ = ["create_app", "run_api"]

@@ -36,18 +36,23 @@ def declared_length(scope: Scope) -> int | None:
 
 
 class Guard:
-    """401 without a valid token, 413 above ``limit`` octets of body."""
+    """401 without a valid token, 413 above ``limit`` octets of body. ``token_name``
+    gives a token's name (None when unknown); routes find the caller as
+    ``request.state.actor``."""
 
-    def __init__(self, app: ASGIApp, check: Callable[[str], bool], limit: int = MAX_BODY) -> None:
+    def __init__(
+        self, app: ASGIApp, token_name: Callable[[str], str | None], limit: int = MAX_BODY
+    ) -> None:
         self.app = app
-        self.check = check
+        self.token_name = token_name
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/api/"):
             await self.app(scope, receive, send)
             return
-        if not self.check(bearer_token(scope)):
+        name = self.token_name(bearer_token(scope))
+        if name is None:
             response = JSONResponse(
                 {
                     "detail": "a valid API token is needed (Authorization: Bearer ...)",
@@ -63,6 +68,7 @@ class Guard:
             too_big = JSONResponse({"detail": self._too_big(), "problems": []}, 413)
             await too_big(scope, receive, send)
             return
+        scope.setdefault("state", {})["actor"] = f"token:{name}"
         await self.app(scope, self._counting(receive), send)
 
     def _too_big(self) -> str:

@@ -8,11 +8,12 @@ manager notices within a second), like Postfix's postqueue and postsuper.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from smtpgate.config.schema import GatewayConfig
-from smtpgate.errors import AdminError, NotFound
+from smtpgate.config.schema import GatewayConfig, parse_duration
+from smtpgate.errors import AdminError, ConfigError, FieldProblem, NotFound
 from smtpgate.policy.explain import Explanation, Facts, explain
 from smtpgate.policy.profile import ProfileIndex
 from smtpgate.queue.store import Filters, NewMessage, QueuedMessage, QueueStore
@@ -55,8 +56,19 @@ def message_dict(message: QueuedMessage) -> dict[str, Any]:
     }
 
 
-def queue_list(store: QueueStore, filters: Filters) -> list[QueuedMessage]:
-    return list(store.list(filters))
+def queue_list(store: QueueStore, filters: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """The messages matching ``state``, ``sender``, ``recipient``, ``domain`` and
+    ``older_than`` (an age such as ``2h``); any may be None."""
+    older = filters.get("older_than")
+    try:
+        age = parse_duration(older) if older else None
+    except ValueError as exc:
+        raise ConfigError([FieldProblem("older_than", str(exc))]) from None
+    chosen = Filters(
+        filters.get("state"), filters.get("sender"), filters.get("recipient"),
+        filters.get("domain"), age,
+    )  # fmt: skip
+    return [message_dict(m) for m in store.list(chosen)]
 
 
 def queue_show(store: QueueStore, message_id: str) -> QueuedMessage:

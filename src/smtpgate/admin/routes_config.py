@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, Field
 
 from smtpgate.admin import edit
-from smtpgate.admin.http import Actor, ApiContext, Flag, StrictBody, Value, problems
+from smtpgate.admin.http import Actor, Flag, StrictBody, Value, problems
 from smtpgate.admin.services import ConfigService
 from smtpgate.config.document import Document
 from smtpgate.config.schema import (
@@ -79,8 +79,7 @@ def _draft_view(service: ConfigService) -> dict[str, Any]:
     }
 
 
-def _lifecycle_routes(router: APIRouter, context: ApiContext) -> None:
-    service = context.service
+def _lifecycle_routes(router: APIRouter, service: ConfigService) -> None:
 
     @router.get("/config/applied", tags=["config"])
     def applied() -> dict[str, Any]:
@@ -107,13 +106,7 @@ def _lifecycle_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.get("/config/diff", tags=["config"])
     def get_diff() -> dict[str, Any]:
-        from smtpgate.config.document import restart_required  # noqa: PLC0415
-
-        changes = service.diff()
-        return {
-            "changes": [c.as_dict() for c in changes],
-            "restart_required": restart_required(changes),
-        }
+        return service.diff_report()
 
     @router.post("/config/validate", tags=["config"])
     def validate() -> dict[str, Any]:
@@ -126,15 +119,7 @@ def _lifecycle_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.get("/config/history", tags=["config"])
     def history() -> list[dict[str, Any]]:
-        return [
-            {
-                "revision": r.number,
-                "applied_at": r.applied_at,
-                "applied_by": r.applied_by,
-                "comment": r.comment,
-            }
-            for r in service.history()
-        ]
+        return [r.summary() for r in service.history()]
 
     @router.get("/config/revisions/{number}", tags=["config"])
     def revision(number: int) -> dict[str, Any]:
@@ -159,22 +144,19 @@ def _lifecycle_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.get("/audit", tags=["config"])
     def audit_log(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        return [
-            {"at": e.at, "actor": e.actor, "action": e.action, "detail": e.detail}
-            for e in service.store.audit_log(limit)
-        ]
+        return [e.as_dict() for e in service.store.audit_log(limit)]
 
 
-def _object_routes(router: APIRouter, context: ApiContext) -> None:
+def _object_routes(router: APIRouter, service: ConfigService) -> None:
     for collection, model in COLLECTION_MODELS.items():
-        _collection_routes(router, context.service, collection, model)
+        _collection_routes(router, service, collection, model)
     for section, model in SECTION_MODELS.items():
-        _section_routes(router, context.service, section, model)
+        _section_routes(router, service, section, model)
     for collection, field in sorted(edit.ITEM_LISTS):
         if field != "namespaces":
-            _value_routes(router, context.service, collection, field)
-    _namespace_routes(router, context.service)
-    _domain_routes(router, context.service)
+            _value_routes(router, service, collection, field)
+    _namespace_routes(router, service)
+    _domain_routes(router, service)
 
 
 def _typed(function: Callable[..., Any], **annotations: Any) -> Callable[..., Any]:
@@ -326,6 +308,6 @@ def _domain_routes(router: APIRouter, service: ConfigService) -> None:
         return spoof()
 
 
-def config_routes(router: APIRouter, context: ApiContext) -> None:
-    _lifecycle_routes(router, context)
-    _object_routes(router, context)
+def config_routes(router: APIRouter, service: ConfigService) -> None:
+    _lifecycle_routes(router, service)
+    _object_routes(router, service)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter
 from pydantic import AfterValidator, Field
 
-from smtpgate.admin.http import Actor, ApiContext, StrictBody
+from smtpgate.admin.http import Actor, StrictBody
 from smtpgate.admin.operations import (
     explain_policy,
     message_dict,
@@ -19,16 +19,15 @@ from smtpgate.admin.operations import (
     queue_show,
     send_credentials,
 )
-from smtpgate.admin.services import record
+from smtpgate.admin.services import ConfigService, node_status, record
 from smtpgate.config.load import parse_config
-from smtpgate.config.schema import parse_duration
 from smtpgate.config.secret import encrypt, load_key
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
-from smtpgate.errors import ConfigError, FieldProblem, NotFound
+from smtpgate.errors import NotFound
 from smtpgate.gateway import GatewayPolicy
 from smtpgate.policy.explain import Facts
-from smtpgate.queue.store import Filters, QueueStore
+from smtpgate.queue.store import QueueStore
 
 
 def _ip_address(value: str) -> str:
@@ -51,8 +50,7 @@ class Secret(StrictBody):
     value: str = Field(min_length=1, max_length=4096)
 
 
-def operation_routes(router: APIRouter, context: ApiContext) -> None:
-    service = context.service
+def operation_routes(router: APIRouter, service: ConfigService) -> None:
     queue_dir = service.data_dir / "queue"
 
     def applied_config() -> Any:
@@ -67,7 +65,7 @@ def operation_routes(router: APIRouter, context: ApiContext) -> None:
 
     @router.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:
-        return context.status()
+        return node_status(service.store, service.data_dir)
 
     @router.get("/queue", tags=["queue"])
     def listing(
@@ -77,12 +75,15 @@ def operation_routes(router: APIRouter, context: ApiContext) -> None:
         domain: str | None = None,
         older_than: str | None = None,
     ) -> list[dict[str, Any]]:
-        try:
-            older = parse_duration(older_than) if older_than else None
-        except ValueError as exc:
-            raise ConfigError([FieldProblem("older_than", str(exc))]) from None
-        filters = Filters(state, sender, recipient, domain, older)
-        return [message_dict(m) for m in with_queue(lambda s: queue_list(s, filters))]
+        filters = {
+            "state": state,
+            "sender": sender,
+            "recipient": recipient,
+            "domain": domain,
+            "older_than": older_than,
+        }
+        found: list[dict[str, Any]] = with_queue(lambda s: queue_list(s, filters))
+        return found
 
     @router.get("/queue/{message_id}", tags=["queue"])
     def show(message_id: str) -> dict[str, Any]:

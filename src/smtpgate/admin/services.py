@@ -38,11 +38,10 @@ from smtpgate.config.document import (
 )
 from smtpgate.config.load import from_pydantic, parse_config
 from smtpgate.config.schema import GatewayConfig, GatewaySettings
-from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore, Draft, Revision, StaleDraft
 from smtpgate.errors import ConfigError, Conflict, FieldProblem, NotFound
 from smtpgate.gateway import GatewayPolicy
-from smtpgate.tls.certificates import load_all
+from smtpgate.tls.certificates import load_configured
 
 
 @dataclass(frozen=True)
@@ -109,6 +108,14 @@ class ConfigService:
 
     def history(self) -> list[Revision]:
         return self.store.history()
+
+    def diff_report(self) -> dict[str, Any]:
+        """What ``config diff`` shows: every change, and those that need a restart."""
+        changes = self.diff()
+        return {
+            "changes": [c.as_dict() for c in changes],
+            "restart_required": restart_required(changes),
+        }
 
     # -- editing the draft -----------------------------------------------------
 
@@ -204,7 +211,7 @@ class ConfigService:
             document = self.working()[0]
         try:
             config = parse_config(self.check(document, self.store.applied_document()))
-            load_all(config.certificates, lambda: load_key(self.data_dir, create=False))
+            load_configured(config)
             GatewayPolicy.build(config)  # decrypts every secret once
         except ConfigError as exc:
             return exc.problems

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 
 from smtpgate.admin.services import ConfigService
-from smtpgate.config.document import Document, restart_required
+from smtpgate.config.document import Document
 from smtpgate.config.store import ConfigStore
 from smtpgate.errors import AdminError, ConfigError, Conflict, FieldProblem, NotFound
 
@@ -65,11 +65,7 @@ class LocalBackend:
         return self.service.view(which)
 
     def diff(self) -> dict[str, Any]:
-        changes = self.service.diff()
-        return {
-            "changes": [c.as_dict() for c in changes],
-            "restart_required": restart_required(changes),
-        }
+        return self.service.diff_report()
 
     def validate(self) -> list[dict[str, str]]:
         return [{"path": p.path, "message": p.message} for p in self.service.validate()]
@@ -81,21 +77,10 @@ class LocalBackend:
         self.service.discard(self.actor)
 
     def history(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "revision": r.number,
-                "applied_at": r.applied_at,
-                "applied_by": r.applied_by,
-                "comment": r.comment,
-            }
-            for r in self.service.history()
-        ]
+        return [r.summary() for r in self.service.history()]
 
     def audit(self) -> list[dict[str, Any]]:
-        return [
-            {"at": e.at, "actor": e.actor, "action": e.action, "detail": e.detail}
-            for e in self.service.store.audit_log()
-        ]
+        return [e.as_dict() for e in self.service.store.audit_log()]
 
     def rollback(self, revision: int, force: bool) -> None:
         self.service.rollback(revision, self.actor, force=force)

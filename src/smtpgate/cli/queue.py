@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
-from smtpgate.config.schema import parse_duration
 from smtpgate.errors import NotFound
-from smtpgate.queue.store import Filters, QueueStore
+from smtpgate.queue.store import QueueStore
 
 if TYPE_CHECKING:
     from smtpgate.cli.backend import ApiBackend
@@ -79,9 +78,7 @@ class LocalQueue:
     data_dir: Path
 
     def list(self, filters: dict[str, str | None]) -> list[dict[str, Any]]:
-        older = filters.pop("older_than")
-        chosen = Filters(**filters, older_than=parse_duration(older) if older else None)
-        return [message_dict(m) for m in queue_list(self.store, chosen)]
+        return queue_list(self.store, filters)
 
     def show(self, message_id: str) -> dict[str, Any]:
         return message_dict(queue_show(self.store, message_id))

@@ -98,6 +98,15 @@ class Revision:
     applied_by: str
     comment: str
 
+    def summary(self) -> dict[str, Any]:
+        """One line of ``config history``."""
+        return {
+            "revision": self.number,
+            "applied_at": self.applied_at,
+            "applied_by": self.applied_by,
+            "comment": self.comment,
+        }
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -114,6 +123,9 @@ class AuditEntry:
     actor: str
     action: str
     detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "actor": self.actor, "action": self.action, "detail": self.detail}
 
 
 class StaleDraft(Exception):  # noqa: N818 - a condition the caller reports, not a bug

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from smtpgate.config.schema import Certificate
-from smtpgate.config.secret import read_secret
+from smtpgate.config.schema import Certificate, GatewayConfig
+from smtpgate.config.secret import load_key, read_secret
 from smtpgate.config.validate import private_file_problem
 from smtpgate.errors import ConfigError, FieldProblem
 
@@ -203,6 +203,12 @@ def load_all(
     if problems:
         raise ConfigError(problems)
     return loaded
+
+
+def load_configured(config: GatewayConfig) -> dict[str, Loaded]:
+    """The configuration's certificates, PINs decrypted with its data directory's key."""
+    data_dir = config.gateway.data_dir
+    return load_all(config.certificates, lambda: load_key(data_dir, create=False))
 
 
 def is_ca(certificate: x509.Certificate) -> bool:
