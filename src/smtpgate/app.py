@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpgate.admin.services import publish_status
-from smtpgate.config.document import diff, restart_required, to_document
+from smtpgate.config.document import Document, diff, restart_required, to_document
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import (
     GatewayConfig,
@@ -50,11 +50,13 @@ from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.spool import clean_orphans
-from smtpgate.tls.certificates import Loaded, load_all
+from smtpgate.tls.certificates import Loaded, load_configured
 from smtpgate.tls.context import require_client_identity, server_context
 from smtpgate.tls.reload import CertificateReloader
 
 log = get_logger("smtpgate.app")
+
+STORE_POLL = 0.25  # seconds between looks at the store's applied revision
 
 
 def session_limits(config: GatewayConfig) -> SessionLimits:
@@ -63,11 +65,6 @@ def session_limits(config: GatewayConfig) -> SessionLimits:
     configured = config.limits.model_dump()
     names = [f.name for f in dataclasses.fields(SessionLimits) if f.name in configured]
     return SessionLimits(**{name: configured[name] for name in names})
-
-
-def load_certificates(config: GatewayConfig) -> dict[str, Loaded]:
-    data_dir = config.gateway.data_dir
-    return load_all(config.certificates, lambda: load_key(data_dir, create=False))
 
 
 def listener_specs(
@@ -148,7 +145,8 @@ class Gateway:
     manager_task: asyncio.Task[None] | None = None
     watch_task: asyncio.Task[None] | None = None
     config_task: asyncio.Task[None] | None = None
-    config_changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    waiting: list[str] = dataclasses.field(default_factory=list)  # applied, not yet in force
+    refused: int | None = None  # an applied revision this node could not take on
 
     async def start(self) -> None:
         await self.server.start()
@@ -165,37 +163,35 @@ class Gateway:
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
         policy = GatewayPolicy.build(config)  # may raise ConfigError: keep the old one
-        certificates = load_certificates(config)
+        certificates = load_configured(config)
         self.live = Live(config, policy, certificates, revision)
         self.manager.settings = config.queue
         self.manager.admin_address = config.gateway.admin_address
-        waiting = restart_required(diff(to_document(self.started), to_document(config)))
-        log.info("configuration applied", revision=revision, restart_required=waiting or None)
-
-    def restart_required(self) -> list[str]:
-        return restart_required(diff(to_document(self.started), to_document(self.live.config)))
+        self.waiting = restart_required(diff(to_document(self.started), to_document(config)))
+        log.info("configuration applied", revision=revision, restart_required=self.waiting or None)
 
     async def _follow_store(self, store: ConfigStore) -> None:
-        """Take on each newly applied revision, noticed within a quarter of a second
-        whoever applied it (the API's process, the CLI, later a peer);
-        ``config_changed`` is the seam for a push notification."""
+        """Take on each newly applied revision within a quarter of a second, whoever
+        applied it (the API's process, the CLI, later a peer)."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.25):
-                    await self.config_changed.wait()
-            self.config_changed.clear()
+            await asyncio.sleep(STORE_POLL)
             try:
                 number = await asyncio.to_thread(store.applied_number)
-                if number is None or number == self.live.revision:
+                if number in (None, self.live.revision, self.refused):
                     continue
                 revision = await asyncio.to_thread(store.revision, number)
                 if revision is not None:
-                    self.swap(parse_config(revision.document), revision.number)
+                    self._take_on(revision.document, revision.number)
                     await asyncio.to_thread(self.publish, store)
-            except ConfigError as exc:
-                log.error("cannot take on the applied configuration", error=str(exc))
             except Exception as exc:  # the store is unreachable: keep running as we are
                 log.error("configuration store unreadable", error=repr(exc))
+
+    def _take_on(self, document: Document, number: int) -> None:
+        try:
+            self.swap(parse_config(document), number)
+        except ConfigError as exc:  # e.g. a key file changed since validate: say so once
+            self.refused = number
+            log.error("cannot take on the applied configuration", revision=number, error=str(exc))
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
@@ -231,7 +227,7 @@ async def build_gateway(
     )
 
     contexts: dict[str, list[ssl.SSLContext]] = {}
-    certificates = load_certificates(config)  # once: listeners and client identities
+    certificates = load_configured(config)  # once: listeners and client identities
     live = Live(config, policy, certificates, revision)
 
     def handler_factory() -> SessionHandler:
@@ -275,7 +271,7 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
     return {
         "hostname": live.config.gateway.hostname,
         "running_revision": live.revision,
-        "restart_required": gateway.restart_required(),
+        "restart_required": gateway.waiting,
         "listeners": [
             {"name": x.name, "address": x.address, "security": x.security}
             for x in gateway.started.listeners

@@ -107,10 +107,10 @@ def _load(path: Path, *, announce: bool) -> GatewayConfig:
 
 
 def _config_check(path: Path) -> int:
-    from smtpgate.app import load_certificates  # noqa: PLC0415
+    from smtpgate.tls.certificates import load_configured  # noqa: PLC0415
 
     config = _load(path, announce=True)
-    load_certificates(config)  # key permissions, PINs, PEM syntax
+    load_configured(config)  # key permissions, PINs, PEM syntax
     print(f"{path}: configuration is valid")
     return 0
 
@@ -149,9 +149,9 @@ def _certs(args: argparse.Namespace) -> int:
         key_path.write_bytes(key_pem)
         print(f"certificates:\n  - name: {args.name}\n    cert: {cert_path}\n    key: {key_path}")
         return 0
-    from smtpgate.app import load_certificates  # noqa: PLC0415
+    from smtpgate.tls.certificates import load_configured  # noqa: PLC0415
 
-    loaded = load_certificates(tools.applied_config(args))
+    loaded = load_configured(tools.applied_config(args))
     now = dt.datetime.now(dt.UTC)
     facts = [certificates.describe(item, now) for item in loaded.values()]
     if args.json:
