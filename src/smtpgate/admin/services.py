@@ -20,7 +20,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class ConfigService:
 
     store: ConfigStore
     data_dir: Path
-    on_applied: Callable[[int], None] = field(default=lambda _number: None)
 
     # -- reading ---------------------------------------------------------------
 
@@ -243,7 +242,6 @@ class ConfigService:
             self.store.drop_draft(connection)
             detail = json.dumps({"revision": number, "changes": len(changes), "comment": comment})
             self.store.record(connection, actor, "apply", detail)
-        self.on_applied(number)
         return ApplyResult(number, changes, restart_required(changes))
 
     # -- the configuration file --------------------------------------------------
