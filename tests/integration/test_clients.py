@@ -128,39 +128,26 @@ def _tls_listener(security: str, certs: Certs) -> dict[str, object]:
     }
 
 
-async def test_swaks_starttls(
-    gateway_factory: GatewayFactory, sink: SinkHandle, swaks: str, certs: Certs
+@pytest.mark.parametrize(
+    ("security", "flag"), [("starttls", "--tls"), ("implicit-tls", "--tls-on-connect")]
+)
+async def test_swaks_over_tls(
+    gateway_factory: GatewayFactory,
+    sink: SinkHandle,
+    swaks: str,
+    certs: Certs,
+    security: str,
+    flag: str,
 ) -> None:
-    gw = await gateway_factory(**_tls_listener("starttls", certs))
+    gw = await gateway_factory(**_tls_listener(security, certs))
     code, out = await run_tool(
-        swaks,
-        "--server",
-        f"127.0.0.1:{gw.port}",
-        "--to",
-        "alice@example.com",
-        "--tls",
+        swaks, "--server", f"127.0.0.1:{gw.port}", "--to", "alice@example.com", flag
     )
     assert code == 0, out
     assert "TLS started" in out
     [(_, body)] = await sink.wait_for(1)
     assert b"with ESMTPS id" in body
     assert b"(using TLSv1." in body
-
-
-async def test_swaks_implicit_tls(
-    gateway_factory: GatewayFactory, sink: SinkHandle, swaks: str, certs: Certs
-) -> None:
-    gw = await gateway_factory(**_tls_listener("implicit-tls", certs))
-    code, out = await run_tool(
-        swaks,
-        "--server",
-        f"127.0.0.1:{gw.port}",
-        "--to",
-        "alice@example.com",
-        "--tls-on-connect",
-    )
-    assert code == 0, out
-    assert len(await sink.wait_for(1)) == 1
 
 
 async def test_require_starttls_refuses_mail_in_the_clear(

@@ -12,7 +12,15 @@ from typing import Any
 import yaml
 
 from smtpgate.sink import parse_reply
-from tests.conftest import SMTPGATE, Certs, GatewayFactory, SinkHandle, base_config, free_port
+from tests.conftest import (
+    SMTPGATE,
+    Certs,
+    GatewayFactory,
+    SinkHandle,
+    base_config,
+    free_port,
+    run_tool,
+)
 from tests.integration.test_auth_live import PASSWORD, auth_config
 
 
@@ -44,17 +52,7 @@ def _split_config(sink_port: int, dead_port: int, **queue: Any) -> dict[str, Any
 
 
 async def _cli(config: Path, *argv: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        SMTPGATE,
-        "queue",
-        *argv,
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
+    return await run_tool(SMTPGATE, "queue", *argv, "--config", str(config))
 
 
 async def test_queue_list_show_hold_release_delete_bounce(
