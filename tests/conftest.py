@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import trustme
+import uvloop
 import yaml
 
 from smtpgate.app import Gateway, build_gateway
@@ -32,6 +33,17 @@ from smtpgate.inbound.server import InboundServer
 from smtpgate.sink import SinkBehaviour, build_sink
 
 SMTPGATE = str(Path(sys.executable).with_name("smtpgate"))
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``both_loops`` run on asyncio's loop and on uvloop, which
+    `smtpgate serve` uses and which differs in edge cases (writes on closed
+    transports raise)."""
+    if item.get_closest_marker("both_loops"):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @dataclass

@@ -7,8 +7,13 @@ import smtplib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from smtpgate.queue.store import Filters, QueueStore
 from tests.conftest import Certs, GatewayFactory, SinkHandle
+
+# `smtpgate serve` runs on uvloop, whose closed transports raise on write: both loops.
+pytestmark = pytest.mark.both_loops
 
 
 def _send(port: int) -> None:
@@ -115,3 +120,36 @@ async def test_opportunistic_tls_failure_retries_without_tls(
     [(_, body)] = await sink.wait_for(1)
     assert b"with ESMTP id" in body
     assert b"with ESMTPS" not in body  # after the failed handshake, every hop was plain
+
+
+def _recipient(tmp_path: Path, index: int) -> tuple[str, str, int]:
+    store = QueueStore(tmp_path / f"gw{index}" / "queue")
+    try:
+        [message] = list(store.list(Filters()))
+    finally:
+        store.close()
+    r = message.recipients[0]
+    return r.state, r.last_reply or "", r.attempts
+
+
+async def test_mandatory_tls_without_a_common_version_defers_once_and_backs_off(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path
+) -> None:
+    """A failed handshake is a failed attempt: 4.7.5, counted, backed off, never plaintext.
+
+    The first version raised out of the attempt (writing QUIT on the transport the
+    failed handshake had closed) and the queue retried it in a busy loop, counting
+    nothing."""
+    hop = await _smarthost(gateway_factory, certs, protocols=["TLSv1.2"])
+    port = await _sender(
+        gateway_factory,
+        hop,
+        {"mandatory": True, "protocols": ["TLSv1.3"]},
+        queue={"retry": {"first": 60, "max_backoff": 600}},
+    )
+    await asyncio.to_thread(_send, port)
+    await asyncio.sleep(1.5)  # the sender's queue would have looped hundreds of times
+    state, reply, attempts = _recipient(tmp_path, 1)
+    assert (state, attempts) == ("deferred", 1)
+    assert "4.7.5 TLS with 127.0.0.1 failed" in reply
+    assert sink.messages() == []

@@ -114,8 +114,18 @@ class SmtpClient:
             ) from e
         return parse_reply_lines(lines)
 
+    def _write(self, data: bytes) -> None:
+        """Write, or fail as a lost connection (uvloop raises RuntimeError on a closed
+        transport; asyncio's would drop the data silently)."""
+        if self.writer.is_closing():
+            raise DeliveryError("connection lost (closed by the peer)", permanent=False)
+        try:
+            self.writer.write(data)
+        except RuntimeError as exc:
+            raise DeliveryError(f"connection lost: {exc}", permanent=False) from exc
+
     async def command(self, line: str, timeout: float | None = None) -> Reply:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
+        self._write(line.encode("utf-8") + b"\r\n")
         return await self.read_reply(timeout)
 
     async def hello(self, name: str) -> Reply:
@@ -133,13 +143,13 @@ class SmtpClient:
 
     async def pipeline(self, lines: list[str]) -> list[Reply]:
         """Send commands in one write (RFC 2920) and read their replies in order."""
-        self.writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+        self._write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
         return [await self.read_reply() for _ in lines]
 
     async def auth_plain(self, username: str, password: str) -> Reply:
         """AUTH PLAIN with an initial response (RFC 4616, RFC 4954 §4)."""
         token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
-        self.writer.write(f"AUTH PLAIN {token}\r\n".encode("ascii"))
+        self._write(f"AUTH PLAIN {token}\r\n".encode("ascii"))
         return await self.read_reply()
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
@@ -169,11 +179,11 @@ class SmtpClient:
         """The body after a 354: dot-stuffed, ended with CRLF.CRLF; the final reply."""
         at_line_start, last = True, b"\n"
         for chunk in body.chunks(CHUNK):
-            self.writer.write(stuff_dots(chunk, at_line_start))
+            self._write(stuff_dots(chunk, at_line_start))
             at_line_start = chunk.endswith(b"\n")
             last = chunk[-1:]
             await self._drain()
-        self.writer.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
+        self._write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
         return await self.read_reply(data_end_timeout)
 
     async def _send_bdat(self, body: Body, data_end_timeout: float) -> Reply:
@@ -181,8 +191,8 @@ class SmtpClient:
         for chunk in itertools.chain(body.chunks(CHUNK * 16), [b""] if body.size == 0 else []):
             sent += len(chunk)
             last = sent >= body.size
-            self.writer.write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode())
-            self.writer.write(chunk)
+            self._write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode())
+            self._write(chunk)
             reply = await self.read_reply(data_end_timeout if last else None)
             if last or reply.code != 250:
                 return reply
@@ -196,15 +206,19 @@ class SmtpClient:
             raise DeliveryError(f"connection lost while sending: {exc!r}", permanent=False) from exc
 
     async def close(self) -> None:
-        """QUIT politely if possible, then close."""
-        try:
-            async with asyncio.timeout(5):
-                self.writer.write(b"QUIT\r\n")
-                await self.reader.read(512)
-        except (OSError, TimeoutError):
-            pass
+        """QUIT politely if possible, then close; never raises.
+
+        The transport may already be closed (a failed TLS handshake closes it, and
+        uvloop's transports raise RuntimeError on a write after that)."""
+        if not self.writer.is_closing():
+            try:
+                async with asyncio.timeout(5):
+                    self.writer.write(b"QUIT\r\n")
+                    await self.reader.read(512)
+            except (OSError, TimeoutError, RuntimeError, ssl.SSLError):
+                pass
         self.writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
+        with contextlib.suppress(OSError, RuntimeError, ssl.SSLError):
             await self.writer.wait_closed()
 
 

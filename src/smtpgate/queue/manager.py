@@ -92,6 +92,9 @@ class QueueManager:
         self.admin_address = admin_address
         self.jitter: Callable[[], float] = random.random
         self._inflight: set[str] = set()
+        # Messages whose last run raised, and until when they rest: a run that fails
+        # before it can record anything must not make the message due again at once.
+        self._resting: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._destinations: dict[tuple[str, str], asyncio.Semaphore] = {}
@@ -115,7 +118,8 @@ class QueueManager:
         """Start attempts for what is due; returns how long to sleep at most."""
         store = self.queue.store
         now = time.time()
-        inflight = set(self._inflight)
+        self._resting = {k: until for k, until in self._resting.items() if until > now}
+        inflight = self._inflight | self._resting.keys()
         due = await self.queue.call(lambda: store.due(now, inflight))
         for message in due:
             self._start(message)
@@ -149,35 +153,72 @@ class QueueManager:
     # -- one message -------------------------------------------------------------
 
     async def _process(self, message: QueuedMessage) -> None:
+        now = time.time()
+        due = [
+            r
+            for r in message.recipients
+            if r.state in ("queued", "deferred") and r.next_attempt <= now
+        ]
         try:
-            now = time.time()
-            due = [
-                r
-                for r in message.recipients
-                if r.state in ("queued", "deferred") and r.next_attempt <= now
-            ]
-            store = self.queue.store
-            data = await self.queue.call(lambda: store.body(message.id))
-            if data is None:
-                return  # deleted meanwhile (queue tools)
-            body = StoredBody(data)  # read once: for every attempt and for reports
-            result = _Result()
-            for r in message.recipients:
-                if r.state == "bounce":  # `smtpgate queue bounce`
-                    text = "5.0.0 bounced by the administrator"
-                    self._outcome(message, r, 550, text, None, result)
-            if expired(message.arrival, now, self.settings.retry):
-                self._expire(message, due, now, result)
-            else:
-                await self._deliver(message, due, body, result)
-            original = body.head(RETURN_LIMIT) if result.reported else b""
-            if result.updates:
-                await self.queue.apply(result.updates)  # may delete the message
-            await self._report(message, result.reported, original)
+            outcome = await self._attempt_due(message, due, now)
         except Exception as exc:
             log.error("queue run failed", queue_id=message.id, error=repr(exc))
+            await self._defer_after_failure(message, due, exc)
+            self._inflight.discard(message.id)
+            return
+        try:
+            if outcome is not None:
+                result, original = outcome
+                if result.updates:
+                    await self.queue.apply(result.updates)  # may delete the message
+                await self._report(message, result.reported, original)
+        except Exception as exc:
+            log.error("cannot record the outcome", queue_id=message.id, error=repr(exc))
+            self._rest(message.id)
         finally:
             self._inflight.discard(message.id)
+
+    async def _attempt_due(
+        self, message: QueuedMessage, due: list[QueuedRecipient], now: float
+    ) -> tuple[_Result, bytes] | None:
+        """Deliver (or expire) the due recipients; None if the message is gone."""
+        store = self.queue.store
+        data = await self.queue.call(lambda: store.body(message.id))
+        if data is None:
+            return None  # deleted meanwhile (queue tools)
+        body = StoredBody(data)  # read once: for every attempt and for reports
+        result = _Result()
+        for r in message.recipients:
+            if r.state == "bounce":  # `smtpgate queue bounce`
+                text = "5.0.0 bounced by the administrator"
+                self._outcome(message, r, 550, text, None, result)
+        if expired(message.arrival, now, self.settings.retry):
+            self._expire(message, due, now, result)
+        else:
+            await self._deliver(message, due, body, result)
+        return result, body.head(RETURN_LIMIT) if result.reported else b""
+
+    def _rest(self, queue_id: str) -> None:
+        """Keep a message out of the scans for the first retry interval (in memory)."""
+        self._resting[queue_id] = time.time() + backoff(1, self.settings.retry, self.jitter())
+
+    async def _defer_after_failure(
+        self, message: QueuedMessage, due: list[QueuedRecipient], exc: Exception
+    ) -> None:
+        """A run that raised is a failed attempt like any other: 4.3.0, counted, backed
+        off. If even that cannot be recorded (the store is failing), the message rests
+        in memory for the first retry interval: no failure becomes a busy loop."""
+        self._rest(message.id)
+        result = _Result()
+        for r in due:
+            text = f"4.3.0 internal error during delivery ({type(exc).__name__})"
+            self._outcome(message, r, None, text, None, result)
+        try:
+            if result.updates:
+                await self.queue.apply(result.updates)
+            self._resting.pop(message.id, None)  # recorded: the backoff is in the store
+        except Exception as again:
+            log.error("cannot record the failed run", queue_id=message.id, error=repr(again))
 
     def _expire(
         self, message: QueuedMessage, due: list[QueuedRecipient], now: float, result: _Result

@@ -1,0 +1,49 @@
+"""The queue manager survives an attempt that raises: a counted, backed-off deferral.
+
+An exception inside a queue run must never turn into a busy loop (the message
+staying due, retried at once, forever) nor into a silent loss."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from pathlib import Path
+
+from smtpgate.delivery.attempt import AttemptReport, Job
+from smtpgate.queue.store import Filters, QueueStore
+from tests.conftest import GatewayFactory, SinkHandle
+
+
+def _send(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("bob@example.org", ["alice@example.com"], b"Subject: t\r\n\r\nx\r\n")
+
+
+async def test_an_attempt_that_raises_is_deferred_and_backed_off(
+    gateway_factory: GatewayFactory, sink: SinkHandle, tmp_path: Path
+) -> None:
+    gw = await gateway_factory(
+        spoof_detection=False, queue={"retry": {"first": 60, "max_backoff": 600}}
+    )
+    calls = 0
+
+    async def explode(job: Job) -> AttemptReport:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("injected failure")
+
+    gw.gateway.manager.deliverer.attempt = explode  # type: ignore[method-assign]
+    await asyncio.to_thread(_send, gw.port)
+    await asyncio.sleep(1.5)
+    assert calls == 1  # not retried at once, again and again
+    store = QueueStore(tmp_path / "gw0" / "queue")
+    try:
+        [message] = list(store.list(Filters()))
+    finally:
+        store.close()
+    [r] = message.recipients
+    assert (r.state, r.attempts) == ("deferred", 1)
+    assert r.last_reply is not None
+    assert r.last_reply.startswith("4.3.0 ")
+    assert "internal error" in r.last_reply
+    assert sink.messages() == []
