@@ -30,6 +30,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import (
+    DNS_ID,
+    CertificatePattern,
+    DNSPattern,
+    IPAddress_ID,
+    SRVPattern,
+    URIPattern,
+    verify_service_identity,
+)
 
 from smtpgate.config.schema import Certificate, GatewayConfig
 from smtpgate.config.secret import load_key, read_secret
@@ -218,25 +229,55 @@ def is_ca(certificate: x509.Certificate) -> bool:
         return False
 
 
-def _name_matches(pattern: str, name: str) -> bool:
-    """RFC 6125 §6.4.3: a wildcard only as the whole left-most label."""
-    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
-    if pattern.startswith("*."):
-        head, _, rest = name.partition(".")
-        return bool(head) and rest == pattern[2:]
-    return pattern == name
+def _reference_id(name: str) -> DNS_ID | IPAddress_ID | None:
+    """The identity a name asks for: an IP address, or a host name (U- or A-labels;
+    a trailing dot is dropped); None for a name that cannot be one."""
+    try:
+        return IPAddress_ID(name)
+    except ValueError:
+        pass
+    try:
+        return DNS_ID(name.rstrip("."))
+    except (ValueError, UnicodeError):  # idna.IDNAError is a UnicodeError
+        return None
+
+
+def _common_names(certificate: x509.Certificate) -> list[CertificatePattern]:
+    patterns: list[CertificatePattern] = []
+    for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attribute.value
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        try:
+            patterns.append(DNSPattern.from_bytes(text.encode("utf-8")))
+        except CertificateError:
+            continue  # an address or a malformed wildcard is no host-name pattern
+    return patterns
+
+
+def presented_identities(certificate: x509.Certificate) -> list[CertificatePattern]:
+    """The identities a certificate presents: its subjectAltNames; the subject's CN
+    only when there is no DNS-ID, SRV-ID or URI-ID among them (RFC 6125 §6.4.4)."""
+    patterns = list(extract_patterns(certificate))
+    if not any(isinstance(p, DNSPattern | SRVPattern | URIPattern) for p in patterns):
+        patterns += _common_names(certificate)
+    return patterns
 
 
 def certificate_matches(der: bytes, names: Sequence[str]) -> bool:
-    """SANs first; the subject CN only when the certificate has no DNS SAN."""
-    certificate = x509.load_der_x509_certificate(der)
+    """Whether the certificate is valid for any of ``names`` (RFC 6125 §6.4: exact
+    names and left-most-label wildcards, IDNs compared as A-labels, IP addresses as
+    addresses); the matching is service_identity's."""
     try:
-        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        presented = [str(n) for n in sans.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        presented = []
-    if not presented:
-        presented = [
-            str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ]
-    return any(_name_matches(p, n) for p in presented for n in names)
+        patterns = presented_identities(x509.load_der_x509_certificate(der))
+    except (CertificateError, ValueError):
+        return False  # a malformed SAN or wildcard matches nothing
+    for name in names:
+        wanted = _reference_id(name)
+        if wanted is None:
+            continue
+        try:
+            verify_service_identity(patterns, [wanted], [])
+        except (VerificationError, CertificateError):
+            continue
+        return True
+    return False
