@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -280,23 +281,39 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
     }
 
 
+def bind_api_socket(listen: str) -> socket.socket:
+    """The API's listening socket, bound here, in the gateway, and handed to the API
+    process: a port taken by anything (another gateway's API included) fails now,
+    with the reason, instead of being mistaken for our own API answering."""
+    host, port = parse_listen_address(listen)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(f"the admin API cannot listen on {listen} (admin.listen): {reason}") from exc
+
+
 async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
     """The REST API on ``admin.listen`` in a child process, or None when it is off."""
     if not config.admin.listen:
         return None
-    command = [sys.executable, "-m", "smtpgate.cli.main", "admin", "api"]
-    command += ["--data-dir", str(config.gateway.data_dir), "--listen", config.admin.listen]
-    command += log_options()
-    child = await asyncio.create_subprocess_exec(*command)
+    listening = bind_api_socket(config.admin.listen)
+    with listening:
+        fd = listening.fileno()
+        command = [sys.executable, "-m", "smtpgate.cli.main", "admin", "api"]
+        command += ["--data-dir", str(config.gateway.data_dir), "--listen", config.admin.listen]
+        command += ["--fd", str(fd), *log_options()]
+        child = await asyncio.create_subprocess_exec(*command, pass_fds=(fd,))
     host, port = parse_listen_address(config.admin.listen)
     deadline = time.monotonic() + 30
     while child.returncode is None and time.monotonic() < deadline:
-        if await _answers_http(host, port):
+        if await _answers_http(host, port):  # only our child accepts on this socket
             return child
         await asyncio.sleep(0.05)
     if child.returncode is None:
         child.kill()
-    raise OSError(f"the admin API could not listen on {config.admin.listen} (admin.listen)")
+    raise OSError(f"the admin API did not start on {config.admin.listen} (admin.listen)")
 
 
 async def _answers_http(host: str, port: int) -> bool:

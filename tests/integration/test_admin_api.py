@@ -414,10 +414,41 @@ def test_a_taken_api_port_stops_serve_before_smtp_listens(tmp_path: Path) -> Non
             check=False,
         )
     assert done.returncode == 1
-    assert f"the admin API could not listen on 127.0.0.1:{taken}" in done.stderr
+    assert f"the admin API cannot listen on 127.0.0.1:{taken} (admin.listen):" in done.stderr
     assert "Traceback" not in done.stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened
+
+
+def test_a_second_gateway_on_the_same_admin_port_exits_before_smtp(
+    gateway_process: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    """Gateway A's API answers on the port B was told to use: B must not take A's
+    answer for its own, open SMTP, and let an administrator edit A through it."""
+    admin = free_port()
+    first = gateway_process(2526, admin={"listen": f"127.0.0.1:{admin}"})
+    smtp = free_port()
+    document = base_config(tmp_path / "second", 2526)
+    document["listeners"][0]["address"] = f"127.0.0.1:{smtp}"
+    document["admin"] = {"listen": f"127.0.0.1:{admin}"}
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(document))
+    done = subprocess.run(
+        [SMTPGATE, "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"cannot start: the admin API cannot listen on 127.0.0.1:{admin} (admin.listen):" in (
+        done.stderr
+    )
+    assert "ddress already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened
+    assert first.process.poll() is None  # A is untouched
 
 
 async def test_explain_over_the_api_looks_up_names_with_the_gateways_dns(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -126,18 +127,21 @@ def create_app(service: ConfigService) -> FastAPI:
 # -- the server process ----------------------------------------------------------
 
 
-def run_api(data_dir: Path, listen: str) -> None:
+def run_api(data_dir: Path, listen: str, fd: int | None = None) -> None:
     """Serve the API on ``listen`` until SIGTERM (uvicorn in this process's main
-    thread). ``smtpgate serve`` runs this in a child process; it leaves when its
-    parent does, so a killed gateway never leaves an orphan holding the port."""
+    thread). ``smtpgate serve`` runs this in a child process, handing over the
+    socket it bound (``fd``); the child leaves when its parent does, so a killed
+    gateway never leaves an orphan holding the port."""
     store = ConfigStore.open(data_dir)
     service = ConfigService(store, data_dir)
     host, port = parse_listen_address(listen)
     _leave_with_parent()
     log.info("admin API starting", address=listen)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(service), host=host, port=port, log_config=None, access_log=False, lifespan="off"
     )
+    sockets = [socket.socket(fileno=fd)] if fd is not None else None
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 def _leave_with_parent() -> None:

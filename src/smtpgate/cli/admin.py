@@ -118,6 +118,7 @@ def add_admin_commands(commands: Commands) -> None:
     )
     api.add_argument("--data-dir", type=Path, required=True)
     api.add_argument("--listen", required=True, metavar="HOST:PORT")
+    api.add_argument("--fd", type=int, help="a listening socket to serve on (from smtpgate serve)")
     api.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     api.add_argument("--log-json", action="store_true")
     token = admin_commands.add_parser("token", help="API tokens (kept hashed in the store)")
@@ -287,7 +288,7 @@ def run_admin(args: argparse.Namespace) -> int:
         from smtpgate.observe.log import configure  # noqa: PLC0415
 
         configure(args.log_level, json=args.log_json)
-        run_api(args.data_dir, args.listen)
+        run_api(args.data_dir, args.listen, args.fd)
         return 0
     from smtpgate.admin.services import create_token, revoke_token  # noqa: PLC0415
     from smtpgate.cli.backend import local_actor  # noqa: PLC0415
