@@ -8,6 +8,9 @@ Rules kept here:
   refused and the connection closed, because client and server may now
   disagree about where commands begin (SMTP smuggling, CVE-2023-51766 and
   relatives). This mirrors Postfix's ``smtpd_forbid_bare_newline = reject``.
+  The search covers every octet received, including whole lines taken in
+  the same block as the first bare newline, so the close happens in the
+  read that brings the loose end, not at the next real end or a timeout.
 * A line that starts with a dot loses that dot (RFC 5321 §4.5.2).
 * BDAT chunks are counted octets (RFC 3030 §2) and are never unstuffed; they
   pass the same checks because the next hop may receive the body as DATA.
@@ -160,12 +163,14 @@ class DotFramer:
             del buf[: end + 5]
             return self._finish(block)
         end = buf.rfind(b"\r\n")
-        block = b""
+        block, context = b"", self._context
         if end >= 0:
             block = bytes(buf[: end + 2])
             del buf[: end + 2]
             self._context = b"\n"
         data = self._deliver(block)
+        if self.checker.bare_newline and _LOOSE_END.search(context + block):
+            return Step(finished=True, must_close=True)  # a fake end inside this block
         self._check_partial_line(buf)
         return Step(data=data)
 

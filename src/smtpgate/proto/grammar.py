@@ -15,11 +15,16 @@ the reply to send. Rules kept here:
 from __future__ import annotations
 
 import re
+* Verbs, keywords and parameter names are ASCII (RFC 5321 §2.4): they are
+  compared after upper-casing ASCII letters only (``str.upper`` turns the
+  dotless i, U+0131, into ``I``, so "MA<U+0131>L" would pass for ``MAIL``),
+  and numbers are ASCII digits only (``str.isdigit`` takes U+00B2 too).
 from dataclasses import dataclass
 from typing import Literal, cast
 
 from smtpgate.model.envelope import MailParams, Notify, RcptParams
 from smtpgate.proto.replies import NON_ASCII_ADDRESS, Reply
+import string
 
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -47,7 +52,20 @@ class Command:
 def split_command(line: str) -> Command:
     """Split ``"mail FROM:<a@b>"`` into ``Command("MAIL", "FROM:<a@b>")``."""
     verb, _, argument = line.partition(" ")
-    return Command(verb.upper(), argument.strip(" "))
+    return Command(ascii_upper(verb), argument.strip(" "))
+
+
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def ascii_upper(text: str) -> str:
+    """Upper-case the ASCII letters only; every other character stays as it is."""
+    return text.translate(_ASCII_UPPER)
+
+
+def ascii_digits(text: str) -> bool:
+    """``text`` is one or more of 0-9 (``str.isdigit`` also takes U+00B2 and U+0661)."""
+    return text.isascii() and text.isdigit()
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -82,7 +100,7 @@ def _valid_address_literal(literal: str) -> bool:
     import ipaddress  # noqa: PLC0415 - only literals need it, and they are rare
 
     try:
-        if literal[:5].upper() == "IPV6:":
+        if ascii_upper(literal[:5]) == "IPV6:":
             ipaddress.IPv6Address(literal[5:])
             return True
         if _IPV4.match(literal):
@@ -179,9 +197,14 @@ def split_params(text: str) -> dict[str, str | None]:
     """``"SIZE=10 SMTPUTF8"`` → ``{"SIZE": "10", "SMTPUTF8": None}``; no repeats."""
     params: dict[str, str | None] = {}
     for word in text.split():
+def _keyword(text: str) -> bool:
+    """esmtp-keyword (RFC 5321 §4.1.2): ASCII letters, digits and hyphens."""
+    return text.isascii() and text.replace("-", "").isalnum()
+
+
         key, eq, value = word.partition("=")
-        key = key.upper()
-        if not key or not key.replace("-", "").isalnum() or (eq and not value):
+        key = ascii_upper(key)
+        if not key or not _keyword(key) or (eq and not value):
             raise SyntaxProblem(Reply.of(501, "5.5.4", f"Error: bad parameter {word!r}"))
         if key in params:
             raise SyntaxProblem(Reply.of(501, "5.5.4", f"Error: duplicate parameter {key}"))
@@ -198,9 +221,9 @@ def _bad_value(key: str) -> SyntaxProblem:
 
 
 def _choice(key: str, value: str | None, allowed: tuple[str, ...]) -> str:
-    if value is None or value.upper() not in allowed:
+    if value is None or ascii_upper(value) not in allowed:
         raise _bad_value(key)
-    return value.upper()
+    return ascii_upper(value)
 
 
 def parse_mail_params(params: dict[str, str | None]) -> MailParams:
@@ -210,7 +233,7 @@ def parse_mail_params(params: dict[str, str | None]) -> MailParams:
     size: int | None = None
     raw_size = params.get("SIZE")
     if "SIZE" in params:
-        if raw_size is None or not raw_size.isdigit() or len(raw_size) > 20:
+        if raw_size is None or not ascii_digits(raw_size) or len(raw_size) > 20:
             raise _bad_value("SIZE")
         size = int(raw_size)
     if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
@@ -239,7 +262,7 @@ _NOTIFY_WORDS: frozenset[str] = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 def _parse_notify(value: str | None) -> frozenset[Notify]:
     """RFC 3461 §4.1: NEVER alone, or a list of SUCCESS, FAILURE, DELAY."""
-    words = [w.upper() for w in (value or "").split(",")]
+    words = [ascii_upper(w) for w in (value or "").split(",")]
     if words == ["NEVER"]:
         return frozenset()
     if not words or any(w not in _NOTIFY_WORDS for w in words) or len(set(words)) != len(words):
@@ -250,7 +273,7 @@ def _parse_notify(value: str | None) -> frozenset[Notify]:
 def _parse_orcpt(value: str | None) -> tuple[str, str]:
     """RFC 3461 §4.2: ``addr-type ";" xtext`` (RFC 6533 adds ``utf-8``)."""
     addr_type, semi, encoded = (value or "").partition(";")
-    if not semi or not addr_type or not encoded or not addr_type.replace("-", "").isalnum():
+    if not semi or not addr_type or not encoded or not _keyword(addr_type):
         raise _bad_value("ORCPT")
     decoded = decode_xtext(encoded)
     if len(decoded) > 500:
@@ -273,10 +296,10 @@ def parse_rcpt_params(params: dict[str, str | None]) -> RcptParams:
 def parse_bdat(argument: str) -> tuple[int, bool] | None:
     """RFC 3030 §2: ``BDAT <size> [LAST]`` → (size, last), or None if malformed."""
     words = argument.split()
-    if not words or not words[0].isdigit() or len(words[0]) > 20:
+    if not words or not ascii_digits(words[0]) or len(words[0]) > 20:
         return None
     if len(words) == 1:
         return int(words[0]), False
-    if len(words) == 2 and words[1].upper() == "LAST":
+    if len(words) == 2 and ascii_upper(words[1]) == "LAST":
         return int(words[0]), True
     return None

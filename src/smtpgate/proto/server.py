@@ -18,9 +18,21 @@ Rules kept here:
   command gets 500 and the connection is closed, since the client's idea of
   where the line ends is unknowable; NUL and over-long lines (§4.5.3.1.4) get
   500 and the session goes on.
-* Bytes received before the greeting, or after EHLO/HELO/DATA in the same
-  pipelined group (RFC 2920 §3.1), are a violation: 554 and close, the way
-  Postfix's ``smtpd_forbid_unauth_pipelining`` does.
+* Bytes received before the greeting (RFC 5321 §4.3.1: the client waits for
+  it; Postfix postscreen's "pregreet" test), or after EHLO/HELO/DATA in the
+  same pipelined group (RFC 2920 §3.1), are a violation: 554 and close, the
+  way Postfix's ``smtpd_forbid_unauth_pipelining`` does. Bytes before the
+  greeting are never kept: ``pregreet`` turns true and the greeting becomes
+  the 554.
+* Input is bounded. Whatever the core can read it consumes on
+  ``next_event`` down to one incomplete line, and an incomplete line longer
+  than its limit is dropped with an error. While a command awaits the
+  application's reply nothing is consumed, so at most ``max_pending_input``
+  octets are kept then; beyond that the input is dropped and, after the
+  awaited reply, ``421 4.7.0`` closes the connection.
+* ``RCPT TO:<Postmaster>`` without a domain is accepted in any case (RFC 5321
+  §4.1.1.3, §4.5.1) and reaches the application as the recipient
+  ``postmaster``, to be routed to the site's postmaster.
 * Plaintext pipelined after STARTTLS is discarded (RFC 3207 §4.2,
   CVE-2011-0411); after the handshake the session starts afresh.
 * After ``max_errors`` error replies without a delivered message the
@@ -56,6 +68,7 @@ from smtpgate.proto.events import (
 )
 from smtpgate.proto.grammar import (
     SyntaxProblem,
+    ascii_upper,
     parse_bdat,
     parse_mail_params,
     parse_path,
@@ -83,6 +96,17 @@ _FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "USER", "PASS"}
 _UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 
+TOO_MUCH_INPUT = Reply.of(421, "4.7.0", "Error: too much input without waiting for replies")
+POSTMASTER = "postmaster"  # the recipient of RCPT TO:<Postmaster> (RFC 5321 §4.1.1.3)
+
+
+def _postmaster(text: str) -> tuple[str, str] | None:
+    """``<Postmaster> params`` (any case, RFC 5321 §4.5.1) → (POSTMASTER, params)."""
+    if ascii_upper(text[:12]) != "<POSTMASTER>" or text[12:13] not in ("", " "):
+        return None
+    return POSTMASTER, text[12:].strip(" ")
+
+
 class ServerConnection:
     """One SMTP server conversation; see the module docstring for its rules."""
 
@@ -102,14 +126,19 @@ class ServerConnection:
         self._state_before_auth = State.GREETED
         self._skip_line = False
         self._pregreet = False
+        self._overflow = False
 
     # -- bytes in / bytes out ------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is State.CONNECTED and data:
-            self._pregreet = True
-        if self.state is State.TLS_PENDING or self.state is State.CLOSED:
+        if not data or self.state is State.TLS_PENDING or self.state is State.CLOSED:
             return  # plaintext after STARTTLS, or after close, is dropped
+        if self.state is State.CONNECTED:
+            self._pregreet = True  # answered by the greeting; nothing is kept
+            return
+        if self._pending is not None and len(self._in) + len(data) > self._max_pending():
+            self._overflow = True  # framing is lost: close after the awaited reply
+            return
         self._in += data
 
     def data_to_send(self) -> bytes:
@@ -120,6 +149,21 @@ class ServerConnection:
     @property
     def closing(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def pregreet(self) -> bool:
+        """The client sent bytes before the greeting (they were dropped)."""
+        return self._pregreet
+
+    @property
+    def pending_input(self) -> int:
+        """Octets received and not yet consumed."""
+        return len(self._in)
+
+    def _max_pending(self) -> int:
+        lines = self.limits.max_command_line + self.limits.command_line_allowance
+        longest = max(lines, self.limits.max_auth_line, self.limits.max_line_length)
+        return max(self.limits.max_pending_input, 2 * longest)
 
     @property
     def authenticated(self) -> bool:
@@ -134,8 +178,8 @@ class ServerConnection:
     def greet(self, reply: Reply) -> None:
         """Send the greeting; a 554 greeting refuses the session (RFC 5321 §3.1)."""
         self._expect_state(State.CONNECTED)
-        if self._pregreet and reply.code == 220:
-            self._write(r.PREGREET)
+        if self._pregreet:
+            self._write(r.PREGREET if reply.code == 220 else reply)
             self.state = State.CLOSED
             return
         self._write(reply)
@@ -168,6 +212,9 @@ class ServerConnection:
         if reply.code >= 400:
             self._count_error()
         if reply.code == 421:
+            self.state = State.CLOSED
+        if self._overflow and self.state is not State.CLOSED:
+            self._write(TOO_MUCH_INPUT)
             self.state = State.CLOSED
 
     def tls_started(self) -> None:
@@ -342,7 +389,7 @@ class ServerConnection:
         if self.state is not State.GREETED:
             self._error(r.NESTED_MAIL)
             return None
-        if arg[:5].upper() != "FROM:":
+        if ascii_upper(arg[:5]) != "FROM:":
             raise SyntaxProblem(Reply.of(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
         rest = arg[5:].lstrip(" ")
         params = split_params(rest[rest.find(">") + 1 :] if ">" in rest else "")
@@ -360,12 +407,13 @@ class ServerConnection:
         if txn is None or self.state not in (State.MAIL, State.RCPT):
             self._error(r.NEED_MAIL)
             return None
-        if arg[:3].upper() != "TO:":
+        if ascii_upper(arg[:3]) != "TO:":
             raise SyntaxProblem(Reply.of(501, "5.5.4", "Syntax: RCPT TO:<address>"))
         if txn.recipients >= self.limits.max_recipients:
             self._error(r.TOO_MANY_RECIPIENTS)
             return None
-        path, rest = parse_path(arg[3:].lstrip(" "), sender=False, smtputf8=txn.smtputf8)
+        text = arg[3:].lstrip(" ")
+        path, rest = _postmaster(text) or parse_path(text, sender=False, smtputf8=txn.smtputf8)
         params = split_params(rest)
         if params and not self._session.esmtp:
             raise SyntaxProblem(Reply.of(555, "5.5.4", "Error: parameters need EHLO"))

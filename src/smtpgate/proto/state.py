@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from smtpgate.proto import replies as r
 from smtpgate.proto.body import BodyChecker, BodyLimits
 from smtpgate.proto.events import AuthRequested
+from smtpgate.proto.grammar import ascii_upper
 from smtpgate.proto.replies import Reply
 
 
@@ -43,6 +44,8 @@ class SessionLimits:
     max_message_size: int = 10_240_000  # Postfix message_size_limit
     max_header_size: int = 102_400  # Postfix header_size_limit
     max_errors: int = 20  # Postfix smtpd_hard_error_limit
+    max_pending_input: int = 65_536  # input kept while a command awaits its reply
+    min_data_rate: int = 500  # octets/s that extend the body deadline (the session's)
 
     def body(self) -> BodyLimits:
         return BodyLimits(self.max_message_size, self.max_header_size, self.max_line_length)
@@ -99,7 +102,7 @@ def start_auth(session: SessionFacts, arg: str) -> AuthRequested | Reply:
     if session.txn is not None:
         return r.AUTH_IN_TRANSACTION
     words = arg.split(" ")
-    mechanism = words[0].upper()
+    mechanism = ascii_upper(words[0])
     if mechanism not in session.auth_mechanisms or len(words) > 2:
         return r.AUTH_MECHANISM_UNKNOWN
     if len(words) == 1:
