@@ -145,7 +145,10 @@ def test_duplicate_entries_within_and_across_profiles() -> None:
         "connection_profiles[0].client_hosts[1]: 10.0.0.0/24 is already listed at "
         "connection_profiles[0].client_hosts[0] (profile 'a')" in joined
     )
-    assert "connection_profiles[1].client_hosts[1]: mail.example.com is already listed" in joined
+    assert (
+        "connection_profiles[1].client_hosts[1]: connection profile 'b': mail.example.com "
+        "is already listed at connection_profiles[0].client_hosts[2] (profile 'a')" in joined
+    )
     assert "connection_profiles[1].client_hosts[2]: 10.100.80.0/24 is already listed" in joined
     assert "connection_profiles[2].client_hosts[1]: ::1 is already listed" in joined
 
@@ -173,8 +176,9 @@ def test_user_names_are_unique_across_profiles(tmp_path: Path) -> None:
         )
     )
     assert problems == [
-        "connection_profiles[1].smtp_auth.credentials[0].username: user name 'scanner' is "
-        "already used by profile 'a'; user names are shared by all connection profiles"
+        "connection_profiles[1].smtp_auth.credentials[0].username: connection profile 'b': "
+        "user name 'scanner' is already used by profile 'a'; user names are shared by all "
+        "connection profiles"
     ]
 
 
@@ -192,7 +196,8 @@ def test_passwords_must_be_encrypted() -> None:
     )
     assert len(problems) == 1
     assert problems[0].startswith(
-        "connection_profiles[0].smtp_auth.credentials[0]: password must be encrypted"
+        "connection_profiles[0].smtp_auth.credentials[0]: connection profile 'a', user 'u1': "
+        "password must be encrypted"
     )
     assert "hunter2" not in problems[0]  # a password never appears in an error
 
@@ -217,10 +222,12 @@ def test_password_files_must_exist_and_be_private(tmp_path: Path) -> None:
     )
     assert problems[0] == (
         f"connection_profiles[0].smtp_auth.credentials[0].password_file: "
-        f"{loose} is readable by other users; run: chmod 600 {loose}"
+        f"connection profile 'a', user 'u2': {loose} is readable by other users (mode 0644); "
+        f"run: chmod 600 {loose}"
     )
     assert problems[1].startswith(
-        "connection_profiles[0].smtp_auth.credentials[1].password_file: cannot read"
+        "connection_profiles[0].smtp_auth.credentials[1].password_file: "
+        "connection profile 'a', user 'u3': cannot read"
     )
 
 

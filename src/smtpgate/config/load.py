@@ -2,7 +2,11 @@
 
 Every problem, whether YAML syntax, schema or cross-field, comes back as a
 :class:`~smtpgate.errors.ConfigError` whose problems name the field path
-(``listeners[0].address``), never as a traceback.
+(``listeners[0].address``), never as a traceback. The message names the
+object the field belongs to and quotes the rejected value (never a secret's):
+``connection_profiles[0].relay: connection profile 'lab': 'sometimes' is not
+one of 'none', 'full', ...``. A YAML syntax error keeps PyYAML's description
+with its line and column.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
+from smtpgate.config.document import SECRET_FIELDS
 from smtpgate.config.schema import GatewayConfig, convert_wildcard
-from smtpgate.config.validate import validate
+from smtpgate.config.validate import name_objects, validate
 from smtpgate.errors import ConfigError, FieldProblem
+
+_SHOWN = 60  # a longer rejected value is cut short
 
 
 def field_path(location: tuple[int | str, ...]) -> str:
@@ -30,14 +38,43 @@ def field_path(location: tuple[int | str, ...]) -> str:
     return out
 
 
-def from_pydantic(error: ValidationError) -> list[FieldProblem]:
+def from_pydantic(error: ValidationError, document: Any = None) -> list[FieldProblem]:
+    """The schema's problems with their field paths; ``document`` (the mapping that
+    was checked) lets each message name the object it is about."""
     problems = []
     for item in error.errors(include_url=False):
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling in docs/configuration.md)"
+        else:
+            message = _with_value(item, message)
         problems.append(FieldProblem(field_path(tuple(item["loc"])), message))
-    return problems
+    return name_objects(problems, document)
+
+
+def _shown(value: str | int | float | bool) -> str:
+    """A rejected scalar as it was written: YAML's true/false, a string quoted."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "...")
+    return str(value)
+
+
+def _with_value(item: ErrorDetails, message: str) -> str:
+    """``Input should be ...`` with the value that was given instead of "Input"."""
+    value = item.get("input")
+    secret = any(part in SECRET_FIELDS for part in item["loc"] if isinstance(part, str))
+    if secret or item["type"] == "missing" or not isinstance(value, str | int | float | bool):
+        return message
+    shown = _shown(value)
+    expected = (item.get("ctx") or {}).get("expected")
+    if item["type"] == "literal_error" and expected:
+        return f"{shown} is not one of {expected}"
+    for subject in ("Input should ", "String should ", "Value should "):
+        if message.startswith(subject):
+            return f"{shown} should {message.removeprefix(subject)}"
+    return message if shown in message or repr(value) in message else f"{shown}: {message}"
 
 
 def parse_config(document: Any) -> GatewayConfig:
@@ -49,7 +86,7 @@ def parse_config(document: Any) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(from_pydantic(exc)) from None
+        raise ConfigError(from_pydantic(exc, document)) from None
     problems = validate(config)
     if problems:
         raise ConfigError(problems)
@@ -83,9 +120,22 @@ def read_document(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([FieldProblem("", f"YAML syntax error{where}")]) from None
+        raise ConfigError([FieldProblem("", yaml_problem(exc))]) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's description of a syntax error, where it is, and what it was in:
+    ``YAML syntax error at line 2, column 20: mapping values are not allowed here``."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"YAML syntax error: {exc}"
+    where = _at(exc.problem_mark)
+    problem = exc.problem or "not valid YAML"
+    context = f" ({exc.context}{_at(exc.context_mark, ' that starts')})" if exc.context else ""
+    return f"YAML syntax error{where}: {problem}{context}"
+
+
+def _at(mark: yaml.Mark | None, lead: str = "") -> str:
+    return f"{lead} at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def load_config(path: Path) -> GatewayConfig:

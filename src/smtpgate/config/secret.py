@@ -18,6 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from pydantic import SecretStr
 
 from smtpgate.config.schema import Credential
+from smtpgate.config.validate import private_file_problem
 from smtpgate.errors import ConfigError, FieldProblem
 
 PREFIX = "enc:v1:"
@@ -76,8 +77,12 @@ def read_password(credential: Credential, key: Fernet | None, where: str) -> Sec
 def read_secret(
     password: SecretStr | None, password_file: Path | None, key: Fernet | None, where: str
 ) -> SecretStr:
-    """A secret from a private file or an encrypted value."""
+    """A secret from a private file (refused when others may read it) or an
+    encrypted value."""
     if password_file is not None:
+        problem = private_file_problem(password_file)
+        if problem:
+            raise ConfigError([FieldProblem(where, problem)])
         try:
             text = password_file.read_text(encoding="utf-8")
         except OSError as exc:

@@ -1,16 +1,22 @@
 """Checks that span several fields of a configuration, with the field path.
 
 Each check is a function from the model to a list of problems, so that
-``smtpgate config check`` reports every problem at once.
+``smtpgate config check`` reports every problem at once. A problem inside a
+named object (a listener, certificate, send connector, connection profile or
+credential) says which one in its message (:func:`name_objects`); the path
+stays the machine-readable field path that the API returns.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+from smtpgate.config.document import KEYS, LABELS
 from smtpgate.config.schema import (
     ConnectionProfile,
     GatewayConfig,
@@ -18,6 +24,52 @@ from smtpgate.config.schema import (
     parse_listen_address,
 )
 from smtpgate.errors import FieldProblem
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ITEM = re.compile(r"(?:^|\.)(\w+)\[(\d+)\]")
+_NESTED_LABELS = {"credentials": "user"}
+
+
+def _item_name(document: Any, path: str) -> list[tuple[str, str]]:
+    """(label, name) of each named list item along ``path``, outermost first."""
+    found = []
+    node = document
+    position = 0
+    for match in _ITEM.finditer(path):
+        for part in path[position : match.start(1)].strip(".").split("."):
+            node = _child(node, part) if part else node
+        node = _child(_child(node, match.group(1)), int(match.group(2)))
+        position = match.end()
+        key = KEYS.get(match.group(1))
+        name = _child(node, key) if key else None
+        if isinstance(name, str) and name:
+            label = LABELS.get(match.group(1)) or _NESTED_LABELS[match.group(1)]
+            found.append((label, name))
+    return found
+
+
+def _child(node: Any, part: str | int) -> Any:
+    if isinstance(part, int):
+        return node[part] if isinstance(node, list | tuple) and 0 <= part < len(node) else None
+    if isinstance(node, dict):
+        return node.get(part)
+    return getattr(node, part, None) if node is not None else None
+
+
+def name_objects(problems: list[FieldProblem], document: Any) -> list[FieldProblem]:
+    """Each problem with the named objects it lies in, from ``document`` (a parsed
+    mapping or the model): ``connection profile 'lab': ...``. A name that the
+    message already quotes is not repeated."""
+    named = []
+    for problem in problems:
+        labels = [
+            f"{label} {name!r}"
+            for label, name in _item_name(document, problem.path)
+            if repr(name) not in problem.message
+        ]
+        message = f"{', '.join(labels)}: {problem.message}" if labels else problem.message
+        named.append(FieldProblem(problem.path, message))
+    return named
 
 
 def _duplicates(section: str, names: Iterable[str]) -> list[FieldProblem]:
@@ -39,25 +91,51 @@ def unique_names(config: GatewayConfig) -> list[FieldProblem]:
     )
 
 
+def client_network(entry: str) -> IpNetwork | None:
+    """The addresses a ``client_hosts`` entry stands for (None for a host name):
+    ``10.0.0.5`` is ``10.0.0.5/32``, and IPv4-mapped IPv6 (``::ffff:10.0.0.5``,
+    ``::ffff:10.0.0.0/120``) is the IPv4 network, as clients are matched as IPv4
+    (RFC 4291 §2.5.5.2)."""
+    try:
+        network = ipaddress.ip_network(entry)
+    except ValueError:
+        return None
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
+
+
 def _first_places(
-    config: GatewayConfig, field: str, values: Callable[[ConnectionProfile], list[str]]
+    config: GatewayConfig,
+    field: str,
+    values: Callable[[ConnectionProfile], list[str]],
+    key: Callable[[str], str] = str.lower,
 ) -> list[FieldProblem]:
-    """Entries that appear twice, in one profile or across profiles."""
-    seen: dict[str, str] = {}
+    """Entries that appear twice (by ``key``), in one profile or across profiles."""
+    seen: dict[str, tuple[str, str]] = {}
     problems = []
     for i, profile in enumerate(config.connection_profiles):
         for j, value in enumerate(values(profile)):
             here = f"connection_profiles[{i}].{field}[{j}]"
-            key = value.lower()
-            if key in seen:
-                problems.append(FieldProblem(here, f"{value} is already listed at {seen[key]}"))
-            else:
-                seen[key] = f"{here} (profile {profile.name!r})"
+            first = seen.get(key(value))
+            if first is None:
+                seen[key(value)] = (value, f"{here} (profile {profile.name!r})")
+                continue
+            written, place = first
+            as_written = f" as {written}" if written != value else ""
+            problems.append(FieldProblem(here, f"{value} is already listed{as_written} at {place}"))
     return problems
 
 
+def _client_host_key(entry: str) -> str:
+    network = client_network(entry)
+    return str(network) if network is not None else entry.lower()
+
+
 def unique_client_hosts(config: GatewayConfig) -> list[FieldProblem]:
-    return _first_places(config, "client_hosts", lambda p: p.client_hosts)
+    """``127.0.0.2``, ``127.0.0.2/32`` and ``::ffff:127.0.0.2`` are one entry."""
+    return _first_places(config, "client_hosts", lambda p: p.client_hosts, _client_host_key)
 
 
 def unique_sender_domains(config: GatewayConfig) -> list[FieldProblem]:
@@ -99,28 +177,51 @@ def sender_domains_need_opportunistic_tls(config: GatewayConfig) -> list[FieldPr
     ]
 
 
-def password_files_are_private(config: GatewayConfig) -> list[FieldProblem]:
+def secret_files(config: GatewayConfig) -> list[tuple[str, Path]]:
+    """Every file that holds a secret other than a private key, with its field
+    path: credential passwords, smarthost passwords, PKCS#12 PINs. (Key files
+    are checked where certificates are loaded.)"""
+    found = [
+        (f"connection_profiles[{i}].smtp_auth.credentials[{j}].password_file", c.password_file)
+        for i, profile in enumerate(config.connection_profiles)
+        for j, c in enumerate(profile.smtp_auth.credentials)
+        if c.password_file is not None
+    ]
+    for i, connector in enumerate(config.send_connectors):
+        target = connector.deliver.smarthost
+        if target is not None and target.password_file is not None:
+            found.append(
+                (f"send_connectors[{i}].deliver.smarthost.password_file", target.password_file)
+            )
+    found += [
+        (f"certificates[{i}].pin_file", cert.pin_file)
+        for i, cert in enumerate(config.certificates)
+        if cert.pin_file is not None
+    ]
+    return found
+
+
+def secret_files_are_private(config: GatewayConfig) -> list[FieldProblem]:
+    """Each secret file exists and only its owner may read it."""
     problems = []
-    for i, profile in enumerate(config.connection_profiles):
-        for j, credential in enumerate(profile.smtp_auth.credentials):
-            path = credential.password_file
-            if path is None:
-                continue
-            here = f"connection_profiles[{i}].smtp_auth.credentials[{j}].password_file"
-            problem = private_file_problem(path)
-            if problem:
-                problems.append(FieldProblem(here, problem))
+    for here, path in secret_files(config):
+        problem = private_file_problem(path)
+        if problem:
+            problems.append(FieldProblem(here, problem))
     return problems
 
 
 def private_file_problem(path: Path, what: str = "") -> str | None:
-    """Why a secret file is unusable (missing, or readable by others), or None."""
+    """Why a secret file is unusable (missing, or open to group or others), or None."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path}{what} is readable by other users; run: chmod 600 {path}"
+        return (
+            f"{path}{what} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
     return None
 
 
@@ -199,14 +300,14 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     unique_sender_domains,
     unique_usernames,
     sender_domains_need_opportunistic_tls,
-    password_files_are_private,
+    secret_files_are_private,
     connector_certificates_exist,
 )
 
 
 def validate(config: GatewayConfig) -> list[FieldProblem]:
     """Every cross-field problem of ``config``; empty when it is usable."""
-    return [problem for check in CHECKS for problem in check(config)]
+    return name_objects([problem for check in CHECKS for problem in check(config)], config)
 
 
 def warnings(config: GatewayConfig) -> list[FieldProblem]:
@@ -243,7 +344,31 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
             found.append(
                 FieldProblem(f"connection_profiles[{i}].smtp_auth", "enabled without credentials")
             )
-    return found + _admin_warnings(config)
+    found += _sender_domain_relay_warnings(config)
+    return name_objects(found + _admin_warnings(config), config)
+
+
+def _sender_domain_relay_warnings(config: GatewayConfig) -> list[FieldProblem]:
+    """A sender domain selects a profile only for its inbound TLS requirement, so
+    the profile's relay is never granted to those senders."""
+    found = []
+    for i, profile in enumerate(config.connection_profiles):
+        if not profile.sender_domains or profile.relay == "none":
+            continue
+        users = profile.smtp_auth.enabled and profile.smtp_auth.credentials
+        reach = (
+            "it applies only to the clients in client_hosts and to this profile's users"
+            if profile.client_hosts or users
+            else "this profile has no client_hosts and no users, so it applies to no one"
+        )
+        found.append(
+            FieldProblem(
+                f"connection_profiles[{i}].relay",
+                f"relay {profile.relay} is never granted by sender_domains, which only "
+                f"require inbound TLS; {reach}",
+            )
+        )
+    return found
 
 
 def _admin_warnings(config: GatewayConfig) -> list[FieldProblem]:

@@ -4,7 +4,9 @@ The manual's order, kept here:
 
 1. The client IP address: among the profiles' IP and CIDR entries the most
    specific one wins (an exact address is a /32 or /128, so it always beats
-   a range). IPv4-mapped IPv6 addresses are matched as IPv4.
+   a range). IPv4-mapped IPv6 addresses are matched as IPv4, the client's
+   and the entries' alike (``::ffff:10.0.0.5`` in ``client_hosts`` is
+   ``10.0.0.5``), as the duplicate check compares them.
 2. The client's host name, but only a forward-confirmed one (reverse DNS
    gives the name, and the name's A/AAAA records contain the address):
    a name that does not confirm never matches.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smtpgate.config.schema import GatewayConfig, RelayMode
+from smtpgate.config.validate import client_network
 
 Step = Literal["client-ip", "host-name", "sender-domain", "default"]
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -91,9 +94,8 @@ class ProfileIndex:
         }
 
     def _add_host(self, entry: str, profile: Profile) -> None:
-        try:
-            network = ipaddress.ip_network(entry)
-        except ValueError:
+        network = client_network(entry)
+        if network is None:
             self.host_names[entry.lower()] = profile
             return
         table = self._networks.setdefault((network.version, network.prefixlen), {})

@@ -7,7 +7,12 @@ Rules kept here:
   to fix it, the Linux equivalent of the manual's key-permission warning.
 * A PKCS#12 PIN is tried once per load and never in a loop: some tokens are
   destroyed after three wrong PINs. A wrong PIN is a clear configuration
-  error naming the field.
+  error naming the field; a file that needs a PIN when none is set says so.
+* The key must be the certificate's (the same public key): a mismatched pair
+  would only fail at the first handshake, naming nothing. ``check_configured``
+  (``config check``, validate, apply) also refuses an expired certificate and
+  warns 30 days ahead. Every problem names the certificate and its file.
+* Host names are matched by ``service_identity`` (RFC 6125 §6.4).
 * ``describe`` gives what ``smtpgate certs list`` shows: subject, SANs,
   issuer, SHA-256 fingerprint, SPKI pin (base64 SHA-256 of the public key,
   as in RFC 7469) and expiry.
@@ -28,6 +33,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from service_identity import CertificateError, VerificationError
@@ -44,7 +50,7 @@ from service_identity.hazmat import (
 
 from smtpgate.config.schema import Certificate, GatewayConfig
 from smtpgate.config.secret import load_key, read_secret
-from smtpgate.config.validate import private_file_problem
+from smtpgate.config.validate import name_objects, private_file_problem
 from smtpgate.errors import ConfigError, FieldProblem
 
 EXPIRY_WARNING = dt.timedelta(days=30)
@@ -67,64 +73,96 @@ def key_permission_problem(path: Path) -> str | None:
 
 
 def load(cert: Certificate, where: str, key: Fernet | None = None) -> Loaded:
-    """Load one named certificate, or raise ConfigError naming the field."""
+    """Load one named certificate, or raise ConfigError naming the field and file."""
     if cert.pkcs12 is not None:
         return _load_pkcs12(cert, where, key)
     assert cert.cert is not None
     try:
         chain = x509.load_pem_x509_certificates(cert.cert.read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError([FieldProblem(f"{where}.cert", f"cannot load: {exc}")]) from None
+        raise _problem(f"{where}.cert", f"cannot load {cert.cert}: {exc}") from None
     key_file = cert.key or cert.cert
+    key_field = f"{where}.{'key' if cert.key else 'cert'}"
     try:
         key_text = key_file.read_bytes()
     except OSError as exc:
-        raise ConfigError([FieldProblem(f"{where}.key", f"cannot read: {exc.strerror}")]) from None
+        raise _problem(key_field, f"cannot read {key_file}: {exc.strerror}") from None
     if cert.key is None and b"PRIVATE KEY-----" not in key_text:
         return Loaded(cert.name, chain, None)  # a certificate without a key
     problem = key_permission_problem(key_file)
     if problem:
-        raise ConfigError([FieldProblem(f"{where}.{'key' if cert.key else 'cert'}", problem)])
+        raise _problem(key_field, problem)
     try:
         private = serialization.load_pem_private_key(key_text, password=None)
     except ValueError as exc:
-        raise ConfigError([FieldProblem(f"{where}.key", f"cannot load: {exc}")]) from None
-    key_pem = private.private_bytes(
+        raise _problem(key_field, f"cannot load the key in {key_file}: {exc}") from None
+    if not _pair(private, chain[0]):
+        raise _problem(
+            key_field,
+            f"the key in {key_file} does not belong to the certificate in {cert.cert} "
+            "(their public keys differ): name the key that was issued with it",
+        )
+    return Loaded(cert.name, chain, _pkcs8(private))
+
+
+def _problem(path: str, message: str) -> ConfigError:
+    return ConfigError([FieldProblem(path, message)])
+
+
+def _pair(private: PrivateKeyTypes, leaf: x509.Certificate) -> bool:
+    """Whether ``private`` is the key of ``leaf`` (the same SubjectPublicKeyInfo)."""
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    mine = private.public_key().public_bytes(*spki)
+    return mine == leaf.public_key().public_bytes(*spki)
+
+
+def _pkcs8(private: PrivateKeyTypes) -> bytes:
+    return private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    return Loaded(cert.name, chain, key_pem)
 
 
 def _load_pkcs12(cert: Certificate, where: str, key: Fernet | None) -> Loaded:
     assert cert.pkcs12 is not None
     problem = key_permission_problem(cert.pkcs12)
     if problem:
-        raise ConfigError([FieldProblem(f"{where}.pkcs12", problem)])
+        raise _problem(f"{where}.pkcs12", problem)
     pin = b""
     if cert.pin is not None or cert.pin_file is not None:
-        pin = read_secret(cert.pin, cert.pin_file, key, f"{where}.pin").get_secret_value().encode()
+        pin_field = f"{where}.pin_file" if cert.pin_file else f"{where}.pin"
+        pin = read_secret(cert.pin, cert.pin_file, key, pin_field).get_secret_value().encode()
     try:
         private, leaf, extra = pkcs12.load_key_and_certificates(
             cert.pkcs12.read_bytes(), pin or None
         )  # one try, never a loop
-    except ValueError:
-        raise ConfigError(
-            [
-                FieldProblem(
-                    f"{where}.pin_file" if cert.pin_file else f"{where}.pin",
-                    f"the PIN does not open {cert.pkcs12} (tried once: some tokens are destroyed "
-                    "after three wrong PINs, so check it before trying again)",
-                )
-            ]
-        ) from None
+    except ValueError as exc:
+        raise _pkcs12_refused(cert, where, str(exc)) from None
     except OSError as exc:
-        raise ConfigError([FieldProblem(f"{where}.pkcs12", f"cannot read: {exc}")]) from None
+        raise _problem(f"{where}.pkcs12", f"cannot read {cert.pkcs12}: {exc.strerror}") from None
     if private is None or leaf is None:
-        raise ConfigError([FieldProblem(f"{where}.pkcs12", "holds no key and certificate")])
-    key_pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        raise _problem(f"{where}.pkcs12", f"{cert.pkcs12} holds no key and certificate")
+    if not _pair(private, leaf):
+        raise _problem(
+            f"{where}.pkcs12", f"the key in {cert.pkcs12} does not belong to its certificate"
+        )
+    return Loaded(cert.name, [leaf, *extra], _pkcs8(private))
+
+
+def _pkcs12_refused(cert: Certificate, where: str, reason: str) -> ConfigError:
+    """Why a PKCS#12 file did not open: not PKCS#12, no PIN given, or a wrong PIN."""
+    if "deserialize" in reason:  # cryptography: "Could not deserialize PKCS12 data"
+        return _problem(f"{where}.pkcs12", f"cannot load {cert.pkcs12}: not a PKCS#12 file")
+    if cert.pin is None and cert.pin_file is None:
+        return _problem(
+            f"{where}.pkcs12",
+            f"{cert.pkcs12} needs a PIN to open: set pin_file (a 0600 file holding it) "
+            "or pin (encrypted by `smtpgate credentials encrypt`)",
+        )
+    return _problem(
+        f"{where}.pin_file" if cert.pin_file else f"{where}.pin",
+        f"the PIN does not open {cert.pkcs12} (tried once: some tokens are destroyed "
+        "after three wrong PINs, so check it before trying again)",
     )
-    return Loaded(cert.name, [leaf, *extra], key_pem)
 
 
 @contextmanager
@@ -201,7 +239,8 @@ def self_signed(host: str, days: int) -> tuple[bytes, bytes]:
 def load_all(
     certificates: list[Certificate], key_loader: Callable[[], Fernet]
 ) -> dict[str, Loaded]:
-    """Every named certificate, loaded once; all problems reported together."""
+    """Every named certificate, loaded once; all problems reported together, each
+    naming its certificate."""
     loaded: dict[str, Loaded] = {}
     problems: list[FieldProblem] = []
     needs_key = any(c.pin is not None for c in certificates)
@@ -212,7 +251,7 @@ def load_all(
         except ConfigError as exc:
             problems += exc.problems
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(name_objects(problems, {"certificates": certificates}))
     return loaded
 
 
@@ -220,6 +259,44 @@ def load_configured(config: GatewayConfig) -> dict[str, Loaded]:
     """The configuration's certificates, PINs decrypted with its data directory's key."""
     data_dir = config.gateway.data_dir
     return load_all(config.certificates, lambda: load_key(data_dir, create=False))
+
+
+def check_configured(
+    config: GatewayConfig, *, refuse_expired: bool = True, now: dt.datetime | None = None
+) -> list[FieldProblem]:
+    """What ``config check``, validate and apply add to the schema's checks: every
+    certificate loads (files, key permissions, PINs, the key matches the
+    certificate) and has not expired (RFC 5280 §4.1.2.5). Returns the warnings:
+    certificates that expire within 30 days, and with ``refuse_expired`` off
+    (``serve``, which keeps mail flowing) the expired ones too."""
+    loaded = load_configured(config)
+    expired, soon = validity(config, loaded, now or dt.datetime.now(dt.UTC))
+    if expired and refuse_expired:
+        raise ConfigError(expired)
+    return expired + soon
+
+
+def validity(
+    config: GatewayConfig, loaded: dict[str, Loaded], now: dt.datetime
+) -> tuple[list[FieldProblem], list[FieldProblem]]:
+    """(expired, expiring within 30 days): each names the certificate and its file."""
+    expired: list[FieldProblem] = []
+    soon: list[FieldProblem] = []
+    for i, cert in enumerate(config.certificates):
+        item = loaded.get(cert.name)
+        if item is None:
+            continue
+        field, file = ("pkcs12", cert.pkcs12) if cert.pkcs12 else ("cert", cert.cert)
+        ends = item.chain[0].not_valid_after_utc
+        when = f"{ends:%Y-%m-%d %H:%M} UTC"
+        if ends <= now:
+            message = f"the certificate in {file} expired on {when}: renew it"
+            expired.append(FieldProblem(f"certificates[{i}].{field}", message))
+        elif ends - now < EXPIRY_WARNING:
+            days = (ends - now).days
+            message = f"the certificate in {file} expires on {when}, in {days} days: renew it"
+            soon.append(FieldProblem(f"certificates[{i}].{field}", message))
+    return name_objects(expired, config), name_objects(soon, config)
 
 
 def is_ca(certificate: x509.Certificate) -> bool:
