@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smtpgate.admin import edit
-from smtpgate.config.load import read_document
+from smtpgate.cli import args as arg_types
 from smtpgate.errors import AdminError
 
 if TYPE_CHECKING:  # the store and the HTTP client load only for the commands that use them
@@ -53,9 +53,14 @@ def where_options(parser: argparse.ArgumentParser, *, json_output: bool = True) 
     """``--config`` | ``--data-dir`` | ``--api URL`` (with ``--token``), and ``--json``."""
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", type=Path, help="the configuration file (locates the store)")
-    target.add_argument("--data-dir", type=Path, help="the data directory holding the store")
     target.add_argument(
-        "--api", metavar="URL", help="a running gateway's API, e.g. http://127.0.0.1:8025"
+        "--data-dir", type=arg_types.data_dir, help="an existing gateway's data directory"
+    )
+    target.add_argument(
+        "--api",
+        type=arg_types.api_url,
+        metavar="URL",
+        help="a running gateway's API, e.g. http://127.0.0.1:8025",
     )
     parser.add_argument("--token", help="API token (default: $SMTPGATE_TOKEN)")
     if json_output:
@@ -116,8 +121,8 @@ def add_admin_commands(commands: Commands) -> None:
     api = admin_commands.add_parser(
         "api", help="run the REST API alone (smtpgate serve starts it for admin.listen)"
     )
-    api.add_argument("--data-dir", type=Path, required=True)
-    api.add_argument("--listen", required=True, metavar="HOST:PORT")
+    api.add_argument("--data-dir", type=arg_types.data_dir, required=True)
+    api.add_argument("--listen", type=arg_types.listen_address, required=True, metavar="HOST:PORT")
     api.add_argument("--fd", type=int, help="a listening socket to serve on (from smtpgate serve)")
     api.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     api.add_argument("--log-json", action="store_true")
@@ -131,7 +136,7 @@ def add_admin_commands(commands: Commands) -> None:
     for sub in (create, revoke, listing):
         target = sub.add_mutually_exclusive_group(required=True)
         target.add_argument("--config", type=Path)
-        target.add_argument("--data-dir", type=Path)
+        target.add_argument("--data-dir", type=arg_types.data_dir)
 
 
 # -- running them ------------------------------------------------------------------
@@ -140,9 +145,7 @@ def add_admin_commands(commands: Commands) -> None:
 def data_dir_of(args: argparse.Namespace) -> Path:
     if getattr(args, "data_dir", None) is not None:
         return Path(args.data_dir)
-    from smtpgate.config.load import load_config  # noqa: PLC0415
-
-    return load_config(args.config).gateway.data_dir
+    return arg_types.load_file(args.config).gateway.data_dir
 
 
 def api_for(args: argparse.Namespace) -> ApiBackend:
@@ -201,7 +204,7 @@ def _lifecycle(backend: Backend, args: argparse.Namespace) -> int:  # noqa: PLR0
         backend.rollback(args.revision, args.force)
         print(f"revision {args.revision} staged as the draft; `smtpgate config apply` to use it")
     elif action == "import":
-        backend.import_document(read_document(args.file), args.force)
+        backend.import_document(arg_types.read_file(args.file), args.force)
         print(f"{args.file} staged as the draft; review it with `smtpgate config diff`")
     elif action == "export":
         print(backend.export("draft" if args.draft else "applied", args.redact), end="")

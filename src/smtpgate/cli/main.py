@@ -1,8 +1,11 @@
 """``smtpgate``: serve, check configuration, explain policy, credentials, sink.
 
 Every command exits 0 on success, 1 when the thing it checked is wrong (a bad
-configuration, a refused delivery), 2 on bad usage. Errors are printed as
-sentences with the field path, never as tracebacks.
+configuration, a refused delivery), 2 on bad usage (an option's value is
+checked where it is parsed, and the message names the option and the value).
+Errors are printed as sentences with the field path, never as tracebacks.
+Output cut short by its reader (``smtpgate config show | head``) ends
+quietly with 141, as for a program killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +25,8 @@ from smtpgate import __version__
 from smtpgate.cli import admin as admin_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
-from smtpgate.config.load import notices, parse_config, read_document
+from smtpgate.cli.args import FileConfigError, listen_address, read_file
+from smtpgate.config.load import notices, parse_config
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
 from smtpgate.errors import AdminError, ConfigError
@@ -76,7 +81,12 @@ def _add_certs(commands: Commands) -> None:
 
 def _add_sink(commands: Commands) -> None:
     sink = commands.add_parser("sink", help="run a recording SMTP server")
-    sink.add_argument("--listen", default="127.0.0.1:2526", help="HOST:PORT (default %(default)s)")
+    sink.add_argument(
+        "--listen",
+        type=listen_address,
+        default="127.0.0.1:2526",
+        help="HOST:PORT (default %(default)s)",
+    )
     sink.add_argument("--dir", type=Path, default=Path("var/sink"), help="where messages go")
     sink.add_argument("--no-fsync", action="store_true", help="do not fsync stored messages")
     sink.add_argument("--rcpt-reply", help='refuse every RCPT, e.g. "550 5.1.1 no such user"')
@@ -88,16 +98,23 @@ def _add_sink(commands: Commands) -> None:
     )
 
 
-def _fail(path: Path, exc: ConfigError) -> int:
-    print(f"{path}: configuration is invalid:", file=sys.stderr)
+def _fail(exc: ConfigError) -> int:
+    """Every problem with its field path; the file is named only when it is to blame."""
+    if isinstance(exc, FileConfigError):
+        print(f"{exc.path}: configuration is invalid:", file=sys.stderr)
+    else:
+        print("smtpgate: invalid configuration:", file=sys.stderr)
     for problem in exc.problems:
         print(f"  - {problem}", file=sys.stderr)
     return 1
 
 
 def _load(path: Path, *, announce: bool) -> GatewayConfig:
-    document = read_document(path)
-    config = parse_config(document)
+    document = read_file(path)
+    try:
+        config = parse_config(document)
+    except ConfigError as exc:
+        raise FileConfigError(path, exc) from None
     if announce:
         for notice in notices(document):
             print(f"notice: {notice}", file=sys.stderr)
@@ -110,7 +127,10 @@ def _config_check(path: Path) -> int:
     from smtpgate.tls.certificates import load_configured  # noqa: PLC0415
 
     config = _load(path, announce=True)
-    load_configured(config)  # key permissions, PINs, PEM syntax
+    try:
+        load_configured(config)  # key permissions, PINs, PEM syntax
+    except ConfigError as exc:
+        raise FileConfigError(path, exc) from None
     print(f"{path}: configuration is valid")
     return 0
 
@@ -233,15 +253,38 @@ def _dispatch(args: argparse.Namespace) -> int:
     return handlers[command](args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+SIGPIPE_EXIT = 128 + signal.SIGPIPE
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """The standard recipe for a reader that stops early (``| head``): no
+    traceback, and no second error when Python flushes stdout at exit."""
+    try:
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(SIGPIPE_EXIT) from None
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        return _fail(getattr(args, "config", None) or Path("configuration"), exc)
+        return _fail(exc)
     except AdminError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with _reader_may_leave():
+        return _run(argv)
 
 
 if __name__ == "__main__":

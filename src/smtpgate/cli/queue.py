@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue_show
+from smtpgate.cli import args as arg_types
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
 from smtpgate.errors import NotFound
 from smtpgate.queue.store import QueueStore
@@ -34,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--sender")
     listing.add_argument("--recipient")
     listing.add_argument("--domain", help="recipient domain")
-    listing.add_argument("--older-than", help="age, e.g. 30m, 2h, 1d")
+    listing.add_argument("--older-than", type=arg_types.age, help="age, e.g. 30m, 2h, 1d")
     show = actions.add_parser("show", help="one message: envelope and per-recipient history")
     show.add_argument("id")
     retry = actions.add_parser("retry", help="try deferred recipients now")

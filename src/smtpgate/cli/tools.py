@@ -13,7 +13,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
-from smtpgate.config.load import load_config, parse_config
+from smtpgate.cli.args import load_file
+from smtpgate.config.load import parse_config
 from smtpgate.config.schema import GatewayConfig
 from smtpgate.errors import NotFound
 from smtpgate.observe.log import configure
@@ -84,7 +85,7 @@ def applied_config(args: argparse.Namespace) -> GatewayConfig:
     from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
 
     data_dir = data_dir_of(args)
-    file_config = load_config(args.config) if args.config else None
+    file_config = load_file(args.config) if args.config else None
     if store_path(data_dir).exists():
         store = ConfigStore.open(data_dir)
         try:

@@ -115,8 +115,10 @@ class GatewaySettings(Strict):
 def parse_listen_address(value: str) -> tuple[str, int]:
     """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` → (host, port); port 0 picks a free one."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"{value!r} is not HOST:PORT (for IPv6 use [ADDR]:PORT)")
+    if int(port) > 65535:
+        raise ValueError(f"port {int(port)} is out of range (1–65535)")  # noqa: RUF001 - a range
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:

@@ -1,0 +1,100 @@
+"""Command-line values checked where they are typed, and the file errors.
+
+A mistake on the command line is a usage error: argparse reports it with the
+option and the value (``argument --older-than: '2x' is not an age ...``) and
+exit code 2, before anything is opened. A problem in a configuration file
+named on the command line is a :class:`FileConfigError`, reported with the
+file's name; other configuration problems (an edit that would make the draft
+invalid) never blame the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from smtpgate.config.load import load_config, read_document
+from smtpgate.config.schema import GatewayConfig, parse_duration, parse_listen_address
+from smtpgate.errors import ConfigError
+
+QUEUE_DIR = "queue"
+
+
+class FileConfigError(ConfigError):
+    """The configuration file ``path`` is invalid (or cannot be read)."""
+
+    def __init__(self, path: Path, error: ConfigError) -> None:
+        self.path = path
+        super().__init__(error.problems)
+
+
+def read_file(path: Path) -> Any:
+    """The YAML document in ``path``; problems name the file."""
+    try:
+        return read_document(path)
+    except ConfigError as exc:
+        raise FileConfigError(path, exc) from None
+
+
+def load_file(path: Path) -> GatewayConfig:
+    """The checked configuration in ``path``; problems name the file."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise FileConfigError(path, exc) from None
+
+
+# -- argparse types: each returns the value or raises ArgumentTypeError ---------------
+
+
+def data_dir(value: str) -> Path:
+    """An existing gateway data directory. Only ``smtpgate serve`` (and commands
+    given ``--config``, whose file names the directory) may create one, so a
+    mistyped ``--data-dir`` never leaves an empty store behind."""
+    from smtpgate.config.store import store_path  # noqa: PLC0415 - SQLAlchemy only when used
+
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {value}")
+    if not (store_path(path).exists() or (path / QUEUE_DIR).is_dir()):
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a gateway data directory (no config.db, no queue); "
+            "`smtpgate serve` makes one"
+        )
+    return path
+
+
+def age(value: str) -> str:
+    """An age such as ``30m``, ``2h`` or ``1d``, kept as typed (the API takes it so)."""
+    try:
+        parse_duration(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an age from 0 to 3650 days, like 30m, 2h or 1d"
+        ) from None
+    return value
+
+
+def listen_address(value: str) -> str:
+    """``HOST:PORT`` to listen on (``[ADDR]:PORT`` for IPv6)."""
+    try:
+        parse_listen_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def api_url(value: str) -> str:
+    """``http(s)://HOST[:PORT]``, the address of a gateway's REST API."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an API URL like http://127.0.0.1:8025")
+    after_host = parts.netloc.rpartition("@")[2].rpartition("]")[2]  # past an IPv6 literal
+    _, colon, port = after_host.rpartition(":")
+    if colon and not (port.isascii() and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"{value!r}: port {port!r} is not a number")
+    if colon and not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"port {int(port)} is out of range (1–65535)")  # noqa: RUF001
+    return value
