@@ -39,9 +39,10 @@ from smtpgate.config.document import (
 from smtpgate.config.load import from_pydantic, parse_config
 from smtpgate.config.schema import GatewayConfig, GatewaySettings
 from smtpgate.config.store import ConfigStore, Draft, Revision, StaleDraft
+from smtpgate.config.validate import name_objects
 from smtpgate.errors import ConfigError, Conflict, FieldProblem, NotFound
 from smtpgate.gateway import GatewayPolicy
-from smtpgate.tls.certificates import load_configured
+from smtpgate.tls.certificates import check_configured
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class ConfigService:
         try:
             normal = normalise(document)
         except ValidationError as exc:
-            raise ConfigError(from_pydantic(exc)) from None
+            raise ConfigError(from_pydantic(exc, document)) from None
         parse_config(normal)
         kept = base["gateway"]["data_dir"] if base else normal["gateway"]["data_dir"]
         if normal["gateway"]["data_dir"] != kept:
@@ -210,10 +211,10 @@ class ConfigService:
             document = self.working()[0]
         try:
             config = parse_config(self.check(document, self.store.applied_document()))
-            load_configured(config)
+            check_configured(config)  # key pairs, expiry, key permissions, PINs
             GatewayPolicy.build(config)  # decrypts every secret once
         except ConfigError as exc:
-            return exc.problems
+            return name_objects(exc.problems, document)
         return []
 
     def apply(self, actor: str, comment: str = "", *, force: bool = False) -> ApplyResult:
