@@ -129,7 +129,9 @@ class ConfigService:
         rebase: bool = False,
     ) -> Draft:
         """Apply ``change`` to the draft (or a new draft from the applied revision);
-        the result must pass every configuration check."""
+        the result must pass every configuration check. The audit log records
+        what changed, field by field, as ``config diff`` says it; a ``rebase``
+        (the whole draft replaced: import, rollback) also says ``what`` it was."""
         with self.store.transaction() as connection:
             current = self.store.draft(connection)
             applied = self.store.applied(connection)
@@ -153,7 +155,10 @@ class ConfigService:
                 raise Conflict(
                     "the draft changed since you read it; read it again and redo your change"
                 ) from None
-            self.store.record(connection, actor, "draft.edit", what)
+            changes = edit_summary(diff(base, document))
+            self.store.record(
+                connection, actor, "draft.edit", f"{what}: {changes}" if rebase else changes
+            )
         draft = self.store.draft()
         assert draft is not None
         return draft
@@ -276,6 +281,12 @@ class ConfigService:
         if draft is not None:
             what += f"; a draft based on revision {draft.base_revision} is still staged"
         return revision, f"{what}: running revision {revision.number}"
+
+
+def edit_summary(changes: list[Change]) -> str:
+    """One audit line for an edit: each change as ``config diff`` prints it
+    (secrets only as "changed"), or "no change"."""
+    return "; ".join(change.text() for change in changes) or "no change"
 
 
 def record(store: ConfigStore, actor: str, action: str, detail: str = "") -> None:
