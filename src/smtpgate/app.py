@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smtpgate.admin.services import publish_status
+from smtpgate.admin import nodes
 from smtpgate.config.document import Document, diff, restart_required, to_document
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import (
@@ -37,7 +37,6 @@ from smtpgate.config.schema import (
 from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.delivery.attempt import Deliverer
-from smtpgate.errors import ConfigError
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.server import (
@@ -148,6 +147,7 @@ class Gateway:
     config_task: asyncio.Task[None] | None = None
     waiting: list[str] = dataclasses.field(default_factory=list)  # applied, not yet in force
     refused: int | None = None  # an applied revision this node could not take on
+    refused_error: str = ""  # ... and why
 
     async def start(self) -> None:
         await self.server.start()
@@ -159,7 +159,7 @@ class Gateway:
             self.config_task = loop.create_task(self._follow_store(self.store))
 
     def publish(self, store: ConfigStore) -> None:
-        publish_status(store, self.live.config.gateway.node, status_of(self))
+        nodes.publish(store, self.live.config.gateway.node, status_of(self), time.time())
 
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
@@ -173,25 +173,36 @@ class Gateway:
 
     async def _follow_store(self, store: ConfigStore) -> None:
         """Take on each newly applied revision within a quarter of a second, whoever
-        applied it (the API's process, the CLI, later a peer)."""
+        applied it (the API's process, the CLI, later a peer), and report what runs
+        (after the swap, so a report never runs ahead of the policy) and a heartbeat."""
+        published = time.monotonic()
         while True:
             await asyncio.sleep(STORE_POLL)
             try:
-                number = await asyncio.to_thread(store.applied_number)
-                if number in (None, self.live.revision, self.refused):
-                    continue
-                revision = await asyncio.to_thread(store.revision, number)
-                if revision is not None:
-                    self._take_on(revision.document, revision.number)
+                if await self._follow_once(store) or (
+                    time.monotonic() - published >= nodes.HEARTBEAT
+                ):
                     await asyncio.to_thread(self.publish, store)
+                    published = time.monotonic()
             except Exception as exc:  # the store is unreachable: keep running as we are
                 log.error("configuration store unreadable", error=repr(exc))
+
+    async def _follow_once(self, store: ConfigStore) -> bool:
+        """Take on a newly applied revision, if any; whether there was one."""
+        number = await asyncio.to_thread(store.applied_number)
+        if number in (None, self.live.revision, self.refused):
+            return False
+        revision = await asyncio.to_thread(store.revision, number)
+        if revision is None:
+            return False
+        self._take_on(revision.document, revision.number)
+        return True
 
     def _take_on(self, document: Document, number: int) -> None:
         try:
             self.swap(parse_config(document), number)
-        except ConfigError as exc:  # e.g. a key file changed since validate: say so once
-            self.refused = number
+        except Exception as exc:  # e.g. a key file changed since validate: say so once
+            self.refused, self.refused_error = number, str(exc)
             log.error("cannot take on the applied configuration", revision=number, error=str(exc))
 
     async def stop(self, grace: float) -> None:
@@ -272,6 +283,8 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
     return {
         "hostname": live.config.gateway.hostname,
         "running_revision": live.revision,
+        "refused_revision": gateway.refused,
+        "error": gateway.refused_error,
         "restart_required": gateway.waiting,
         "listeners": [
             {"name": x.name, "address": x.address, "security": x.security}

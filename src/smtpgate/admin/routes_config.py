@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, Field
 
-from smtpgate.admin import edit
+from smtpgate.admin import edit, nodes
 from smtpgate.admin.http import Actor, Flag, StrictBody, Value, problems
 from smtpgate.admin.services import ConfigService
 from smtpgate.config.document import Document
@@ -52,6 +52,8 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 class ApplyRequest(StrictBody):
     comment: str = Field(default="", max_length=1000)
     force: bool = False  # apply a draft staged on an older revision
+    # seconds to wait for every running gateway to enforce the revision; 0: do not wait
+    wait: float = Field(default=10, ge=0, le=120)
 
 
 class RollbackRequest(StrictBody):
@@ -115,7 +117,11 @@ def _lifecycle_routes(router: APIRouter, service: ConfigService) -> None:
 
     @router.post("/config/apply", tags=["config"])
     def apply(request: ApplyRequest, who: Actor) -> dict[str, Any]:
-        return service.apply(who, request.comment, force=request.force).as_dict()
+        result = service.apply(who, request.comment, force=request.force).as_dict()
+        if request.wait:
+            found = nodes.wait_applied(service.store, result["revision"], request.wait)
+            result |= nodes.apply_report(found)
+        return result
 
     @router.get("/config/history", tags=["config"])
     def history() -> list[dict[str, Any]]:

@@ -328,12 +328,6 @@ def authenticate(store: ConfigStore, token: str) -> str | None:
 # -- the running gateway's state, as the API reports it ------------------------
 
 
-def publish_status(store: ConfigStore, node: str, status: dict[str, Any]) -> None:
-    """Record what this node runs (revision, what waits for a restart, listeners)."""
-    with store.transaction() as connection:
-        store.set_meta(connection, f"node:{node}", json.dumps(status))
-
-
 def node_status(store: ConfigStore, data_dir: Path) -> dict[str, Any]:
     """``GET /status``: the applied revision, each node's published state, the queue."""
     from smtpgate.queue.store import QueueStore  # noqa: PLC0415

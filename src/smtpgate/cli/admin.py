@@ -78,6 +78,16 @@ def add_config_commands(config_commands: Commands) -> None:
     parsers["apply"].add_argument(
         "--force", action="store_true", help="apply a draft staged on an older revision"
     )
+    parsers["apply"].add_argument(
+        "--wait",
+        type=float,
+        default=10,
+        metavar="SECONDS",
+        help="how long to wait for every running gateway to enforce it (default 10)",
+    )
+    parsers["apply"].add_argument(
+        "--no-wait", dest="wait", action="store_const", const=0.0, help="do not wait"
+    )
     parsers["rollback"].add_argument("revision", type=int)
     parsers["import"].add_argument("file", type=Path)
     for name in ("rollback", "import"):
@@ -192,8 +202,9 @@ def _lifecycle(backend: Backend, args: argparse.Namespace) -> int:  # noqa: PLR0
             print("the draft is invalid" if problems else "the draft is valid")
         return 1 if problems else 0
     elif action == "apply":
-        result = backend.apply(args.comment, args.force)
+        result = backend.apply(args.comment, args.force, args.wait)
         print(json.dumps(result, indent=1) if args.json else _applied_text(result))
+        return 0 if result.get("complete", True) else 1
     elif action == "discard":
         backend.discard()
         print("draft discarded")
@@ -345,7 +356,18 @@ def _applied_text(result: dict[str, Any]) -> str:
             "restart required (the running gateway keeps the old values until then): "
             + ", ".join(result["restart_required"])
         )
+    if "nodes" in result:
+        lines += _nodes_text(result["nodes"])
     return "\n".join(lines)
+
+
+def _nodes_text(found: list[dict[str, str]]) -> list[str]:
+    """One line per gateway: in force there, refused, or not answering."""
+    if not found:
+        return ["no gateway is running on this store: it takes effect when one starts"]
+    return [
+        f"{n['node']}: {n['state']}" + (f" ({n['detail']})" if n["detail"] else "") for n in found
+    ]
 
 
 def _rows_text(rows: list[dict[str, Any]]) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from smtpgate.admin import nodes
 from smtpgate.admin.services import ConfigService
 from smtpgate.config.document import Document
 from smtpgate.config.store import ConfigStore
@@ -27,7 +28,7 @@ class Backend(Protocol):
     def view(self, which: str) -> Document: ...
     def diff(self) -> dict[str, Any]: ...
     def validate(self) -> list[dict[str, str]]: ...
-    def apply(self, comment: str, force: bool) -> dict[str, Any]: ...
+    def apply(self, comment: str, force: bool, wait: float) -> dict[str, Any]: ...
     def discard(self) -> None: ...
     def history(self) -> list[dict[str, Any]]: ...
     def audit(self) -> list[dict[str, Any]]: ...
@@ -70,8 +71,12 @@ class LocalBackend:
     def validate(self) -> list[dict[str, str]]:
         return [{"path": p.path, "message": p.message} for p in self.service.validate()]
 
-    def apply(self, comment: str, force: bool) -> dict[str, Any]:
-        return self.service.apply(self.actor, comment, force=force).as_dict()
+    def apply(self, comment: str, force: bool, wait: float) -> dict[str, Any]:
+        result = self.service.apply(self.actor, comment, force=force).as_dict()
+        if wait:
+            found = nodes.wait_applied(self.service.store, result["revision"], wait)
+            result |= nodes.apply_report(found)
+        return result
 
     def discard(self) -> None:
         self.service.discard(self.actor)
@@ -144,9 +149,9 @@ class ApiBackend:
         found: list[dict[str, str]] = self.call("POST", "/config/validate")["problems"]
         return found
 
-    def apply(self, comment: str, force: bool) -> dict[str, Any]:
-        body = {"comment": comment, "force": force}
-        found: dict[str, Any] = self.call("POST", "/config/apply", json=body)
+    def apply(self, comment: str, force: bool, wait: float) -> dict[str, Any]:
+        body = {"comment": comment, "force": force, "wait": wait}
+        found: dict[str, Any] = self.call("POST", "/config/apply", json=body, timeout=wait + 60)
         return found
 
     def discard(self) -> None:

@@ -293,6 +293,14 @@ class ConfigStore:
         row = self._one(select(settings.c.value).where(settings.c.key == key), None)
         return str(row[0]) if row else None
 
+    def metas(self, prefix: str) -> dict[str, str]:
+        """Every meta entry whose key starts with ``prefix``."""
+        query = select(settings.c.key, settings.c.value).where(
+            settings.c.key.startswith(prefix, autoescape=True)
+        )
+        with self.engine.connect() as connection:
+            return {str(r.key): str(r.value) for r in connection.execute(query)}
+
     def set_meta(self, connection: Connection, key: str, value: str) -> None:
         connection.execute(delete(settings).where(settings.c.key == key))
         connection.execute(insert(settings).values(key=key, value=value))

@@ -1,0 +1,111 @@
+"""Which gateways run which revision, and waiting for an apply to be in force.
+
+A running gateway reports what it runs under ``node:<name>`` in the store's
+meta table: when it starts, after each applied revision it takes on (or
+cannot take on), and as a heartbeat every ``HEARTBEAT`` seconds. A report
+older than ``STALE_AFTER`` means the node is down (stopped, killed, cut off).
+
+``config apply`` returns only when every live node runs the new revision,
+reports that it cannot, or the wait times out: once it says "applied" and
+"running", every new connection gets the new policy. A gateway swaps its
+snapshot before it reports, so the report can never run ahead of the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from smtpgate.config.store import ConfigStore
+
+HEARTBEAT = 2.0  # seconds between a running gateway's reports
+STALE_AFTER = 3 * HEARTBEAT  # a node silent for longer is down
+POLL = 0.05  # how often a waiting apply reads the reports
+
+State = Literal["applied", "failed", "not answering", "down"]
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """What one node made of an applied revision."""
+
+    node: str
+    state: State
+    detail: str = ""
+
+    @property
+    def counts(self) -> bool:
+        """Whether this outcome makes the apply incomplete (down nodes do not:
+        they take on the current revision when they start)."""
+        return self.state in ("failed", "not answering")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"node": self.node, "state": self.state, "detail": self.detail}
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.state}" + (f" ({self.detail})" if self.detail else "")
+
+
+def publish(store: ConfigStore, node: str, status: dict[str, Any], now: float) -> None:
+    """Record what this node runs; ``now`` (wall-clock seconds) is its heartbeat."""
+    with store.transaction() as connection:
+        store.set_meta(connection, f"node:{node}", json.dumps({**status, "seen": now}))
+
+
+def reports(store: ConfigStore) -> dict[str, dict[str, Any]]:
+    """Every node's last report, by node name."""
+    found = store.metas("node:")
+    return {key.removeprefix("node:"): json.loads(value) for key, value in found.items()}
+
+
+def outcome(node: str, report: dict[str, Any], revision: int, now: float) -> NodeOutcome | None:
+    """The node's outcome for ``revision``; None while a live node has not got there."""
+    age = now - float(report.get("seen", 0))
+    if age > STALE_AFTER:
+        return NodeOutcome(node, "down", f"last seen {age:.0f} s ago")
+    running = report.get("running_revision")
+    if isinstance(running, int) and running >= revision:
+        return NodeOutcome(node, "applied", f"running revision {running}")
+    if report.get("refused_revision") == revision:
+        return NodeOutcome(node, "failed", str(report.get("error") or "cannot take it on"))
+    return None
+
+
+def wait_applied(
+    store: ConfigStore,
+    revision: int,
+    timeout: float,
+    *,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[NodeOutcome]:
+    """Wait until every live node has an outcome for ``revision`` (or ``timeout``
+    seconds have passed); the outcomes, by node name."""
+    deadline = clock() + timeout
+    while True:
+        now = clock()
+        found = {name: outcome(name, r, revision, now) for name, r in reports(store).items()}
+        if all(found.values()) or now >= deadline:
+            return [
+                found[name] or _late(name, r, timeout)
+                for name, r in sorted(reports(store).items())
+                if name in found
+            ]
+        sleep(POLL)
+
+
+def _late(node: str, report: dict[str, Any], timeout: float) -> NodeOutcome:
+    running = report.get("running_revision")
+    return NodeOutcome(node, "not answering", f"still on revision {running} after {timeout:g} s")
+
+
+def apply_report(outcomes: list[NodeOutcome]) -> dict[str, Any]:
+    """The per-node part of an apply's answer: ``complete`` unless a live node
+    failed or did not answer in time."""
+    return {
+        "nodes": [o.as_dict() for o in outcomes],
+        "complete": not any(o.counts for o in outcomes),
+    }
