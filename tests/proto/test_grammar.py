@@ -25,7 +25,7 @@ from smtpgate.proto.grammar import (
         ("<@relay.example,@r2.example:user@b.example>", False, False, "user@b.example"),
         ("<user@[192.0.2.1]>", False, False, "user@[192.0.2.1]"),
         ("<user@[IPv6:2001:db8::1]>", False, False, "user@[IPv6:2001:db8::1]"),
-        ("<jörg@bücher.example>", False, True, "jörg@bücher.example"),
+        ("<jörg@bücher.example>", False, True, "jörg@xn--bcher-kva.example"),  # normal form
         ("<under_score@my_host.example>", False, False, "under_score@my_host.example"),
     ],
 )

@@ -29,6 +29,9 @@ from pydantic import (
 )
 from pydantic import Strict as StrictMode
 
+from smtpgate.model.domain import DomainError
+from smtpgate.model.domain import normalise_domain as domain_normal_form
+
 Security = Literal["starttls", "require-starttls", "implicit-tls", "none"]
 RelayMode = Literal["none", "full", "restricted-external", "restricted-internal", "blocked"]
 TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
@@ -59,19 +62,13 @@ EncryptedSecret = Annotated[
 
 
 def normalise_domain(value: str) -> str:
-    """Lower-case, IDNA-encode and check a domain name (no trailing dot)."""
-    domain = value.strip().lower()
-    if not domain or domain.endswith(".") or ".." in domain:
-        raise ValueError(f"{value!r} is not a domain name")
+    """A domain name in the one normal form the gateway compares and relays
+    (:func:`smtpgate.model.domain.normalise_domain`: lower case, A-labels,
+    IDNA 2008 with UTS #46 mapping; no trailing dot)."""
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise ValueError(f"{value!r} is not a valid internationalised domain name") from exc
-    labels = ascii_domain.split(".")
-    ok = all(0 < len(lb) <= 63 and lb.replace("-", "").replace("_", "").isalnum() for lb in labels)
-    if not ok or len(ascii_domain) > 253:
-        raise ValueError(f"{value!r} is not a domain name")
-    return ascii_domain
+        return domain_normal_form(value.strip())
+    except DomainError as exc:
+        raise ValueError(f"{value!r} is not a domain name: {exc.reason}") from None
 
 
 DomainName = Annotated[str, AfterValidator(normalise_domain)]

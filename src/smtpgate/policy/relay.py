@@ -1,7 +1,8 @@
 """May this client send, and may this recipient pass? (relay control, spoofing)
 
 The five relay modes of a connection profile, decided per recipient at RCPT
-on the normalised domain (lower case, IDNA; a source route is already gone):
+on the normalised domain (:func:`smtpgate.model.domain.normalise_domain`:
+lower case, A-labels, IDNA 2008; a source route is already gone):
 
 =====================  ==========================  ===================
 mode                   recipients accepted          spam-checked
@@ -32,11 +33,11 @@ profile and the profile that owns its credentials (as Postfix's
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Set
 from dataclasses import dataclass
 
 from smtpgate.config.schema import RelayMode
+from smtpgate.model.domain import DomainError, normalise_domain
 from smtpgate.policy.profile import Profile
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
@@ -53,13 +54,20 @@ BLOCKED = Reply.of(554, "5.7.1", "Access denied")
 
 
 def split_address(address: str) -> tuple[str, str]:
-    """``"User@Example.COM"`` → (``"User"``, ``"example.com"``); IDNA-normalised domain."""
+    """``"User@Bücher.EXAMPLE"`` → (``"User"``, ``"xn--bcher-kva.example"``).
+
+    The domain is in the normal form hosted domains are kept in; an address
+    literal is lower-cased. A domain with no normal form comes back as
+    written, and so equals no hosted domain: those are all in normal form,
+    and a string already in normal form would have been accepted.
+    """
     local, _, domain = address.rpartition("@")
-    domain = domain.lower()
-    if not domain.startswith("["):
-        with contextlib.suppress(UnicodeError):  # an invalid IDN matches no hosted domain
-            domain = domain.encode("idna").decode("ascii")
-    return local, domain
+    if domain.startswith("["):
+        return local, domain.lower()
+    try:
+        return local, normalise_domain(domain)
+    except DomainError:
+        return local, domain
 
 
 @dataclass(frozen=True, slots=True)

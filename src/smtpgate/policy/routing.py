@@ -7,29 +7,52 @@ on the order of the configuration file. A connector with no roles listed may
 be used by every node.
 
 Patterns are domain names with ``*`` (any run of characters, dots included)
-and ``?`` (one character), matched case-insensitively. The null sender has
-the empty domain, which only ``*`` matches.
+and ``?`` (one character). Pattern and domain are both brought to the normal
+form of :mod:`smtpgate.model.domain` (lower case, A-labels, IDNA 2008), so
+``*.bücher.example`` matches ``x@sub.xn--bcher-kva.example`` and every other
+spelling of it; a label holding a wildcard must be ASCII. A pattern with no
+normal form matches nothing. The null sender has the empty domain, which
+only ``*`` (and the empty pattern) matches.
+
+Matching is :func:`fnmatch.fnmatchcase`, whose ``*`` and ``?`` are ours. Its
+``[...]`` character classes are not: ``[`` is passed as ``[[]`` (a class of
+just ``[``, the escape the fnmatch documentation gives), so an address
+literal such as ``[192.0.2.1]`` matches itself and nothing else; a lone
+``]`` is literal in fnmatch already.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence, Set
+from fnmatch import fnmatchcase
 from functools import lru_cache
 
 from smtpgate.config.schema import SendConnector
+from smtpgate.model.domain import DomainError, normalise_pattern
 from smtpgate.policy.relay import split_address
 
 
 @lru_cache(maxsize=4096)
-def _pattern(pattern: str) -> re.Pattern[str]:
-    parts = (".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern.lower())
-    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+def _pattern(pattern: str) -> str | None:
+    """The fnmatch form of a namespace pattern, or None when it has no normal form."""
+    try:
+        return normalise_pattern(pattern).replace("[", "[[]")
+    except DomainError:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _domain(domain: str) -> str:
+    return split_address(f"@{domain}")[1]
 
 
 def domain_matches(pattern: str, domain: str) -> bool:
-    """``domain_matches("*.example.com", "a.example.com")`` → True."""
-    return _pattern(pattern).match(domain.lower()) is not None
+    """``domain_matches("*.Bücher.example", "a.xn--bcher-kva.example")`` → True.
+
+    ``domain`` is normalised the way :func:`split_address` does it.
+    """
+    compiled = _pattern(pattern)
+    return compiled is not None and fnmatchcase(_domain(domain), compiled)
 
 
 def connector_applies(

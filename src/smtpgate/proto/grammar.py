@@ -9,22 +9,28 @@ the reply to send. Rules kept here:
 * Local part at most 64 octets, domain at most 255, path at most 256
   (RFC 5321 §4.5.3.1.1-3).
 * Non-ASCII in an address only with SMTPUTF8 (RFC 6531 §3.4).
+* A mailbox comes back with its domain in the one normal form of
+  :mod:`smtpgate.model.domain` (lower case, A-labels, IDNA 2008 with UTS #46
+  mapping), so the gateway decides on and relays exactly the same address;
+  a domain IDNA 2008 refuses is a syntax error (501 5.1.3, or 5.1.7 for the
+  sender, RFC 3463 §3.2).
 * Unknown or repeated parameters are refused (RFC 5321 §4.1.1.11).
+* Verbs, keywords and parameter names are ASCII (RFC 5321 §2.4): they are
+  compared after upper-casing ASCII letters only (``str.upper`` turns the
+  dotless i, U+0131, into ``I``, so "MA<U+0131>L" would pass for ``MAIL``),
+  and numbers are ASCII digits only (``str.isdigit`` takes U+00B2 too).
 """
 
 from __future__ import annotations
 
 import re
-* Verbs, keywords and parameter names are ASCII (RFC 5321 §2.4): they are
-  compared after upper-casing ASCII letters only (``str.upper`` turns the
-  dotless i, U+0131, into ``I``, so "MA<U+0131>L" would pass for ``MAIL``),
-  and numbers are ASCII digits only (``str.isdigit`` takes U+00B2 too).
+import string
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from smtpgate.model.domain import DomainError, normalise_domain
 from smtpgate.model.envelope import MailParams, Notify, RcptParams
 from smtpgate.proto.replies import NON_ASCII_ADDRESS, Reply
-import string
 
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -49,12 +55,6 @@ class Command:
     argument: str
 
 
-def split_command(line: str) -> Command:
-    """Split ``"mail FROM:<a@b>"`` into ``Command("MAIL", "FROM:<a@b>")``."""
-    verb, _, argument = line.partition(" ")
-    return Command(ascii_upper(verb), argument.strip(" "))
-
-
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
 
@@ -68,10 +68,15 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def split_command(line: str) -> Command:
+    """Split ``"mail FROM:<a@b>"`` into ``Command("MAIL", "FROM:<a@b>")``."""
+    verb, _, argument = line.partition(" ")
+    return Command(ascii_upper(verb), argument.strip(" "))
+
+
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _UTF8_ATOM = r"[^\x00-\x20\"(),.:;<>@\[\\\]\x7f]+"  # RFC 6531 §3.3: atext plus UTF-8
 _UTF8_DOT_STRING = re.compile(rf"^{_UTF8_ATOM}(?:\.{_UTF8_ATOM})*$")
@@ -83,16 +88,16 @@ def _bad_address(sender: bool, why: str) -> SyntaxProblem:
     return SyntaxProblem(Reply.of(501, status, f"Bad {what} address syntax: {why}"))
 
 
-def _valid_domain(domain: str, smtputf8: bool) -> bool:
+def _normal_domain(domain: str, sender: bool) -> str:
+    """The domain in normal form; an address literal is kept as written."""
     if domain.startswith("[") and domain.endswith("]"):
-        return _valid_address_literal(domain[1:-1])
-    if smtputf8 and not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return False
-    labels = domain.split(".")
-    return len(domain) <= MAX_DOMAIN and all(_LABEL.match(label) for label in labels)
+        if not _valid_address_literal(domain[1:-1]):
+            raise _bad_address(sender, "invalid address literal")
+        return domain
+    try:
+        return normalise_domain(domain)
+    except DomainError as exc:
+        raise _bad_address(sender, f"invalid domain: {exc.reason}") from None
 
 
 def _valid_address_literal(literal: str) -> bool:
@@ -112,7 +117,8 @@ def _valid_address_literal(literal: str) -> bool:
 
 
 def parse_mailbox(text: str, *, sender: bool, smtputf8: bool) -> str:
-    """Validate ``local@domain`` and return it unchanged."""
+    """Validate ``local@domain``; return it with the domain in normal form
+    (``jörg@Bücher.example`` → ``jörg@xn--bcher-kva.example``)."""
     local, at, domain = text.rpartition("@")
     if not at or not local or not domain:
         raise _bad_address(sender, "missing local part or domain")
@@ -125,9 +131,7 @@ def parse_mailbox(text: str, *, sender: bool, smtputf8: bool) -> str:
     dot_string = _UTF8_DOT_STRING if smtputf8 else _DOT_STRING
     if not (dot_string.match(local) or _QUOTED.match(local)):
         raise _bad_address(sender, "invalid local part")
-    if not _valid_domain(domain, smtputf8):
-        raise _bad_address(sender, "invalid domain")
-    return text
+    return f"{local}@{_normal_domain(domain, sender)}"
 
 
 def parse_path(text: str, *, sender: bool, smtputf8: bool) -> tuple[str, str]:
@@ -193,15 +197,15 @@ def decode_xtext(text: str) -> str:
     return "".join(out)
 
 
-def split_params(text: str) -> dict[str, str | None]:
-    """``"SIZE=10 SMTPUTF8"`` → ``{"SIZE": "10", "SMTPUTF8": None}``; no repeats."""
-    params: dict[str, str | None] = {}
-    for word in text.split():
 def _keyword(text: str) -> bool:
     """esmtp-keyword (RFC 5321 §4.1.2): ASCII letters, digits and hyphens."""
     return text.isascii() and text.replace("-", "").isalnum()
 
 
+def split_params(text: str) -> dict[str, str | None]:
+    """``"SIZE=10 SMTPUTF8"`` → ``{"SIZE": "10", "SMTPUTF8": None}``; no repeats."""
+    params: dict[str, str | None] = {}
+    for word in text.split():
         key, eq, value = word.partition("=")
         key = ascii_upper(key)
         if not key or not _keyword(key) or (eq and not value):
