@@ -32,6 +32,7 @@ from smtpgate.policy.auth import (
     LOCKED_OUT,
     AuthThrottle,
     CredentialIndex,
+    user_profile,
 )
 from smtpgate.policy.mail import decide_mail
 from smtpgate.policy.profile import (
@@ -229,11 +230,10 @@ class GatewayHandler:
             log.info("auth refused", client=ip, user=username, why="locked out")
             return LOCKED_OUT
         owner = self.policy.credentials.verify(username, password)
-        profile = self.policy.profiles.profiles.get(owner) if owner else None
-        usable = profile is not None and owner in self.policy.auth_enabled
-        if not usable or profile is None or profile.relay == "blocked":
+        profile, why = user_profile(self.policy.profiles.profiles, owner, self.policy.auth_enabled)
+        if profile is None:
             delay = throttle.record_failure(ip, self.state.now())
-            log.info("auth failed", client=ip, user=username, delay=delay)
+            log.info("auth failed", client=ip, user=username, delay=delay, why=why)
             await asyncio.sleep(delay)
             return LOCKED_OUT if throttle.locked(ip, self.state.now()) else BAD_CREDENTIALS
         throttle.record_success(ip)

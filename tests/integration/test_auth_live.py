@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from smtpgate.admin.operations import explain_policy
+from smtpgate.config import parse_config
 from smtpgate.config.secret import decrypt, encrypt, load_key
+from smtpgate.policy.explain import Facts
 from tests.conftest import SMTPGATE, Certs, GatewayFactory, SinkHandle, base_config, merge
 
 PASSWORD = "correct horse battery"
@@ -311,3 +314,74 @@ def test_policy_explain_text_and_json(tmp_path: Path) -> None:
     assert outbound["mandatory"] is True
     assert outbound["names"] == ["partner.example"]
     assert "connection profile 'partner': mandatory TLS" in outbound["reasons"]
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        {"relay": "full", "smtp_auth": {"enabled": False}},
+        {"relay": "blocked", "smtp_auth": {"enabled": True}},
+    ],
+    ids=["auth-disabled", "blocked"],
+)
+async def test_explain_agrees_with_the_server_when_a_user_cannot_authenticate(
+    gateway_factory: GatewayFactory,
+    sink: SinkHandle,
+    tmp_path: Path,
+    certs: Certs,
+    profile: dict[str, Any],
+) -> None:
+    """explain showed "relay full: any recipient" for these users while the
+    server answered 535 to AUTH and then 554 to RCPT."""
+    config = auth_config(tmp_path, certs)
+    config["send_connectors"][0]["deliver"]["smarthost"]["port"] = sink.port
+    carol = {
+        "username": "carol",
+        "password": config["connection_profiles"][0]["smtp_auth"]["credentials"][1]["password"],
+    }
+    config["connection_profiles"].append(
+        merge({"name": "carols", "smtp_auth": {"credentials": [carol]}}, profile)
+    )
+    port = (await gateway_factory(**config)).port
+
+    def session() -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.starttls(context=_tls(certs))
+            client.ehlo("c.example")
+            token = base64.b64encode(f"\0carol\0{BOB_PASSWORD}".encode()).decode()
+            auth, _ = client.docmd("AUTH", f"PLAIN {token}")
+            client.mail("carol@foreign.example")
+            rcpt, _ = client.rcpt("x@other.example")
+            return auth, rcpt
+
+    assert await asyncio.to_thread(session) == (535, 554)
+    facts = Facts(
+        "127.0.0.1",
+        sender="carol@foreign.example",
+        recipients=["x@other.example"],
+        tls=True,
+        auth_user="carol",
+    )
+    explained = explain_policy(parse_config(merge(base_config(tmp_path, 1), config)), facts)
+    assert explained.auth is not None
+    assert "authentication would fail" in explained.auth
+    [recipient] = explained.recipients
+    assert not recipient.verdict.accepted
+    assert recipient.verdict.reply is not None
+    assert recipient.verdict.reply.code == 554
+
+
+@pytest.mark.parametrize("address", ["999.1.1.1", "10.0.0", "example.com", ""])
+def test_policy_explain_refuses_an_invalid_client_ip(tmp_path: Path, address: str) -> None:
+    """It used to explain the default profile for 999.1.1.1 and exit 0."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path / "var", 2526)))
+    done = subprocess.run(
+        [SMTPGATE, "policy", "explain", "--config", str(path), "--client-ip", address],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"argument --client-ip: {address!r} is not an IPv4 or IPv6 address" in done.stderr
+    assert "profile:" not in done.stdout

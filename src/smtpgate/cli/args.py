@@ -11,6 +11,7 @@ invalid) never blame the file.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,3 +99,11 @@ def api_url(value: str) -> str:
     if colon and not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"port {int(port)} is out of range (1–65535)")  # noqa: RUF001
     return value
+
+
+def ip_address(value: str) -> str:
+    """An IPv4 or IPv6 address, normalised (``policy explain --client-ip``)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IPv4 or IPv6 address") from None

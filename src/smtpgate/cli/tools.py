@@ -12,6 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from smtpgate.cli import args as arg_types
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
 from smtpgate.cli.args import load_file
 from smtpgate.config.load import parse_config
@@ -30,7 +31,7 @@ def add_policy(commands: Commands) -> None:
         "explain", help="show every decision the gateway would make for a client"
     )
     where_options(explain)
-    explain.add_argument("--client-ip", required=True)
+    explain.add_argument("--client-ip", required=True, type=arg_types.ip_address)
     explain.add_argument(
         "--hostname",
         action="append",

@@ -15,11 +15,13 @@ Pure: the clock is a parameter.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
 
 from smtpgate.config.schema import Limits
+from smtpgate.policy.profile import Profile
 from smtpgate.proto.replies import Reply
 
 LOCKED_OUT = Reply.of(454, "4.7.0", "Too many failed authentication attempts, try again later")
@@ -40,6 +42,22 @@ class CredentialIndex:
         expected = entry[1].get_secret_value().encode() if entry else _DUMMY
         ok = hmac.compare_digest(expected, password.encode("utf-8", "surrogateescape"))
         return entry[0] if entry and ok else None
+
+
+def user_profile(
+    profiles: Mapping[str, Profile], owner: str | None, auth_enabled: Set[str]
+) -> tuple[Profile | None, str]:
+    """The profile a user with the right password authenticates into, or None and
+    why not: the profile must exist, have SMTP AUTH enabled and not be blocked.
+    The session handler and ``policy explain`` both decide with this."""
+    profile = profiles.get(owner) if owner else None
+    if owner is None or profile is None:
+        return None, "unknown user or wrong password: 535 5.7.8"
+    if owner not in auth_enabled:
+        return None, f"{profile.label} has SMTP AUTH disabled: 535 5.7.8"
+    if profile.relay == "blocked":
+        return None, f"{profile.label} is blocked: 535 5.7.8"
+    return profile, f"authenticated into {profile.label}"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config.schema import GatewayConfig
+from smtpgate.policy.auth import user_profile
 from smtpgate.policy.mail import decide_mail
 from smtpgate.policy.profile import ProfileIndex, ProfileMatch, match_profile
 from smtpgate.policy.relay import (
@@ -164,12 +165,11 @@ def explain(
     connect = decide_connect(match.profile)
     auth_profile, auth_note = None, None
     if facts.auth_user is not None:
+        enabled = {p.name for p in config.connection_profiles if p.smtp_auth.enabled}
         owner = user_profiles.get(facts.auth_user)
-        auth_profile = index.profiles.get(owner) if owner else None
-        auth_note = (
-            f"user {facts.auth_user!r} belongs to {auth_profile.label}"
-            if auth_profile
-            else f"user {facts.auth_user!r} is unknown: authentication would fail"
+        auth_profile, why = user_profile(index.profiles, owner, enabled)
+        auth_note = f"user {facts.auth_user!r}: " + (
+            why if auth_profile else f"authentication would fail ({why})"
         )
     rights = relay_rights(match.profile, auth_profile)
     hosted = frozenset(config.hosted_domains)
@@ -188,7 +188,7 @@ def explain(
     )
     roles = frozenset(config.gateway.roles)
     for recipient in facts.recipients:
-        verdict = decide_relay(rights.mode, recipient, hosted)
+        verdict = decide_relay(rights.mode, recipient, hosted) if connect.accepted else connect
         connector = route(config.send_connectors, roles, facts.sender or "", recipient)
         reason = (
             f"cheapest matching connector (cost {connector.cost})"
