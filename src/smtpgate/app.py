@@ -37,6 +37,7 @@ from smtpgate.config.schema import (
 from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.delivery.attempt import Deliverer
+from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.server import (
@@ -223,8 +224,9 @@ async def build_gateway(
     """Open the queue and build listeners, handler and queue manager; with a
     ``store``, follow the revisions applied to it."""
     data_dir = config.gateway.data_dir
-    spool_dir = data_dir / "spool"
-    spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for changed in make_private(data_dir):
+        log.warning("made private", path=changed)
+    spool_dir = private_dir(data_dir / "spool")
     removed = clean_orphans(spool_dir)
     queue = Queue(data_dir / "queue")
     removed += await queue.open()

@@ -30,6 +30,7 @@ from smtpgate.config.load import notices, parse_config
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
 from smtpgate.errors import AdminError, ConfigError
+from smtpgate.files import restrict_umask
 from smtpgate.observe.log import configure
 
 
@@ -297,6 +298,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()  # whatever we create (queue, store, keys, WAL files) is ours alone
     with _reader_may_leave():
         return _run(argv)
 

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from smtpgate.config.schema import Credential
 from smtpgate.config.validate import private_file_problem
 from smtpgate.errors import ConfigError, FieldProblem
+from smtpgate.files import private_dir
 
 PREFIX = "enc:v1:"
 
@@ -46,7 +47,7 @@ def load_key(data_dir: Path, *, create: bool) -> Fernet:
             ) from None
     except ValueError:
         raise ConfigError([FieldProblem("gateway.data_dir", f"{path} is not a key")]) from None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)  # data_dir too, when this is the first thing in it
     key = Fernet.generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:

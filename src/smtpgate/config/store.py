@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from smtpgate.config.document import Document
+from smtpgate.files import private_file
 
 metadata = MetaData()
 revisions = Table(
@@ -138,7 +139,7 @@ def store_path(data_dir: Path) -> Path:
 
 def sqlite_engine(path: Path) -> Engine:
     """An engine whose transactions take SQLite's write lock at BEGIN."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_file(path)  # before SQLite opens it: its -wal and -shm copy the mode
     engine = create_engine(f"sqlite:///{path}")
 
     @event.listens_for(engine, "connect")
@@ -166,9 +167,7 @@ class ConfigStore:
     @classmethod
     def open(cls, data_dir: Path) -> ConfigStore:
         path = store_path(data_dir)
-        store = cls(sqlite_engine(path))
-        path.chmod(0o600)  # secrets are encrypted, but the audit log is private too
-        return store
+        return cls(sqlite_engine(path))  # 0600: the audit log is private too
 
     def close(self) -> None:
         self.engine.dispose()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smtpgate.files import private_dir, private_file
 from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
 from smtpgate.spool import SpooledBody, fsync_path
 
@@ -163,8 +164,10 @@ class QueueStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.bodies = directory / "bodies"
-        self.bodies.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(directory / "queue.db", isolation_level=None, timeout=30)
+        private_dir(directory)
+        private_dir(self.bodies)
+        database = private_file(directory / "queue.db")  # its -wal and -shm copy the mode
+        self.db = sqlite3.connect(database, isolation_level=None, timeout=30)
         self.db.execute("pragma journal_mode=wal")
         self.db.execute("pragma synchronous=full")
         self.db.execute("pragma foreign_keys=on")
