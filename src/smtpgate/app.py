@@ -332,7 +332,8 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
 
 
 async def _answers_http(host: str, port: int) -> bool:
-    """Our API is up (not merely something listening on its port)."""
+    """Our API is up: it answers HTTP (401 without a token) on the socket we bound
+    and handed to it, which nothing else can accept on."""
     try:
         async with asyncio.timeout(2):
             reader, writer = await asyncio.open_connection(host, port)
@@ -341,7 +342,7 @@ async def _answers_http(host: str, port: int) -> bool:
             writer.close()
     except (OSError, TimeoutError):
         return False
-    return status.startswith(b"HTTP/1.1 200")
+    return status.startswith(b"HTTP/1.1 ")
 
 
 async def serve(

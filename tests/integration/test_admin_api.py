@@ -34,6 +34,10 @@ def _send(port: int, source: str, to: str) -> str:
 
 
 async def test_every_operation_needs_a_valid_token(api: Api) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as anonymous:
+        for documentation in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+            response = await anonymous.get(documentation)
+            assert response.status_code == 401, documentation  # 200 to anyone, before
     spec = (await api.client.get(api.url + "/openapi.json")).json()
     operations = [
         (method, path)

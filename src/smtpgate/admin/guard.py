@@ -1,6 +1,9 @@
 """The API's door: no token, no work; no request bigger than it needs to be.
 
-A pure ASGI middleware in front of every ``/api/`` route. It answers 401
+A pure ASGI middleware in front of every route, the API's documentation
+(``/openapi.json``, ``/docs``, ``/redoc``) included: the specification lists
+every operation and the whole configuration schema, which is nobody's
+business without a token. It answers 401
 before the request body is read (so an anonymous client cannot make the
 gateway buffer anything) and 413 for a body over the limit, whether the
 client declared its length or streams it in chunks.
@@ -48,7 +51,7 @@ class Guard:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         name = self.token_name(bearer_token(scope))
