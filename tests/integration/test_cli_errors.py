@@ -254,3 +254,25 @@ def test_a_rollback_says_what_it_was_and_what_it_changes(config_file: Path) -> N
     assert audit[0]["detail"] == (
         "rollback to revision 1: connection profile apps: relay full → none"
     )
+
+
+def test_credentials_sent_from_the_cli_are_audited(config_file: Path) -> None:
+    where = ["--config", str(config_file)]
+    token = ok("credentials", "encrypt", *where, stdin=PASSWORD).strip()
+    ok(
+        "profile",
+        "set",
+        "apps",
+        "smtp_auth.enabled=true",
+        f"smtp_auth.credentials=[{{username: app, password: {token}}}]",
+        *where,
+    )
+    ok("config", "apply", "--no-wait", *where)
+    assert ok("credentials", "send", "apps", *where).endswith("for postmaster@example.com\n")
+    audit = json.loads(ok("config", "audit", "--json", *where))
+    assert (audit[0]["action"], audit[0]["detail"]) == (
+        "credentials.send",
+        "apps → postmaster@example.com",
+    )
+    assert audit[0]["actor"].startswith("cli:")
+    assert PASSWORD not in json.dumps(audit)

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import httpx
 
 from smtpgate.admin import nodes
-from smtpgate.admin.services import ConfigService
+from smtpgate.admin.services import ConfigService, record
 from smtpgate.config.document import Document
-from smtpgate.config.store import ConfigStore
+from smtpgate.config.store import ConfigStore, store_path
 from smtpgate.errors import AdminError, ConfigError, Conflict, FieldProblem, NotFound
 
 
@@ -43,6 +43,18 @@ def local_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli"
+
+
+def record_locally(data_dir: Path, action: str, detail: str) -> None:
+    """An audit entry as ``cli:USER`` for an action outside the configuration
+    (queue actions, credentials sent), when the data directory has a store."""
+    if not store_path(data_dir).exists():
+        return
+    store = ConfigStore.open(data_dir)
+    try:
+        record(store, local_actor(), action, detail)
+    finally:
+        store.close()
 
 
 @dataclass

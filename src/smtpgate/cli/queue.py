@@ -19,7 +19,7 @@ from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue
 from smtpgate.cli import args as arg_types
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
 from smtpgate.errors import NotFound
-from smtpgate.queue.store import QueueStore
+from smtpgate.queue.store import PENDING, QueueStore
 
 if TYPE_CHECKING:
     from smtpgate.cli.backend import ApiBackend
@@ -31,7 +31,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     queue = commands.add_parser("queue", help="inspect and act on the mail queue")
     actions = queue.add_subparsers(dest="queue_command", required=True)
     listing = actions.add_parser("list", help="messages in the queue")
-    listing.add_argument("--state", choices=["queued", "deferred", "held", "bounce"])
+    listing.add_argument(
+        "--state",
+        choices=PENDING,
+        help="recipients waiting: queued, deferred, held, or bounce (a report is due)",
+    )
     listing.add_argument("--sender")
     listing.add_argument("--recipient")
     listing.add_argument("--domain", help="recipient domain")
@@ -90,17 +94,9 @@ class LocalQueue:
         return result
 
     def _audit(self, action: str, detail: str) -> None:
-        from smtpgate.admin.services import record  # noqa: PLC0415
-        from smtpgate.cli.backend import local_actor  # noqa: PLC0415
-        from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
+        from smtpgate.cli.backend import record_locally  # noqa: PLC0415
 
-        if not store_path(self.data_dir).exists():
-            return
-        config_store = ConfigStore.open(self.data_dir)
-        try:
-            record(config_store, local_actor(), action, detail)
-        finally:
-            config_store.close()
+        record_locally(self.data_dir, action, detail)
 
 
 @dataclass

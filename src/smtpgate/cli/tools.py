@@ -169,6 +169,7 @@ def send_credentials(args: argparse.Namespace) -> int:
             api.close()
     else:
         from smtpgate.admin.operations import send_credentials as queue_it  # noqa: PLC0415
+        from smtpgate.cli.backend import record_locally  # noqa: PLC0415
         from smtpgate.queue.store import QueueStore  # noqa: PLC0415
 
         config = applied_config(args)
@@ -177,6 +178,8 @@ def send_credentials(args: argparse.Namespace) -> int:
             result = queue_it(config, store, args.profile)
         finally:
             store.close()
+        detail = f"{args.profile} → {result['to']}"  # as the API records it
+        record_locally(config.gateway.data_dir, "credentials.send", detail)
     print(f"queued as {result['queue_id']} for {result['to']}")
     return 0
 
