@@ -126,7 +126,10 @@ def test_a_wrong_pin_is_a_clear_error_tried_once(tmp_path: Path, certs: Certs) -
     pin = _secret(tmp_path / "pin", "4321")
     result = _check(tmp_path, _implicit({"pkcs12": str(p12), "pin_file": str(pin)}))
     assert result.returncode == 1
-    assert f"certificates[0].pin_file: the PIN does not open {p12} (tried once" in result.stderr
+    assert (
+        f"certificates[0].pin_file: certificate 'gw': the PIN does not open {p12} (tried once"
+        in result.stderr
+    )
     assert "4321" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
 
@@ -139,8 +142,8 @@ def test_keys_readable_by_others_are_refused(tmp_path: Path, certs: Certs, mode:
     result = _check(tmp_path, _implicit({"cert": str(certs.cert_file), "key": str(key)}))
     assert result.returncode == 1
     assert (
-        f"certificates[0].key: {key} holds a private key and is readable by other users; "
-        f"run: chmod 600 {key}"
+        f"certificates[0].key: certificate 'gw': {key} holds a private key and is readable "
+        f"by other users (mode {mode:04o}); run: chmod 600 {key}"
     ) in result.stderr
 
 

@@ -126,14 +126,22 @@ def _load(path: Path, *, announce: bool) -> GatewayConfig:
     return config
 
 
-def _config_check(path: Path) -> int:
-    from smtpgate.tls.certificates import load_configured  # noqa: PLC0415
+def _check_certificates(path: Path, config: GatewayConfig, *, refuse_expired: bool) -> None:
+    """Open every certificate (PEM syntax, key permissions, PINs, key pairs, expiry)
+    and print the warnings (expiring within 30 days)."""
+    from smtpgate.tls.certificates import check_configured  # noqa: PLC0415
 
-    config = _load(path, announce=True)
     try:
-        load_configured(config)  # key permissions, PINs, PEM syntax
+        found = check_configured(config, refuse_expired=refuse_expired)
     except ConfigError as exc:
         raise FileConfigError(path, exc) from None
+    for warning in found:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _config_check(path: Path) -> int:
+    config = _load(path, announce=True)
+    _check_certificates(path, config, refuse_expired=True)
     print(f"{path}: configuration is valid")
     return 0
 
@@ -141,6 +149,9 @@ def _config_check(path: Path) -> int:
 def _serve(args: argparse.Namespace) -> int:
     configure(args.log_level, json=args.log_json)
     config = _load(args.config, announce=True)
+    # before the file becomes a revision; an expired certificate only warns here,
+    # so that a restart keeps mail flowing
+    _check_certificates(args.config, config, refuse_expired=False)
     from smtpgate.admin.services import ConfigService  # noqa: PLC0415
     from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
     from smtpgate.config.store import ConfigStore  # noqa: PLC0415
