@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from smtpgate.delivery.verify import verify_connector
 from smtpgate.inbound.contract import SessionInfo
 from smtpgate.model.envelope import Envelope
 from smtpgate.proto.replies import Reply
@@ -384,3 +385,34 @@ async def test_destination_concurrency_caps_parallel_deliveries(
         assert _SlowSink.most == 2  # eight waiting, never more than two at the sink at once
     finally:
         await server.stop(1)
+
+
+async def test_a_smarthost_given_by_name_is_resolved_with_gateway_dns(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    """Only the gateway's DNS knows relay.test: MX delivery used it, the smarthost
+    name went to the system resolver (and failed), and so did connector verify."""
+    dns_server, dns_port = await start_dns({("relay.test", "A"): ["127.0.0.1"]})
+    try:
+        gw = await gateway_factory(
+            **NO_SPOOF,
+            gateway={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 2}},
+            send_connectors=[
+                {
+                    "name": "by-name",
+                    "security": "none",
+                    "deliver": {"smarthost": {"host": "relay.test", "port": sink.port}},
+                }
+            ],
+        )
+        await asyncio.to_thread(_send, gw.port, ["alice@example.com"])
+        [(meta, _)] = await sink.wait_for(1)
+        assert meta["recipients"] == ["alice@example.com"]
+        assert ("relay.test.", "A") in dns_server.queries
+        config = gw.gateway.live.config
+        steps = await verify_connector(config, config.send_connectors[0], None, None)
+        assert [s.name for s in steps if s.ok] == ["target", "connect", "greeting", "EHLO"]
+        assert steps[0].detail == f"smarthost relay.test (127.0.0.1):{sink.port}"
+    finally:
+        assert dns_server.transport is not None
+        dns_server.transport.close()

@@ -4,11 +4,9 @@ An attempt decides nothing about policy and nothing about retries: it
 reports, for each recipient, the reply it got (or that it got none). Rules
 kept here:
 
-* Targets: the connector's smarthost; or, for direct delivery, the MX hosts
-  of the recipient domain in preference order, with the domain's own
-  A/AAAA when it has no MX (RFC 5321 §5.1). Several addresses per host and
-  IPv6 are tried in turn. A null MX (RFC 7505) and a domain that does not
-  exist fail permanently; a DNS failure is temporary.
+* Targets (``targets.py``): the connector's smarthost, or the MX hosts of
+  the recipient domain, all resolved with the gateway's resolver. Several
+  addresses per host and IPv6 are tried in turn.
 * A target that cannot be reached, or whose greeting is not 220, makes way
   for the next; once a server has greeted us its replies are final for
   this attempt.
@@ -34,6 +32,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.config.schema import SendConnector, Timeouts
 from smtpgate.delivery.client import SmtpClient
+from smtpgate.delivery.targets import NoTarget, resolve_targets
 from smtpgate.dns import Resolver
 from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import MailParams, Recipient
@@ -180,33 +179,10 @@ class Deliverer:
         return AttemptReport(_all(job, None, f"4.4.1 unreachable: {last}"), reached=False)
 
     async def _targets(self, job: Job) -> list[tuple[str, str, int]] | AttemptReport:
-        deliver = job.connector.deliver
-        if deliver.smarthost is not None:
-            return [(deliver.smarthost.host, deliver.smarthost.host, deliver.smarthost.port)]
-        assert deliver.dns is not None
-        port = deliver.dns.port
-        answer = await self.resolver.mx(job.domain)
-        if answer.status == "null":
-            return AttemptReport(
-                _all(job, 556, "5.1.10 the domain accepts no mail (null MX)"), reached=True
-            )
-        if answer.status == "nxdomain":
-            return AttemptReport(
-                _all(job, 550, "5.1.2 the recipient domain does not exist"), reached=True
-            )
-        if answer.status == "temporary":
-            return AttemptReport(
-                _all(job, None, "4.4.3 DNS lookup of the MX failed"), reached=False
-            )
-        hosts = [name for _, name in answer.hosts] or [job.domain]
-        targets = []
-        for host in hosts:
-            targets += [(host, address, port) for address in await self.resolver.addresses(host)]
-        if not targets and answer.status == "nodata":
-            return AttemptReport(
-                _all(job, 550, "5.1.2 the recipient domain has no mail host"), reached=True
-            )
-        return targets
+        found = await resolve_targets(self.resolver, job.connector.deliver, job.domain)
+        if isinstance(found, NoTarget):
+            return AttemptReport(_all(job, found.code, found.text), reached=found.reached)
+        return [(t.host, t.address, t.port) for t in found]
 
     def policy(self, job: Job, host: str) -> OutboundPolicy:
         if self.tls_policy is None:

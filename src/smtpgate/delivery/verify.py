@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.delivery.client import SmtpClient
+from smtpgate.delivery.targets import NoTarget, Target, resolve_targets
 from smtpgate.dns import DnsResolver
 from smtpgate.errors import DeliveryError
 from smtpgate.tls.context import client_context
@@ -26,20 +27,16 @@ class Step:
 
 async def _targets(
     config: GatewayConfig, connector: SendConnector, domain: str | None
-) -> tuple[list[tuple[str, int]], Step]:
+) -> tuple[list[Target], Step]:
     deliver = connector.deliver
-    if deliver.smarthost is not None:
-        target = (deliver.smarthost.host, deliver.smarthost.port)
-        return [target], Step("target", True, f"smarthost {target[0]}:{target[1]}")
-    assert deliver.dns is not None
-    if not domain:
+    if deliver.smarthost is None and not domain:
         return [], Step("target", False, "direct delivery: name a recipient domain with --domain")
-    resolver = DnsResolver(config.gateway.dns)
-    answer = await resolver.mx(domain)
-    hosts = [h for _, h in answer.hosts] or ([domain] if answer.status == "nodata" else [])
-    if not hosts:
-        return [], Step("target", False, f"MX lookup for {domain}: {answer.status}")
-    return [(h, deliver.dns.port) for h in hosts], Step("target", True, f"MX hosts {hosts}")
+    found = await resolve_targets(DnsResolver(config.gateway.dns), deliver, domain or "")
+    if isinstance(found, NoTarget):
+        return [], Step("target", False, found.text)
+    where = "smarthost" if deliver.smarthost is not None else "MX hosts"
+    shown = ", ".join(f"{t.host} ({t.address}):{t.port}" for t in found)
+    return found, Step("target", True, f"{where} {shown}")
 
 
 async def verify_connector(
@@ -49,14 +46,16 @@ async def verify_connector(
     steps = [first]
     if not first.ok:
         return steps
-    for host, port in targets:
+    for target in targets:
+        host, port = target.host, target.port
         try:
             client = await SmtpClient.connect(
-                host,
+                target.address,
                 port,
                 timeout=config.timeouts.delivery_connect,
                 command_timeout=min(config.timeouts.delivery_command, 30),
                 tls=client_context() if connector.security == "implicit-tls" else None,
+                server_hostname=host,
             )
         except DeliveryError as exc:
             steps.append(Step("connect", False, str(exc)))
