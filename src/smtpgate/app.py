@@ -238,6 +238,7 @@ async def build_gateway(
         max_connections=config.limits.max_connections,
         max_connections_per_ip=config.limits.max_connections_per_ip,
         tls_handshake_timeout=config.timeouts.tls_handshake,
+        reserved_connections=config.limits.reserved_connections,
     )
 
     contexts: dict[str, list[ssl.SSLContext]] = {}
@@ -248,7 +249,13 @@ async def build_gateway(
         return GatewayHandler(gateway.live.policy, state, queue)  # pinned for the session
 
     specs = listener_specs(config, spool_dir, certificates, contexts)
-    server = InboundServer(specs, handler_factory, limits, config.gateway.hostname)
+    server = InboundServer(
+        specs,
+        handler_factory,
+        limits,
+        config.gateway.hostname,
+        known_client=lambda ip: gateway.live.policy.known_client(ip),  # noqa: PLW0108
+    )
     reloader = CertificateReloader(
         {c.name: (i, c) for i, c in enumerate(config.certificates)},
         contexts,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -24,6 +24,7 @@ from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import ConfigError, FieldProblem
 from smtpgate.inbound.contract import SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
+from smtpgate.inbound.server import RefusalLog
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.auth import (
@@ -54,6 +55,7 @@ from smtpgate.policy.tls import (
 )
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
+from smtpgate.proto.server import POSTMASTER
 from smtpgate.queue.queue import Queue
 from smtpgate.spool import SpooledBody, new_queue_id
 
@@ -74,6 +76,7 @@ class GatewayPolicy:
     credentials: CredentialIndex
     auth_enabled: frozenset[str]  # profiles whose SMTP AUTH is enabled
     smarthost_passwords: dict[str, SecretStr]  # connector name → password
+    postmaster: str  # where RCPT TO:<Postmaster> goes (RFC 5321 §4.5.1)
 
     @classmethod
     def build(cls, config: GatewayConfig) -> GatewayPolicy:
@@ -85,7 +88,15 @@ class GatewayPolicy:
             CredentialIndex(_credentials(config)),
             frozenset(p.name for p in config.connection_profiles if p.smtp_auth.enabled),
             _smarthost_passwords(config),
+            postmaster_address(config),
         )
+
+    def known_client(self, client_ip: str) -> bool:
+        """May this client use the connections reserved for known clients? Only a
+        profile that names the address (IP or CIDR) is known before any read (a
+        host-name profile needs DNS), and a blocked one never counts."""
+        match = match_profile(self.profiles, client_ip)
+        return match.step == "client-ip" and match.profile.relay != "blocked"
 
     def route(
         self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
@@ -99,6 +110,15 @@ class GatewayPolicy:
     def smarthost_password(self, connector: SendConnector) -> str | None:
         secret = self.smarthost_passwords.get(connector.name)
         return secret.get_secret_value() if secret else None
+
+
+def postmaster_address(config: GatewayConfig) -> str:
+    """``gateway.admin_address``, else postmaster at the first hosted domain, else
+    at the gateway's own name."""
+    if config.gateway.admin_address:
+        return config.gateway.admin_address
+    domain = config.hosted_domains[0] if config.hosted_domains else config.gateway.hostname
+    return f"postmaster@{domain}"
 
 
 def _credentials(config: GatewayConfig) -> dict[str, tuple[str, SecretStr]]:
@@ -136,6 +156,7 @@ class GatewayState:
 
     throttle: AuthThrottle
     resolver: Resolver
+    refusals: RefusalLog = field(default_factory=RefusalLog)  # blocked clients
 
     @classmethod
     def for_config(cls, config: GatewayConfig) -> GatewayState:
@@ -166,7 +187,17 @@ class GatewayHandler:
         )
         self.match = match_profile(profiles, info.client_ip, names)
         info.profile = self.match.profile.name
+        info.postmaster = self.policy.postmaster
         verdict = decide_connect(self.match.profile)
+        if verdict.reply is not None:
+            self.state.refusals.refused(
+                info.client_ip,
+                verdict.reply,
+                f"{verdict.reason} ({self.match.reason()})",
+                listener=info.listener,
+                profile=self.match.profile.name,
+            )
+            return verdict.reply
         log.info(
             "connect",
             listener=info.listener,
@@ -174,8 +205,6 @@ class GatewayHandler:
             profile=self.match.profile.name,
             why=self.match.reason(),
         )
-        if verdict.reply is not None:
-            return verdict.reply
         config = self.policy.config
         info.offer_starttls = info.offer_starttls and (
             config.tls.opportunistic or self.match.profile.mandatory_tls
@@ -217,6 +246,8 @@ class GatewayHandler:
         if verdict.reply is not None:
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why=verdict.reason)
             return verdict.reply
+        if recipient == POSTMASTER:
+            recipient = self.policy.postmaster  # accepted whatever the relay mode
         if self.policy.route(info.sender or "", recipient) is None:
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why="no route")
             return NO_ROUTE  # never accepted and then lost

@@ -55,8 +55,8 @@ async def test_data_timeout_resets_while_data_flows(gateway_factory: GatewayFact
     for line in (b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n"):
         writer.write(line)
         await reader.readline()
-    for _ in range(5):  # 1.5 s in all, but never 0.6 s of silence
-        writer.write(b"slow line\r\n")
+    for _ in range(5):  # 1.5 s in all, never 0.6 s of silence, above min_data_rate
+        writer.write(b"x" * 998 + b"\r\n")
         await asyncio.sleep(0.3)
     writer.write(b".\r\n")
     assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 2.0.0")

@@ -194,6 +194,8 @@ class Limits(Strict):
 
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=50, ge=1)
+    # The share of max_connections only clients a profile names by IP/CIDR may use.
+    profile_reserve: float = Field(default=0.1, ge=0, lt=1)
     max_command_line: int = Field(default=512, ge=512)
     command_line_allowance: int = Field(default=1024, ge=0)
     max_line_length: int = Field(default=8192, ge=1000)
@@ -201,10 +203,17 @@ class Limits(Strict):
     max_message_size: int = Field(default=10_240_000, ge=1024)
     max_header_size: int = Field(default=102_400, ge=1024)
     max_errors: int = Field(default=20, ge=1)
+    # Octets per second that extend the DATA/BDAT deadline (Postfix smtpd_min_data_rate).
+    min_data_rate: int = Field(default=500, ge=0)
     max_auth_failures: int = Field(default=5, ge=1)
     auth_failure_window: float = Field(default=600, gt=0)
     auth_lockout: float = Field(default=900, ge=0)
     auth_failure_delay: float = Field(default=1.0, ge=0)
+
+    @property
+    def reserved_connections(self) -> int:
+        """How many of ``max_connections`` ``profile_reserve`` keeps."""
+        return int(self.max_connections * self.profile_reserve)
 
 
 class Timeouts(Strict):

@@ -36,6 +36,7 @@ class SessionInfo:
     # What the session offers; the handler may change these in on_connect.
     offer_starttls: bool = False
     auth_mechanisms: tuple[str, ...] = ()
+    postmaster: str = ""  # RCPT TO:<Postmaster> goes here; "": postmaster@hostname
     client_certificate: str | None = None  # "subject (sha256 ...)" once verified
     # What the handler decided, carried into the envelope.
     spam_check: bool = True

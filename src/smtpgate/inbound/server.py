@@ -7,6 +7,13 @@ Rules kept here:
   is closed before any greeting (Postfix ``smtpd_client_connection_count_
   limit``). On a PROXY-protocol listener the limits apply to the address the
   header names; a connection without a valid header is closed silently.
+* The last ``reserved_connections`` of ``max_connections`` are kept for known
+  clients (``known_client``: for the gateway, an address that a connection
+  profile names by IP or CIDR, since that is known before any read), so
+  partners and internal servers still get in while anonymous clients flood.
+* Refusals are logged by :class:`RefusalLog`: the first per client address
+  with its reply and reason, then one summary per address and interval, so
+  a flood of refused connections writes a few lines, not one per connection.
 * ``implicit-tls`` listeners finish the handshake before the greeting.
 * :meth:`InboundServer.stop` stops accepting, answers idle sessions
   ``421 4.3.2`` at once, and gives sessions inside a message ``grace``
@@ -19,9 +26,10 @@ import asyncio
 import contextlib
 import signal
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.session import Session, wait_closed
@@ -50,6 +58,77 @@ class ServerLimits:
     max_connections: int
     max_connections_per_ip: int
     tls_handshake_timeout: float
+    reserved_connections: int = 0  # of max_connections, only for known clients
+
+
+@dataclass
+class _Refused:
+    since: float  # when the current interval began
+    count: int = 0  # refusals since then that were not logged one by one
+
+
+@dataclass
+class RefusalLog:
+    """Log refused connections without flooding the log.
+
+    The first refusal from an address is logged in full (``connection
+    refused``, with the reply and the reason); further ones are counted, and
+    once per ``interval`` each address with a count gets one line
+    (``connections refused``: count, client, seconds). An address with no
+    refusal for a whole interval is forgotten, so its next refusal is logged in
+    full again. At most ``max_addresses`` are tracked; refusals from more
+    are counted under ``client="other"``. ``clock`` is a parameter for tests.
+    """
+
+    interval: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    max_addresses: int = 10_000
+    _seen: dict[str, _Refused] = field(default_factory=dict)
+    _timer: asyncio.TimerHandle | None = None
+
+    def refused(self, client: str, reply: Reply, why: str, **facts: str) -> None:
+        now = self.clock()
+        self.flush(now)
+        entry = self._seen.get(client)
+        if entry is None and len(self._seen) >= self.max_addresses:
+            client, entry = "other", self._seen.setdefault("other", _Refused(now))
+        if entry is None:
+            self._seen[client] = _Refused(now)
+            log.info("connection refused", client=client, reply=reply.text(), why=why, **facts)
+        else:
+            entry.count += 1
+        self._schedule()
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the summaries of intervals that have ended."""
+        now = self.clock() if now is None else now
+        for client, entry in list(self._seen.items()):
+            if now - entry.since < self.interval:
+                continue
+            if entry.count == 0:
+                del self._seen[client]
+                continue
+            seconds = round(now - entry.since)
+            log.info("connections refused", client=client, count=entry.count, seconds=seconds)
+            entry.since, entry.count = now, 0
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.flush()
+        if self._seen:
+            self._schedule()
+
+    def close(self) -> None:
+        """Write what is counted and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush(self.clock() + self.interval)
 
 
 class InboundServer:
@@ -61,11 +140,14 @@ class InboundServer:
         handler_factory: Callable[[], SessionHandler],
         limits: ServerLimits,
         hostname: str,
+        known_client: Callable[[str], bool] = lambda _ip: False,
     ) -> None:
         self.specs = specs
         self.new_handler = handler_factory
         self.limits = limits
         self.hostname = hostname
+        self.known_client = known_client  # may use the reserved connections
+        self.refusals = RefusalLog()
         self.sessions: set[Session] = set()
         self.per_ip: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
@@ -104,12 +186,28 @@ class InboundServer:
 
     def admit(self, session: Session) -> Reply | None:
         ip = session.info.client_ip
-        if len(self.sessions) >= self.limits.max_connections:
-            return TOO_MANY
-        if self.per_ip[ip] >= self.limits.max_connections_per_ip:
-            return TOO_MANY_FROM_YOU
+        refusal = self._refusal(ip)
+        if refusal is not None:
+            reply, why = refusal
+            self.refusals.refused(ip, reply, why, listener=session.listener)
+            return reply
         self.sessions.add(session)
         self.per_ip[ip] += 1
+        return None
+
+    def _refusal(self, ip: str) -> tuple[Reply, str] | None:
+        limits, total = self.limits, len(self.sessions)
+        if total >= limits.max_connections:
+            return TOO_MANY, f"{total} connections, limits.max_connections is reached"
+        open_to_all = limits.max_connections - limits.reserved_connections
+        if total >= open_to_all and not self.known_client(ip):
+            why = (
+                f"{total} connections: the other {limits.reserved_connections} are "
+                "reserved for clients a connection profile names by IP"
+            )
+            return TOO_MANY, why
+        if self.per_ip[ip] >= limits.max_connections_per_ip:
+            return TOO_MANY_FROM_YOU, f"{self.per_ip[ip]} connections from this address"
         return None
 
     def forget(self, session: Session) -> None:
@@ -135,6 +233,7 @@ class InboundServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        self.refusals.close()
 
 
 async def until_stop_signal() -> None:

@@ -10,9 +10,20 @@ about relay or delivery: the :class:`SessionHandler` does.
 
 Rules kept here:
 
-* Phase timeouts (RFC 5321 §4.5.3.2): ``command`` while waiting for a
-  command, ``data`` between reads of a body, re-armed whenever bytes arrive;
-  on expiry ``421 4.4.2`` and close. One timer per session, moved lazily.
+* Before the greeting reading stays on only to notice a client that talks
+  first (RFC 5321 §4.3.1): its bytes are dropped, reading pauses at once (so
+  the kernel's buffers fill and the client's writes block, however long
+  the greeting hook waits on DNS), and the greeting becomes ``554 5.5.0``.
+* Deadlines that trickling cannot extend (RFC 5321 §4.5.3.2; Postfix
+  ``smtpd_per_record_deadline``): a command line must be complete within
+  ``command`` seconds of the server starting to wait for it, and bytes that
+  do not complete a command move nothing. A body (DATA, or one BDAT chunk)
+  starts with ``data`` seconds; each read of N octets adds N /
+  ``min_data_rate`` seconds (Postfix ``smtpd_min_data_rate``), but never
+  more than ``data`` seconds from now. So a body of S octets must arrive
+  within ``data + S / min_data_rate`` seconds, and a sender at least that
+  fast is never cut. On expiry ``421 4.4.2`` and close. One timer per
+  session, moved lazily.
 * On a ``require-starttls`` listener MAIL before STARTTLS gets ``530 5.7.0``
   (RFC 3207 §4).
 * Bodies stream into a :class:`~smtpgate.spool.SpooledBody`.
@@ -20,6 +31,10 @@ Rules kept here:
   message body or hand-off finishes it first.
 * A client that disconnects during the hand-off cancels it: it was not told
   250, so it will send again, and the next hop discards an unfinished DATA.
+* A failed or timed-out STARTTLS handshake is logged once (``TLS handshake
+  failed``, with the client and the phase), however the event loop ends it.
+* ``RCPT TO:<Postmaster>`` (RFC 5321 §4.5.1) reaches the handler as the bare
+  recipient ``postmaster`` and enters the envelope as ``info.postmaster``.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ from smtpgate.observe.log import get_logger
 from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import ServerConnection
+from smtpgate.proto.server import POSTMASTER, TOO_MUCH_INPUT, ServerConnection
 from smtpgate.proto.state import State
 from smtpgate.spool import SpooledBody, new_queue_id
 
@@ -93,7 +108,12 @@ class Session(asyncio.Protocol):
         self._reading_paused = False
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._in_body = False  # the phase the deadline was set for
+        self._received = 0  # octets since the last pump (body credit)
         self._tls_early: bytearray | None = None
+        self._tls_overflow = False
+        self._handshaking = False
+        self._pregreet_noted = False
         self._sasl: SaslExchange | None = None
 
     # -- asyncio callbacks -------------------------------------------------------
@@ -107,7 +127,7 @@ class Session(asyncio.Protocol):
         self._note_client_certificate()
         self.info.offer_starttls = self.settings.tls_context is not None
         if self._proxy_buffer is not None:
-            self._arm(self.settings.proxy_timeout)
+            self._set_deadline(self._now() + self.settings.proxy_timeout)
             return
         self._admit()
 
@@ -116,28 +136,46 @@ class Session(asyncio.Protocol):
             self._proxy_data(data)
             return
         if self._tls_early is not None:
-            # Decrypted bytes that beat our coroutine's resumption after the
-            # handshake; plaintext can no longer arrive (reading was paused
-            # at STARTTLS and the core discarded what came with it).
-            self._tls_early += data
+            self._early_tls_data(data)
             return
+        self._received += len(data)
         self.conn.receive_data(data)
-        if self._task is None and self.conn.state is not State.CONNECTED:
+        if self.conn.state is State.CONNECTED:
+            self._note_pregreet()
+        elif self._task is None:
             self._pump()
+
+    def _early_tls_data(self, data: bytes) -> None:
+        """Decrypted bytes that beat our coroutine's resumption after the
+        handshake; plaintext can no longer arrive (reading was paused at
+        STARTTLS and the core discarded what came with it). Bounded too."""
+        early = self._tls_early
+        assert early is not None
+        if len(early) + len(data) > self.settings.limits.max_pending_input:
+            self._tls_overflow = True
+            return
+        early += data
 
     def eof_received(self) -> bool | None:
         return False  # the client is gone: close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._handshaking:  # uvloop ends a timed-out handshake here, not in start_tls
+            self._handshake_failed(exc)
         if self._task is not None:
             self._task.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        """The connection is over: free its slot and its spool file, once."""
+        if self.done.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
         self._drop_spool()
         if self._admitted:
             self.host.forget(self)
-        if not self.done.done():
-            self.done.set_result(None)
+        self.done.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -150,15 +188,22 @@ class Session(asyncio.Protocol):
     # -- life cycle ----------------------------------------------------------------
 
     def _admit(self) -> None:
-        refusal = self.host.admit(self)
+        refusal = self.host.admit(self)  # the host logs refusals (summarised)
         if refusal is not None:
-            log.info("connection refused", client=self.info.client_ip, reply=refusal.text())
             self._write_and_close(refusal.to_bytes())
             return
         self._admitted = True
-        # Reading stays on during the greeting hook: a client that talks
-        # before the greeting is a protocol violation the core must see.
-        self._spawn(self._greet(), pause_reading=False)
+        self._spawn(self._greet())
+        if self.conn.pregreet:  # behind a PROXY header, in the same read
+            self._note_pregreet()
+
+    def _note_pregreet(self) -> None:
+        """The client talked before the greeting: stop reading, say so once."""
+        if not self.conn.pregreet or self._pregreet_noted:
+            return
+        self._pregreet_noted = True
+        self._update_reading()
+        log.info("pregreet", client=self.info.client_ip, listener=self.listener)
 
     def _proxy_data(self, data: bytes) -> None:
         buffer = self._proxy_buffer
@@ -235,15 +280,13 @@ class Session(asyncio.Protocol):
         else:
             if out:
                 transport.write(out)
-            body = self.conn.state in (State.DATA, State.BDAT)
-            self._arm(self.settings.data_timeout if body else self.settings.command_timeout)
+            self._wait_for_client(replied=bool(out))
 
-    def _spawn(self, work: Coroutine[Any, Any, None], *, pause_reading: bool = True) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._deadline = None
         self._task = asyncio.get_running_loop().create_task(work)
         self._task.add_done_callback(self._task_done)
-        if pause_reading:
-            self._update_reading()
+        self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
@@ -261,7 +304,10 @@ class Session(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._task is not None or self._write_paused
+        # The greeting hook alone leaves reading on, to notice a client that
+        # talks first; once it has, reading stops too.
+        greeting = self.conn.state is State.CONNECTED and not self.conn.pregreet
+        pause = (self._task is not None and not greeting) or self._write_paused
         if pause and not self._reading_paused:
             transport.pause_reading()
         elif not pause and self._reading_paused:
@@ -279,11 +325,32 @@ class Session(asyncio.Protocol):
 
     # -- timeouts --------------------------------------------------------------------
 
-    def _arm(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._check_deadline)
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _wait_for_client(self, *, replied: bool) -> None:
+        """Set the deadline for the client's next step (see the module docstring):
+        fresh after a reply or a change of phase; in a body, extended by the
+        octets received at ``min_data_rate``; otherwise left where it is."""
+        settings, now = self.settings, self._now()
+        body = self.conn.state in (State.DATA, State.BDAT)
+        received, self._received = self._received, 0
+        if replied or body != self._in_body or self._deadline is None:
+            self._in_body = body
+            phase = settings.data_timeout if body else settings.command_timeout
+            self._set_deadline(now + phase)
+        elif body and received and settings.limits.min_data_rate:
+            credit = received / settings.limits.min_data_rate
+            self._set_deadline(min(now + settings.data_timeout, self._deadline + credit))
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return  # _check_deadline moves it on when it fires
+        if timer is not None:
+            timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -294,7 +361,12 @@ class Session(asyncio.Protocol):
         if loop.time() < deadline:
             self._timer = loop.call_at(deadline, self._check_deadline)
             return
-        log.info("timeout", client=self.info.client_ip, state=self.conn.state.value)
+        log.info(
+            "timeout",
+            client=self.info.client_ip,
+            state=self.conn.state.value,
+            pending=self.conn.pending_input,
+        )
         if self._proxy_buffer is not None:
             self._close()
         else:
@@ -338,7 +410,7 @@ class Session(asyncio.Protocol):
     def _remember(self, event: ev.Event) -> None:
         info = self.info
         if isinstance(event, ev.RcptTo):
-            info.recipients.append(Recipient(event.recipient, event.params))
+            info.recipients.append(Recipient(self._address(event.recipient), event.params))
         elif isinstance(event, ev.MailFrom):
             info.sender, info.mail_params = event.sender, event.params
         elif isinstance(event, ev.Hello):
@@ -346,6 +418,12 @@ class Session(asyncio.Protocol):
             self._end_message()
         elif isinstance(event, ev.Reset):
             self._end_message()
+
+    def _address(self, recipient: str) -> str:
+        """The envelope address: ``<Postmaster>`` goes to the handler's postmaster."""
+        if recipient != POSTMASTER:
+            return recipient
+        return self.info.postmaster or f"postmaster@{self.info.hostname}"
 
     def _note_client_certificate(self) -> None:
         """Record the verified client certificate (the handshake checked the chain)."""
@@ -468,6 +546,7 @@ class Session(asyncio.Protocol):
         transport.write(self.conn.data_to_send())
         loop = asyncio.get_running_loop()
         self._tls_early = bytearray()
+        self._handshaking = True
         try:
             secure = await loop.start_tls(
                 transport,
@@ -478,10 +557,12 @@ class Session(asyncio.Protocol):
             )
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             self._tls_early = None
-            log.info("TLS handshake failed", client=self.info.client_ip, error=str(exc))
+            self._handshake_failed(exc)
             self.conn.close_with(TIMEOUT)  # nothing more can be said in the clear
             transport.abort()
+            self._release()  # asyncio does not call connection_lost for it
             return
+        self._handshaking = False
         self.transport = cast(asyncio.Transport, secure)
         self._reading_paused = False
         self.conn.tls_started()
@@ -490,8 +571,17 @@ class Session(asyncio.Protocol):
         self.info.helo, self.info.esmtp = "", False
         self._end_message()
         early, self._tls_early = bytes(self._tls_early), None
-        if early:
+        if self._tls_overflow:
+            self.conn.close_with(TOO_MUCH_INPUT)
+        elif early:
             self.conn.receive_data(early)
+
+    def _handshake_failed(self, exc: BaseException | None) -> None:
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        error = str(exc) if exc is not None and str(exc) else "connection closed"
+        log.info("TLS handshake failed", client=self.info.client_ip, phase="STARTTLS", error=error)
 
 
 async def wait_closed(sessions: list[Session], timeout: float) -> list[Session]:

@@ -14,6 +14,11 @@ restricted-internal    hosted domains               only if check_outbound
 blocked                none: 554 5.7.1 at connect   -
 =====================  ==========================  ===================
 
+``RCPT TO:<Postmaster>`` without a domain (the core passes it as
+``postmaster``) is accepted in every mode but blocked (RFC 5321 §4.5.1); the
+gateway delivers it to ``gateway.admin_address`` (or postmaster@ the first
+hosted domain).
+
 Untrusted modes (none, restricted-external, and the default profile unless
 configured otherwise) may not use sender-specified routing inside a hosted
 address (``a%b@hosted``, ``b!a@hosted``, ``"a@b"@hosted``): a downstream
@@ -41,6 +46,7 @@ from smtpgate.model.domain import DomainError, normalise_domain
 from smtpgate.policy.profile import Profile
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
+from smtpgate.proto.server import POSTMASTER
 
 TRUSTED: frozenset[RelayMode] = frozenset({"full", "restricted-internal"})
 _RANK: dict[RelayMode, int] = {
@@ -99,6 +105,8 @@ def decide_relay(mode: RelayMode, recipient: str, hosted_domains: Set[str]) -> V
     local, domain = split_address(recipient)
     if mode == "blocked":
         return Verdict.reject(BLOCKED, "the client is blocked")
+    if recipient == POSTMASTER:
+        return Verdict.accept("<postmaster> without a domain is always accepted (RFC 5321 §4.5.1)")
     if mode == "full":
         return Verdict.accept("relay full: any recipient")
     if domain not in hosted_domains:
