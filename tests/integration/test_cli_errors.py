@@ -170,7 +170,8 @@ def test_a_port_out_of_range_in_the_file_says_so(tmp_path: Path) -> None:
     assert code == 1
     assert err.splitlines() == [
         f"{path}: configuration is invalid:",
-        "  - listeners[0].address: port 99999 is out of range (1–65535)",  # noqa: RUF001
+        "  - listeners[0].address: listener 'mx': '127.0.0.1:99999': "
+        "port 99999 is out of range (1–65535)",  # noqa: RUF001
     ]
 
 
