@@ -198,16 +198,14 @@ class InboundServer:
     def _refusal(self, ip: str) -> tuple[Reply, str] | None:
         limits, total = self.limits, len(self.sessions)
         if total >= limits.max_connections:
-            return TOO_MANY, f"{total} connections, limits.max_connections is reached"
+            return TOO_MANY, f"limits.max_connections ({limits.max_connections}) reached"
         open_to_all = limits.max_connections - limits.reserved_connections
         if total >= open_to_all and not self.known_client(ip):
-            why = (
-                f"{total} connections: the other {limits.reserved_connections} are "
-                "reserved for clients a connection profile names by IP"
-            )
-            return TOO_MANY, why
+            reserved = limits.reserved_connections
+            return TOO_MANY, f"the last {reserved} connections are reserved for known clients"
         if self.per_ip[ip] >= limits.max_connections_per_ip:
-            return TOO_MANY_FROM_YOU, f"{self.per_ip[ip]} connections from this address"
+            limit = limits.max_connections_per_ip
+            return TOO_MANY_FROM_YOU, f"limits.max_connections_per_ip ({limit}) reached"
         return None
 
     def forget(self, session: Session) -> None:
