@@ -45,6 +45,7 @@ from smtpgate.policy.profile import (
 from smtpgate.policy.relay import (
     RelayRights,
     decide_connect,
+    postmaster_address,
     decide_relay,
     relay_rights,
 )
@@ -110,15 +111,6 @@ class GatewayPolicy:
     def smarthost_password(self, connector: SendConnector) -> str | None:
         secret = self.smarthost_passwords.get(connector.name)
         return secret.get_secret_value() if secret else None
-
-
-def postmaster_address(config: GatewayConfig) -> str:
-    """``gateway.admin_address``, else postmaster at the first hosted domain, else
-    at the gateway's own name."""
-    if config.gateway.admin_address:
-        return config.gateway.admin_address
-    domain = config.hosted_domains[0] if config.hosted_domains else config.gateway.hostname
-    return f"postmaster@{domain}"
 
 
 def _credentials(config: GatewayConfig) -> dict[str, tuple[str, SecretStr]]:

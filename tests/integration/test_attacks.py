@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from smtpgate.config.schema import GatewayConfig, RelayMode
 from smtpgate.inbound.server import TOO_MANY, RefusalLog
 from smtpgate.inbound.session import Session
+from smtpgate.policy.relay import decide_relay, postmaster_address
+from smtpgate.proto.server import POSTMASTER
 from tests.conftest import Certs, GatewayFactory, GatewayHandle, SinkHandle
 from tests.dnsserver import DnsServer, start_dns
 
@@ -355,3 +358,23 @@ async def test_a_blocked_client_cannot_reach_postmaster(gateway_factory: Gateway
     replies = await _send(gw.port, "127.0.0.3", b"RCPT TO:<postmaster>\r\n")
     assert replies[0].startswith(b"554 5.7.1")
     assert all(not reply.startswith(b"250") for reply in replies)
+
+
+@pytest.mark.parametrize("mode", ["none", "restricted-external", "restricted-internal", "full"])
+def test_postmaster_passes_relay_control_in_every_mode_but_blocked(mode: RelayMode) -> None:
+    assert decide_relay(mode, POSTMASTER, frozenset({"example.com"})).accepted
+    assert not decide_relay("blocked", POSTMASTER, frozenset({"example.com"})).accepted
+    if mode != "full":  # only the bare <postmaster> passes, not any postmaster@
+        assert not decide_relay(mode, "postmaster@foreign.example", frozenset()).accepted
+
+
+def test_postmaster_address_prefers_the_admin_address() -> None:
+    def config(**gateway: Any) -> GatewayConfig:
+        return GatewayConfig.model_validate(
+            {"gateway": {"hostname": "gw.test", **gateway}, "hosted_domains": ["b.example"]}
+        )
+
+    assert postmaster_address(config(admin_address="ops@corp.example")) == "ops@corp.example"
+    assert postmaster_address(config()) == "postmaster@b.example"
+    bare = GatewayConfig.model_validate({"gateway": {"hostname": "gw.test"}})
+    assert postmaster_address(bare) == "postmaster@gw.test"

@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Set
 from dataclasses import dataclass
 
-from smtpgate.config.schema import RelayMode
+from smtpgate.config.schema import GatewayConfig, RelayMode
 from smtpgate.model.domain import DomainError, normalise_domain
 from smtpgate.policy.profile import Profile
 from smtpgate.policy.verdict import Verdict
@@ -82,6 +82,15 @@ class RelayRights:
 
     mode: RelayMode
     reason: str
+
+
+def postmaster_address(config: GatewayConfig) -> str:
+    """Where ``RCPT TO:<Postmaster>`` goes: ``gateway.admin_address``, else
+    postmaster at the first hosted domain, else at the gateway's own name."""
+    if config.gateway.admin_address:
+        return config.gateway.admin_address
+    domain = config.hosted_domains[0] if config.hosted_domains else config.gateway.hostname
+    return f"postmaster@{domain}"
 
 
 def relay_rights(connection: Profile, auth_profile: Profile | None = None) -> RelayRights:
