@@ -126,7 +126,10 @@ def test_config_check_reports_cross_field_problems(tmp_path: Path) -> None:
     )
     result = _check(path)
     assert result.returncode == 1
-    assert "listeners[0].certificate: security starttls needs a server certificate" in result.stderr
+    assert (
+        "listeners[0].certificate: listener 'mx': security starttls needs a server certificate"
+        in result.stderr
+    )
     assert "listeners[1].name: duplicate name 'mx'" in result.stderr
     assert "listeners[1].address: 127.0.0.1:2525 is already used" in result.stderr
 
