@@ -6,7 +6,8 @@
     │   ├── NotFound           ... because the thing it names does not exist
     │   └── Conflict           ... because of the store's state (a draft exists, changed)
     ├── ProtocolUsageError     our own code drove the sans-IO core wrongly (a bug)
-    └── DeliveryError          a downstream hop could not take a message
+    ├── DeliveryError          a downstream hop could not take a message
+    └── QueueError             the queue's storage failed: nothing was made durable
 
 Protocol violations by *peers* are never exceptions: the core answers them
 with a reply. Exceptions are for our own mistakes and for failures that the
@@ -64,3 +65,8 @@ class DeliveryError(SmtpgateError):
     def __init__(self, message: str, *, permanent: bool) -> None:
         self.permanent = permanent
         super().__init__(message)
+
+
+class QueueError(SmtpgateError):
+    """The queue database failed (locked, full, closed, corrupt); the message says
+    what SQLite said. A write that raises this did not happen."""

@@ -2,12 +2,13 @@
 
 Queue actions work on the queue database directly (a running gateway's
 manager notices within a second), like Postfix's postqueue and postsuper.
-``explain`` and ``send_credentials`` use the applied configuration.
+``explain`` and ``send_credentials`` use the applied configuration; the
+credentials message enters the queue through :meth:`QueueStore.ingest`,
+the store's one way in, as the gateway's messages do.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -16,14 +17,16 @@ from smtpgate.config.schema import GatewayConfig, parse_duration
 from smtpgate.errors import AdminError, ConfigError, FieldProblem, NotFound
 from smtpgate.policy.explain import Explanation, Facts, explain
 from smtpgate.policy.profile import ProfileIndex
+from smtpgate.queue.states import RecipientState
 from smtpgate.queue.store import Filters, NewMessage, QueuedMessage, QueueStore
 
+QUEUED, DEFERRED, HELD = RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.HELD
 # action → (states it applies to, new state)
-MOVES = {
-    "retry": (("deferred", "queued"), "queued"),
-    "hold": (("queued", "deferred"), "held"),
-    "release": (("held",), "queued"),
-    "bounce": (("queued", "deferred", "held"), "bounce"),
+MOVES: dict[str, tuple[tuple[RecipientState, ...], RecipientState]] = {
+    "retry": ((DEFERRED, QUEUED), QUEUED),
+    "hold": ((QUEUED, DEFERRED), HELD),
+    "release": ((HELD,), QUEUED),
+    "bounce": ((QUEUED, DEFERRED, HELD), RecipientState.BOUNCE),
 }
 
 
@@ -39,7 +42,7 @@ def message_dict(message: QueuedMessage) -> dict[str, Any]:
         "sender": message.sender,
         "arrival": when(message.arrival),
         "size": message.size,
-        "kind": ["mail", "report", "admin-report"][message.kind],
+        "kind": message.kind.label,
         "client": message.meta.get("client_ip"),
         "profile": message.meta.get("profile"),
         "recipients": [
@@ -59,13 +62,17 @@ def message_dict(message: QueuedMessage) -> dict[str, Any]:
 def queue_list(store: QueueStore, filters: Mapping[str, str | None]) -> list[dict[str, Any]]:
     """The messages matching ``state``, ``sender``, ``recipient``, ``domain`` and
     ``older_than`` (an age such as ``2h``); any may be None."""
-    older = filters.get("older_than")
+    older, state = filters.get("older_than"), filters.get("state")
     try:
         age = parse_duration(older) if older else None
     except ValueError as exc:
         raise ConfigError([FieldProblem("older_than", str(exc))]) from None
+    try:
+        chosen_state = RecipientState(state) if state else None
+    except ValueError:
+        raise ConfigError([FieldProblem("state", f"no recipient state {state!r}")]) from None
     chosen = Filters(
-        filters.get("state"), filters.get("sender"), filters.get("recipient"),
+        chosen_state, filters.get("sender"), filters.get("recipient"),
         filters.get("domain"), age,
     )  # fmt: skip
     return [message_dict(m) for m in store.list(chosen)]
@@ -95,7 +102,7 @@ def queue_act(store: QueueStore, action: str, message_id: str | None) -> dict[st
         "id": message_id,
         "recipients": changed,
         "state": new,
-        "at": when(time.time()),
+        "at": when(store.clock.now()),
     }
 
 
@@ -111,5 +118,5 @@ def send_credentials(config: GatewayConfig, store: QueueStore, profile: str) -> 
     from smtpgate.gateway import GatewayPolicy, credentials_message  # noqa: PLC0415 - CLI start-up
 
     envelope, body = credentials_message(GatewayPolicy.build(config), profile, store.bodies)
-    store.commit([NewMessage(envelope, body)])
+    store.ingest([NewMessage(envelope, body)])
     return {"queue_id": body.queue_id, "to": envelope.recipients[0].address}

@@ -19,7 +19,8 @@ from smtpgate.admin.operations import message_dict, queue_act, queue_list, queue
 from smtpgate.cli import args as arg_types
 from smtpgate.cli.admin import api_for, data_dir_of, where_options
 from smtpgate.errors import NotFound
-from smtpgate.queue.store import PENDING, QueueStore
+from smtpgate.queue.states import PENDING
+from smtpgate.queue.store import QueueStore
 
 if TYPE_CHECKING:
     from smtpgate.cli.backend import ApiBackend
@@ -33,7 +34,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing = actions.add_parser("list", help="messages in the queue")
     listing.add_argument(
         "--state",
-        choices=PENDING,
+        choices=[state.value for state in PENDING],  # plain strings in the help and errors
         help="recipients waiting: queued, deferred, held, or bounce (a report is due)",
     )
     listing.add_argument("--sender")

@@ -10,12 +10,16 @@ Rules kept here:
   server could be reached at all.
 * Outcomes: 2xx delivered, 4xx or no reply deferred (exponential backoff
   with jitter), 5xx bounced; past ``retry.lifetime`` a deferred recipient
-  bounces (4.4.7).
+  bounces (4.4.7). The pure :func:`~smtpgate.queue.schedule.decide` makes
+  each recipient's decision; the manager applies it.
+* A run that raises is a failed attempt like any other (4.3.0, counted,
+  backed off), never a busy loop.
 * Reports (RFC 3464) go to the sender as NOTIFY asks; a report that cannot
   be delivered goes to ``gateway.admin_address``; one to the administrator
   that fails is logged and dropped. Reports re-enter through ingest.
 * Attempts run under a global limit and a per-destination limit, off the
   inbound path: a slow destination never slows the listeners.
+* Time comes from the queue's :class:`~smtpgate.queue.clock.Clock`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +34,7 @@ from smtpgate.config.schema import QueueSettings, SendConnector
 from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.log import get_logger
+from smtpgate.queue.clock import Clock
 from smtpgate.queue.dsn import (
     RETURN_LIMIT,
     Report,
@@ -39,15 +43,16 @@ from smtpgate.queue.dsn import (
     wants_report,
 )
 from smtpgate.queue.queue import Queue
-from smtpgate.queue.schedule import backoff, delay_warning_due, expired, fate_of
-from smtpgate.queue.store import (
-    KIND_ADMIN_REPORT,
-    KIND_MAIL,
-    KIND_REPORT,
-    QueuedMessage,
-    QueuedRecipient,
-    RecipientUpdate,
+from smtpgate.queue.schedule import (
+    EXPIRED_STATUS,
+    Outcome,
+    backoff,
+    decide,
+    enhanced_status,
+    expired,
 )
+from smtpgate.queue.states import ATTEMPTABLE, MessageKind, RecipientState
+from smtpgate.queue.store import QueuedMessage, QueuedRecipient, RecipientUpdate
 from smtpgate.spool import SpooledBody, StoredBody, new_queue_id
 
 log = get_logger("smtpgate.queue")
@@ -66,14 +71,6 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _status(text: str, code: int | None) -> str:
-    """The enhanced status code in ``"550 5.1.1 ..."`` or ``"4.4.1 ..."``."""
-    for word in text.split(" ", 2)[:2]:
-        if word.count(".") == 2 and word.replace(".", "").isdigit():
-            return word
-    return "4.0.0" if code is None or code < 500 else "5.0.0"
-
-
 class QueueManager:
     def __init__(  # noqa: PLR0913, PLR0917 - the manager's collaborators
         self,
@@ -83,8 +80,10 @@ class QueueManager:
         settings: QueueSettings,
         hostname: str,
         admin_address: str | None,
+        clock: Clock | None = None,  # None: the queue's
     ) -> None:
         self.queue = queue
+        self.clock = clock or queue.clock
         self.deliverer = deliverer
         self.route = route
         self.settings = settings
@@ -117,14 +116,14 @@ class QueueManager:
     async def _run_once(self) -> float:
         """Start attempts for what is due; returns how long to sleep at most."""
         store = self.queue.store
-        now = time.time()
+        now = self.clock.now()
         self._resting = {k: until for k, until in self._resting.items() if until > now}
         inflight = self._inflight | self._resting.keys()
         due = await self.queue.call(lambda: store.due(now, inflight))
         for message in due:
             self._start(message)
         following = await self.queue.call(store.next_due)
-        return POLL if following is None else min(POLL, max(0.0, following - time.time()))
+        return POLL if following is None else min(POLL, max(0.0, following - self.clock.now()))
 
     async def _wake(self) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -153,12 +152,8 @@ class QueueManager:
     # -- one message -------------------------------------------------------------
 
     async def _process(self, message: QueuedMessage) -> None:
-        now = time.time()
-        due = [
-            r
-            for r in message.recipients
-            if r.state in ("queued", "deferred") and r.next_attempt <= now
-        ]
+        now = self.clock.now()
+        due = [r for r in message.recipients if r.state in ATTEMPTABLE and r.next_attempt <= now]
         try:
             outcome = await self._attempt_due(message, due, now)
         except Exception as exc:
@@ -189,7 +184,7 @@ class QueueManager:
         body = StoredBody(data)  # read once: for every attempt and for reports
         result = _Result()
         for r in message.recipients:
-            if r.state == "bounce":  # `smtpgate queue bounce`
+            if r.state is RecipientState.BOUNCE:  # `smtpgate queue bounce`
                 text = "5.0.0 bounced by the administrator"
                 self._outcome(message, r, 550, text, None, result)
         if expired(message.arrival, now, self.settings.retry):
@@ -200,7 +195,8 @@ class QueueManager:
 
     def _rest(self, queue_id: str) -> None:
         """Keep a message out of the scans for the first retry interval (in memory)."""
-        self._resting[queue_id] = time.time() + backoff(1, self.settings.retry, self.jitter())
+        first = backoff(1, self.settings.retry, self.jitter())
+        self._resting[queue_id] = self.clock.now() + first
 
     async def _defer_after_failure(
         self, message: QueuedMessage, due: list[QueuedRecipient], exc: Exception
@@ -223,12 +219,16 @@ class QueueManager:
     def _expire(
         self, message: QueuedMessage, due: list[QueuedRecipient], now: float, result: _Result
     ) -> None:
+        """Bounce the due recipients of a message past its lifetime, unattempted."""
         for r in due:
-            text = f"4.4.7 message expired in the queue; last reply: {r.last_reply or 'none'}"
-            result.updates.append(RecipientUpdate(message.id, r.idx, "bounced", text, now, False))
+            last = r.last_reply or "none"
+            text = f"{EXPIRED_STATUS} message expired in the queue; last reply: {last}"
+            result.updates.append(
+                RecipientUpdate(message.id, r.idx, RecipientState.BOUNCED, text, now, False)
+            )
             result.reported.append(
                 ReportedRecipient(
-                    r.address, r.params.orcpt, "failed", "4.4.7", r.last_reply, None, now
+                    r.address, r.params.orcpt, "failed", EXPIRED_STATUS, r.last_reply, None, now
                 )
             )
 
@@ -327,48 +327,29 @@ class QueueManager:
         result: _Result,
         connector: str = "-",
     ) -> None:
-        now = time.time()
-        fate = fate_of(code)
+        """Record what ``schedule.decide`` makes of one recipient's reply."""
+        now = self.clock.now()
         reply = f"{code} {text}" if code is not None and not text.startswith(str(code)) else text
         remote = report.remote if report else None
-        if fate == "deferred" and expired(message.arrival, now, self.settings.retry):
-            fate = "bounced"
-        next_attempt = now + backoff(r.attempts + 1, self.settings.retry, self.jitter())
-        warned = None
-        if fate == "deferred" and delay_warning_due(
-            message.arrival, now, self.settings.delay_warning, r.warned
-        ):
-            warned = True
+        passed_on = report.dsn_passed_on if report else None
+        outcome = Outcome(code, r.attempts, message.arrival, r.warned, r.params.notify, passed_on)
+        decision = decide(outcome, now, self.settings, self.jitter())
+        if decision.report is not None:
+            status = enhanced_status(text, code)
             result.reported.append(
                 ReportedRecipient(
-                    r.address, r.params.orcpt, "delayed", _status(text, code), reply, remote, now
+                    r.address, r.params.orcpt, decision.report, status, reply, remote, now
                 )
             )
-        if fate == "bounced":
-            result.reported.append(
-                ReportedRecipient(
-                    r.address, r.params.orcpt, "failed", _status(text, code), reply, remote, now
-                )
-            )
-        if (
-            fate == "delivered"
-            and report is not None
-            and not report.dsn_passed_on
-            and (r.params.notify and "SUCCESS" in r.params.notify)
-        ):
-            result.reported.append(
-                ReportedRecipient(
-                    r.address, r.params.orcpt, "relayed", _status(text, code), reply, remote, now
-                )
-            )
+        state, next_attempt, warned = decision.state, decision.next_attempt, decision.warned
         result.updates.append(
-            RecipientUpdate(message.id, r.idx, fate, reply, next_attempt, True, warned)
+            RecipientUpdate(message.id, r.idx, state, reply, next_attempt, True, warned)
         )
         log.info(
             "delivery",
             queue_id=message.id,
             rcpt=r.address,
-            state=fate,
+            state=state,
             connector=connector,
             relay=remote,
             tls=report.tls if report else None,
@@ -385,13 +366,15 @@ class QueueManager:
         by_action: dict[str, list[ReportedRecipient]] = {}
         notify = {r.address: r.params.notify for r in message.recipients}
         for item in reported:
-            if message.kind != KIND_MAIL or wants_report(notify.get(item.address), item.action):
+            if message.kind is not MessageKind.MAIL or wants_report(
+                notify.get(item.address), item.action
+            ):
                 by_action.setdefault(item.action, []).append(item)
         for action, items in by_action.items():
-            if message.kind == KIND_MAIL and not message.sender:
+            if message.kind is MessageKind.MAIL and not message.sender:
                 continue  # never report on a message with the null sender
-            if message.kind == KIND_ADMIN_REPORT or (
-                message.kind == KIND_REPORT and action != "failed"
+            if message.kind is MessageKind.ADMIN_REPORT or (
+                message.kind is MessageKind.REPORT and action != "failed"
             ):
                 log.warning("report undeliverable, dropped", queue_id=message.id, action=action)
                 continue
@@ -400,7 +383,7 @@ class QueueManager:
     async def _send_report(
         self, message: QueuedMessage, action: str, items: list[ReportedRecipient], original: bytes
     ) -> None:
-        to_admin = message.kind == KIND_REPORT
+        to_admin = message.kind is MessageKind.REPORT
         recipient = self.admin_address if to_admin else message.sender
         if not recipient:
             log.warning("report has nowhere to go", queue_id=message.id)
@@ -418,9 +401,9 @@ class QueueManager:
             until if action == "delayed" else None,
         )
         body = SpooledBody(self.queue.directory, new_queue_id())
-        body.write(build_report(report, original, message.size, time.time()))
+        body.write(build_report(report, original, message.size, self.clock.now()))
         body.finish()
         envelope = Envelope(sender="", recipients=(Recipient(recipient),))
-        kind = KIND_ADMIN_REPORT if to_admin else KIND_REPORT
+        kind = MessageKind.ADMIN_REPORT if to_admin else MessageKind.REPORT
         queue_id = await self.queue.ingest(envelope, body, kind)
         log.info("report queued", queue_id=queue_id, about=message.id, action=action, to=recipient)

@@ -1,10 +1,12 @@
 """The queue as the event loop sees it: group commit and calls into the store.
 
 Every store call runs on one worker thread that owns the SQLite connection,
-so the event loop never blocks on disk. :meth:`Queue.ingest` is the only
-way a message enters the queue (sessions, bounces, credential mail): calls
-that arrive while a commit is running are collected and committed together
-in the next transaction, so concurrent sessions share one fsync.
+so the event loop never blocks on disk. :meth:`Queue.ingest` is how the
+gateway puts a message into the queue (sessions, reports): calls that arrive
+while a commit is running are collected and handed together to
+:meth:`QueueStore.ingest`, the store's one way in, so concurrent sessions
+share one transaction and one fsync. (The queue tools, synchronous and in
+another process, call :meth:`QueueStore.ingest` with their one message.)
 """
 
 from __future__ import annotations
@@ -17,21 +19,18 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from smtpgate.model.envelope import Envelope
-from smtpgate.queue.store import (
-    KIND_MAIL,
-    NewMessage,
-    QueueStore,
-    RecipientUpdate,
-    clean_orphan_bodies,
-)
+from smtpgate.queue.clock import SYSTEM_CLOCK, Clock
+from smtpgate.queue.states import MessageKind
+from smtpgate.queue.store import NewMessage, QueueStore, RecipientUpdate, clean_orphan_bodies
 from smtpgate.spool import SpooledBody
 
 T = TypeVar("T")
 
 
 class Queue:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.directory = directory
+        self.clock = clock  # the store's; the manager takes the same one
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue")
         self._store: QueueStore | None = None
         self._ingests: _GroupCommit[NewMessage] = _GroupCommit(self, self._commit)
@@ -42,7 +41,7 @@ class Queue:
         """Open the store; returns how many orphaned body files were removed."""
 
         def opening() -> int:
-            self._store = QueueStore(self.directory)
+            self._store = QueueStore(self.directory, self.clock)
             return clean_orphan_bodies(self._store)
 
         return await self.call(opening)
@@ -60,14 +59,16 @@ class Queue:
     async def call(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
-    async def ingest(self, envelope: Envelope, body: SpooledBody, kind: int = KIND_MAIL) -> str:
-        """Make a message durable; returns its queue id. Raises OSError/sqlite3.Error."""
+    async def ingest(
+        self, envelope: Envelope, body: SpooledBody, kind: MessageKind = MessageKind.MAIL
+    ) -> str:
+        """Make a message durable; returns its queue id. Raises OSError or QueueError."""
         await self._ingests.submit([NewMessage(envelope, body, kind)])
         self.changed.set()
         return body.queue_id
 
     def _commit(self, batch: list[NewMessage]) -> None:
-        self.store.commit(batch)  # on the queue thread; the store exists once opened
+        self.store.ingest(batch)  # on the queue thread; the store exists once opened
 
     def _apply(self, batch: list[RecipientUpdate]) -> None:
         self.store.apply(batch)

@@ -2,14 +2,17 @@
 
 Rules kept here:
 
-* A message is durable once :meth:`QueueStore.commit` returns: its row and
-  its recipients are in a committed transaction (fsynced by SQLite's WAL at
-  ``synchronous=FULL``), and a large body's file was fsynced, and its
-  directory too, before that transaction. Many messages share one
-  transaction: that is the group commit.
-* Per-recipient state: queued, deferred, held, delivered, bounced; plus
+* :meth:`QueueStore.ingest` is the one way a message enters the store: the
+  gateway's :class:`~smtpgate.queue.queue.Queue` calls it with a group of
+  messages (group commit), the queue tools with one. A message is durable
+  once it returns: its row and its recipients are in a committed
+  transaction (fsynced by SQLite's WAL at ``synchronous=FULL``), and a large
+  body's file was fsynced, and its directory too, before that transaction.
+* Per-recipient state (:class:`~smtpgate.queue.states.RecipientState`), plus
   attempts, the last reply and the next attempt. A message whose
   recipients are all delivered or bounced is deleted with its body.
+* Times come from the store's :class:`~smtpgate.queue.clock.Clock`.
+* Every SQLite failure leaves as :class:`~smtpgate.errors.QueueError`.
 * One instance belongs to one thread (sqlite3 connections are not shared);
   the queue tools open their own instance on the same file, which SQLite's
   locking makes safe while the gateway runs.
@@ -17,19 +20,24 @@ Rules kept here:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sqlite3
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from smtpgate.errors import QueueError
 from smtpgate.files import private_dir, private_file
 from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
+from smtpgate.queue.clock import SYSTEM_CLOCK, Clock
+from smtpgate.queue.states import DUE, PENDING, MessageKind, RecipientState
 from smtpgate.spool import SpooledBody, fsync_path
 
-PENDING = ("queued", "deferred", "held", "bounce")  # "bounce": the administrator asked for it
+P = ParamSpec("P")
+R = TypeVar("R")
 _SCHEMA = """
 create table if not exists messages(
     id text primary key,
@@ -57,14 +65,34 @@ create table if not exists recipients(
 create index if not exists recipients_due on recipients(state, next_attempt);
 """
 
-KIND_MAIL, KIND_REPORT, KIND_ADMIN_REPORT = 0, 1, 2
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn what SQLite raises into :class:`QueueError`, with SQLite's words."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise QueueError(str(exc)) from exc
+
+
+def _storage(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with storage_errors():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
 
 
 @dataclass(frozen=True)
 class NewMessage:
     envelope: Envelope
     body: SpooledBody
-    kind: int = KIND_MAIL
+    kind: MessageKind = MessageKind.MAIL
 
 
 @dataclass
@@ -72,7 +100,7 @@ class QueuedRecipient:
     idx: int
     address: str
     params: RcptParams
-    state: str
+    state: RecipientState
     attempts: int
     next_attempt: float
     last_reply: str | None
@@ -87,7 +115,7 @@ class QueuedMessage:
     arrival: float
     size: int
     meta: dict[str, Any]
-    kind: int
+    kind: MessageKind
     recipients: list[QueuedRecipient] = field(default_factory=list)
 
     @property
@@ -99,7 +127,7 @@ class QueuedMessage:
 class RecipientUpdate:
     message_id: str
     idx: int
-    state: str
+    state: RecipientState
     last_reply: str | None
     next_attempt: float
     attempted: bool = True
@@ -161,8 +189,10 @@ def _params(recipient: Recipient) -> str:
 class QueueStore:
     """The queue database of one data directory."""
 
-    def __init__(self, directory: Path) -> None:
+    @_storage
+    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.directory = directory
+        self.clock = clock
         self.bodies = directory / "bodies"
         private_dir(directory)
         private_dir(self.bodies)
@@ -173,20 +203,23 @@ class QueueStore:
         self.db.execute("pragma foreign_keys=on")
         self.db.executescript(_SCHEMA)
 
+    @_storage
     def close(self) -> None:
         self.db.close()
 
     # -- ingest ------------------------------------------------------------------
 
-    def commit(self, batch: Sequence[NewMessage]) -> None:
-        """Make every message of ``batch`` durable, all in one transaction."""
+    @_storage
+    def ingest(self, batch: Sequence[NewMessage]) -> None:
+        """Make every message of ``batch`` durable, all in one transaction; the
+        only way into the queue. Raises OSError (bodies) or QueueError."""
         spilled = {m.body.queue_id for m in batch if m.body.path is not None}
         for item in batch:
             if item.body.queue_id in spilled:
                 item.body.save_as(self.bodies / item.body.queue_id, fsync=True)
         if spilled:
             fsync_path(self.bodies)
-        now = time.time()
+        now = self.clock.now()
         with self._transaction():
             for item in batch:
                 self._insert(item, now, in_file=item.body.queue_id in spilled)
@@ -211,9 +244,9 @@ class QueueStore:
         )
         self.db.executemany(
             "insert into recipients(message_id, idx, address, params, state, next_attempt) "
-            "values (?, ?, ?, ?, 'queued', ?)",
+            "values (?, ?, ?, ?, ?, ?)",
             [
-                (body.queue_id, i, r.address, _params(r), now)
+                (body.queue_id, i, r.address, _params(r), RecipientState.QUEUED, now)
                 for i, r in enumerate(envelope.recipients)
             ],
         )
@@ -223,24 +256,26 @@ class QueueStore:
 
     # -- reading -----------------------------------------------------------------
 
+    @_storage
     def due(self, now: float, exclude: set[str], limit: int = 500) -> list[QueuedMessage]:
         """Messages with recipients whose next attempt has come."""
         rows = self.db.execute(
-            "select distinct message_id from recipients where state in ('queued', 'deferred', "
-            "'bounce') "
+            f"select distinct message_id from recipients where state in ({_marks(DUE)}) "  # noqa: S608 - placeholders only
             "and next_attempt <= ? order by next_attempt limit ?",
-            (now, limit + len(exclude)),
+            (*DUE, now, limit + len(exclude)),
         ).fetchall()
         ids = [r[0] for r in rows if r[0] not in exclude][:limit]
         return [m for m in (self.get(i) for i in ids) if m is not None]
 
+    @_storage
     def next_due(self) -> float | None:
         row = self.db.execute(
-            "select min(next_attempt) from recipients "
-            "where state in ('queued', 'deferred', 'bounce')"
+            f"select min(next_attempt) from recipients where state in ({_marks(DUE)})",  # noqa: S608 - placeholders only
+            DUE,
         ).fetchone()
         return row[0] if row else None
 
+    @_storage
     def get(self, message_id: str) -> QueuedMessage | None:
         row = self.db.execute(
             "select id, sender, arrival, size, meta, kind from messages where id = ?",
@@ -248,7 +283,9 @@ class QueueStore:
         ).fetchone()
         if row is None:
             return None
-        message = QueuedMessage(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        message = QueuedMessage(
+            row[0], row[1], row[2], row[3], json.loads(row[4]), MessageKind(row[5])
+        )
         for r in self.db.execute(
             "select idx, address, params, state, attempts, next_attempt, last_reply, "
             "last_attempt, warned from recipients where message_id = ? order by idx",
@@ -259,7 +296,7 @@ class QueueStore:
                     r[0],
                     r[1],
                     _rcpt_params(json.loads(r[2])),
-                    r[3],
+                    RecipientState(r[3]),
                     r[4],
                     r[5],
                     r[6],
@@ -269,6 +306,7 @@ class QueueStore:
             )
         return message
 
+    @_storage
     def body(self, message_id: str) -> bytes | Path | None:
         row = self.db.execute(
             "select body, body_path from messages where id = ?", (message_id,)
@@ -279,9 +317,10 @@ class QueueStore:
 
     # -- outcomes ----------------------------------------------------------------
 
+    @_storage
     def apply(self, updates: Sequence[RecipientUpdate]) -> list[str]:
         """Record attempt outcomes; delete and return messages with nothing left to do."""
-        now = time.time()
+        now = self.clock.now()
         touched = {u.message_id for u in updates}
         with self._transaction():
             for u in updates:
@@ -308,9 +347,9 @@ class QueueStore:
         return finished
 
     def _pending(self, message_id: str) -> bool:
-        marks = ",".join("?" * len(PENDING))
         row = self.db.execute(
-            f"select 1 from recipients where message_id = ? and state in ({marks}) limit 1",  # noqa: S608 - placeholders only
+            f"select 1 from recipients where message_id = ? and state in ({_marks(PENDING)}) "  # noqa: S608 - placeholders only
+            "limit 1",
             (message_id, *PENDING),
         ).fetchone()
         return row is not None
@@ -327,28 +366,32 @@ class QueueStore:
     # -- administration ------------------------------------------------------------
 
     def list(self, filters: Filters) -> Iterator[QueuedMessage]:
-        clauses, args = filters.where()
-        query = (
-            f"select distinct m.id from messages m join recipients r on r.message_id = m.id "  # noqa: S608 - clauses are fixed strings; values are parameters
-            f"{'where ' + ' and '.join(clauses) if clauses else ''} order by m.arrival"
-        )
-        for (message_id,) in self.db.execute(query, args).fetchall():
-            message = self.get(message_id)
-            if message is not None:
-                yield message
+        with storage_errors():  # a generator: the decorator would not see its errors
+            clauses, args = filters.where(self.clock.now())
+            query = (
+                f"select distinct m.id from messages m join recipients r on r.message_id = m.id "  # noqa: S608 - clauses are fixed strings; values are parameters
+                f"{'where ' + ' and '.join(clauses) if clauses else ''} order by m.arrival"
+            )
+            for (message_id,) in self.db.execute(query, args).fetchall():
+                message = self.get(message_id)
+                if message is not None:
+                    yield message
 
-    def set_state(self, message_id: str | None, states: tuple[str, ...], new: str) -> int:
+    @_storage
+    def set_state(
+        self, message_id: str | None, states: Sequence[RecipientState], new: RecipientState
+    ) -> int:
         """Move pending recipients (of one message, or all) to ``new`` (due now)."""
-        marks = ",".join("?" * len(states))
-        where = f"state in ({marks})" + (" and message_id = ?" if message_id else "")
+        where = f"state in ({_marks(states)})" + (" and message_id = ?" if message_id else "")
         args = (*states, *((message_id,) if message_id else ()))
         with self._transaction():
             cursor = self.db.execute(
                 f"update recipients set state = ?, next_attempt = ? where {where}",  # noqa: S608 - placeholders only
-                (new, time.time(), *args),
+                (new, self.clock.now(), *args),
             )
         return cursor.rowcount
 
+    @_storage
     def delete(self, message_id: str) -> bool:
         with self._transaction():
             exists = self.db.execute(
@@ -358,6 +401,7 @@ class QueueStore:
                 self._delete(message_id)
         return exists is not None
 
+    @_storage
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("select state, count(*) from recipients group by state"))
 
@@ -366,13 +410,13 @@ class QueueStore:
 class Filters:
     """``smtpgate queue list`` filters; all optional."""
 
-    state: str | None = None
+    state: RecipientState | None = None
     sender: str | None = None
     recipient: str | None = None
     domain: str | None = None
     older_than: float | None = None  # seconds
 
-    def where(self) -> tuple[list[str], list[Any]]:
+    def where(self, now: float) -> tuple[list[str], list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if self.state:
@@ -389,7 +433,7 @@ class Filters:
             args.append("%@" + self.domain.lower())
         if self.older_than is not None:
             clauses.append("m.arrival <= ?")
-            args.append(time.time() - self.older_than)
+            args.append(now - self.older_than)
         return clauses, args
 
 
@@ -405,10 +449,12 @@ class _Transaction:
 
 
 def clean_orphan_bodies(store: QueueStore) -> int:
-    """Body files no message refers to (a crash between fsync and commit)."""
-    known = {
-        r[0] for r in store.db.execute("select body_path from messages where body_path is not null")
-    }
+    """Body files no message refers to (a crash between fsync and commit). Only
+    for the gateway at start-up: a tool running beside it could remove a body
+    whose message is being committed."""
+    with storage_errors():
+        rows = store.db.execute("select body_path from messages where body_path is not null")
+        known = {r[0] for r in rows}
     removed = 0
     for path in store.bodies.iterdir():
         if path.name not in known:
