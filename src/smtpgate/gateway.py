@@ -9,7 +9,6 @@ messages on. Decisions are logged with their reasons; secrets never are.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -21,7 +20,7 @@ from pydantic import SecretStr
 from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.config.secret import load_key, read_password, read_secret
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
-from smtpgate.errors import ConfigError, FieldProblem
+from smtpgate.errors import ConfigError, FieldProblem, QueueError
 from smtpgate.inbound.contract import SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
 from smtpgate.inbound.server import RefusalLog
@@ -270,7 +269,7 @@ class GatewayHandler:
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         try:
             queue_id = await self.queue.ingest(envelope, body)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, QueueError) as exc:
             log.error("queue write failed", error=str(exc))
             return QUEUE_FAILED  # never a 250 for a message that is not durable
         log.info(
