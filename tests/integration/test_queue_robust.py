@@ -11,6 +11,7 @@ from pathlib import Path
 
 from smtpgate.delivery.attempt import AttemptReport, Job
 from smtpgate.queue.store import Filters, QueueStore
+from tests.clock import FakeClock, advance, attempts_are, use_clock, wait_queue
 from tests.conftest import GatewayFactory, SinkHandle
 
 
@@ -25,6 +26,8 @@ async def test_an_attempt_that_raises_is_deferred_and_backed_off(
     gw = await gateway_factory(
         spoof_detection=False, queue={"retry": {"first": 60, "max_backoff": 600}}
     )
+    clock = FakeClock()
+    use_clock(gw.gateway, clock)  # time stands still unless the test moves it
     calls = 0
 
     async def explode(job: Job) -> AttemptReport:
@@ -34,16 +37,26 @@ async def test_an_attempt_that_raises_is_deferred_and_backed_off(
 
     gw.gateway.manager.deliverer.attempt = explode  # type: ignore[method-assign]
     await asyncio.to_thread(_send, gw.port)
-    await asyncio.sleep(1.5)
-    assert calls == 1  # not retried at once, again and again
-    store = QueueStore(tmp_path / "gw0" / "queue")
+    [message] = await wait_queue(gw.gateway, attempts_are(("deferred", 1)))
+    [r] = message.recipients
+    assert r.last_reply is not None
+    assert r.last_reply.startswith("4.3.0 ")
+    assert "internal error" in r.last_reply
+    assert r.next_attempt == clock.now() + 60  # backed off, not due again at once
+    assert calls == 1
+
+    advance(gw.gateway, clock, 59)
+    store = gw.gateway.queue.store
+    assert await gw.gateway.queue.call(lambda: store.due(clock.now(), set())) == []
+    advance(gw.gateway, clock, 1)  # the retry comes, counted and backed off further
+    [message] = await wait_queue(gw.gateway, attempts_are(("deferred", 2)))
+    assert message.recipients[0].next_attempt == clock.now() + 120
+    assert calls == 2
+
+    store = QueueStore(tmp_path / "gw0" / "queue")  # and it is all in the database
     try:
         [message] = list(store.list(Filters()))
     finally:
         store.close()
-    [r] = message.recipients
-    assert (r.state, r.attempts) == ("deferred", 1)
-    assert r.last_reply is not None
-    assert r.last_reply.startswith("4.3.0 ")
-    assert "internal error" in r.last_reply
+    assert [(r.state, r.attempts) for r in message.recipients] == [("deferred", 2)]
     assert sink.messages() == []

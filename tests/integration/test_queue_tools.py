@@ -12,6 +12,15 @@ from typing import Any
 import yaml
 
 from smtpgate.sink import parse_reply
+from tests.clock import (
+    FakeClock,
+    advance,
+    attempts_are,
+    empty,
+    states_are,
+    use_clock,
+    wait_queue,
+)
 from tests.conftest import (
     SMTPGATE,
     Certs,
@@ -64,7 +73,7 @@ async def test_queue_list_show_hold_release_delete_bounce(
     path.write_text(yaml.safe_dump({**base_config(tmp_path / "gw0", sink.port), **overrides}))
     for to in ("alice@example.com", "carol@example.com"):
         await asyncio.to_thread(_send, gw.port, to)
-    await asyncio.sleep(1)  # the first attempts fail and defer
+    await wait_queue(gw.gateway, states_are("deferred", "deferred"))  # the first attempts fail
 
     code, out = await _cli(path, "list", "--json")
     messages = json.loads(out)
@@ -96,7 +105,7 @@ async def test_queue_list_show_hold_release_delete_bounce(
     [(meta, body)] = await sink.wait_for(1)
     assert meta["recipients"] == ["bob@example.org"]
     assert b"5.0.0 bounced by the administrator" in body
-    await asyncio.sleep(0.5)
+    await wait_queue(gw.gateway, empty)
     assert json.loads((await _cli(path, "list", "--json"))[1]) == []
 
 
@@ -109,7 +118,7 @@ async def test_queue_retry_now(
     path.write_text(yaml.safe_dump({**base_config(tmp_path / "gw0", sink.port), **overrides}))
     sink.behaviour.data_replies.append(parse_reply("451 4.3.0 try later"))
     await asyncio.to_thread(_send, gw.port, "alice@example.com")
-    await asyncio.sleep(1)
+    await wait_queue(gw.gateway, states_are("deferred"))
     assert sink.messages() == []  # deferred for an hour
     code, out = await _cli(path, "retry", "--all")
     assert code == 0
@@ -120,17 +129,32 @@ async def test_queue_retry_now(
 async def test_delay_warning_then_expiry_bounce(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
-    overrides = _split_config(sink.port, free_port(), delay_warning=0.5)
-    overrides["queue"]["retry"] = {"first": 0.3, "max_backoff": 0.5, "lifetime": 2.5}
+    overrides = _split_config(sink.port, free_port(), delay_warning=600)
+    overrides["queue"]["retry"] = {"first": 60, "max_backoff": 300, "lifetime": 3600}
     gw = await gateway_factory(**overrides)
+    clock = FakeClock()
+    use_clock(gw.gateway, clock)
     await asyncio.to_thread(_send, gw.port, "alice@example.com")
-    reports = await sink.wait_for(2, timeout=15)
-    texts = [body.decode() for _, body in reports]
-    assert "Action: delayed" in texts[0]
-    assert "Will-Retry-Until:" in texts[0]
-    assert "Action: failed" in texts[1]
-    assert "Status: 4.4.7" in texts[1]
-    await asyncio.sleep(1)
+    await wait_queue(gw.gateway, attempts_are(("deferred", 1)))  # at 0 s; again at 60 s
+    advance(gw.gateway, clock, 599)
+    await wait_queue(gw.gateway, attempts_are(("deferred", 2)))  # at 599 s; again at 719 s
+    assert sink.messages() == []  # not late enough for a warning
+    advance(gw.gateway, clock, 121)  # at 720 s: past delay_warning
+    [(meta, warning)] = await sink.wait_for(1)
+    assert meta["recipients"] == ["bob@example.org"]
+    text = warning.decode()
+    assert "Action: delayed" in text
+    assert "Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000" in text
+    assert "Last-Attempt-Date: Tue, 14 Nov 2023 22:25:20 +0000" in text
+    assert "Will-Retry-Until: Tue, 14 Nov 2023 23:13:20 +0000" in text  # arrival + lifetime
+    await wait_queue(gw.gateway, attempts_are(("deferred", 3)))  # the warning is delivered
+    advance(gw.gateway, clock, 240)  # at 960 s: deferred again, no second warning
+    await wait_queue(gw.gateway, attempts_are(("deferred", 4)))
+    advance(gw.gateway, clock, 3000)  # at 3960 s: past the lifetime
+    [_, (_, failed)] = await sink.wait_for(2)
+    assert "Action: failed" in failed.decode()
+    assert "Status: 4.4.7" in failed.decode()
+    await wait_queue(gw.gateway, empty)  # nothing left: no report still to come
     assert len(sink.messages()) == 2  # one warning only
 
 

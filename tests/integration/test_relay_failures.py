@@ -21,6 +21,15 @@ from smtpgate.proto.replies import Reply
 from smtpgate.queue.store import Filters, QueueStore
 from smtpgate.sink import SinkBehaviour, SinkHandler, build_sink, parse_reply
 from smtpgate.spool import SpooledBody
+from tests.clock import (
+    FakeClock,
+    advance,
+    attempts_are,
+    empty,
+    states_are,
+    use_clock,
+    wait_queue,
+)
 from tests.conftest import GatewayFactory, GatewayHandle, SinkHandle, free_port, start_sink
 from tests.dnsserver import start_dns
 
@@ -65,12 +74,16 @@ def _connector(name: str, port: int, cost: int = 10, **extra: object) -> dict[st
 async def test_a_4xx_then_250_is_retried_and_delivered_once(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
-    gw = await gateway_factory(**NO_SPOOF)
+    gw = await gateway_factory(**NO_SPOOF)  # retry.first: 0.5 s
+    clock = FakeClock()
+    use_clock(gw.gateway, clock)
     sink.behaviour.data_replies.append(parse_reply("451 4.3.0 mailbox busy"))
     assert await asyncio.to_thread(_send, gw.port, ["alice@example.com"]) == {}
-    messages = await sink.wait_for(1)
-    await asyncio.sleep(1.5)  # time for a (wrong) second delivery
-    assert len(sink.messages()) == len(messages) == 1
+    await wait_queue(gw.gateway, attempts_are(("deferred", 1)))
+    assert sink.messages() == []
+    advance(gw.gateway, clock, 0.5)
+    await wait_queue(gw.gateway, empty)  # delivered, and gone: no second delivery can come
+    assert len(sink.messages()) == 1
 
 
 async def test_a_5xx_bounces_to_the_sender_and_no_dearer_connector_is_tried(
@@ -100,7 +113,7 @@ async def test_a_5xx_bounces_to_the_sender_and_no_dearer_connector_is_tried(
     assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in status
     assert "Content-Type: text/rfc822-headers" in status  # RET=HDRS
     assert "Message-ID: <m1@x>" in status
-    await asyncio.sleep(1)
+    await wait_queue(gw.gateway, empty)  # nothing left that could still try the dear one
     assert second_sink.messages() == []
 
 
@@ -131,7 +144,7 @@ async def test_unreachable_smarthost_defers_and_the_message_waits_in_the_queue(
     dead = free_port()
     gw = await gateway_factory(**NO_SPOOF, send_connectors=[_connector("dead", dead)])
     assert await asyncio.to_thread(_send, gw.port, ["alice@example.com"]) == {}
-    await asyncio.sleep(1)
+    await wait_queue(gw.gateway, states_are("deferred"))
     store = QueueStore(tmp_path / "gw0" / "queue")
     try:
         [message] = list(store.list(Filters()))
