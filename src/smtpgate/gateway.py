@@ -44,8 +44,8 @@ from smtpgate.policy.profile import (
 from smtpgate.policy.relay import (
     RelayRights,
     decide_connect,
-    postmaster_address,
     decide_relay,
+    postmaster_address,
     relay_rights,
 )
 from smtpgate.policy.routing import route
