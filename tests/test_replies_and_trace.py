@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from smtpgate.delivery.client import parse_reply_lines, stuff_dots
 from smtpgate.inbound.trace import TraceFacts, protocol_name, received_header
+from smtpgate.proto.client import parse_reply, stuff_dots
 from smtpgate.proto.replies import Reply
 
 
@@ -34,10 +34,11 @@ def test_invalid_replies_cannot_be_built(
 
 
 def test_client_reply_parsing() -> None:
-    reply = parse_reply_lines([b"250-2.1.5 first", b"250 2.1.5 second"])
+    reply = parse_reply([b"250-2.1.5 first", b"250 2.1.5 second"])
+    assert isinstance(reply, Reply)
     assert reply == Reply.of(250, "2.1.5", "first", "second")
-    assert parse_reply_lines([b"550 oops"]).status is None
-    assert parse_reply_lines([b"250 5.1.1 mismatched"]).status is None
+    assert parse_reply([b"550 oops"]) == Reply.of(550, None, "oops")
+    assert parse_reply([b"250 5.1.1 mismatched"]) == Reply.of(250, None, "5.1.1 mismatched")
 
 
 def test_stuff_dots_across_chunks() -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpgate.delivery.client import stuff_dots
 from smtpgate.proto import events as ev
+from smtpgate.proto.client import stuff_dots
 from smtpgate.proto.state import SessionLimits
 from tests.proto.helpers import Driver, codes
 

@@ -15,8 +15,9 @@ kept here:
   Opportunistic ``starttls`` uses TLS when offered.
 * Smarthost AUTH (PLAIN) only over TLS, unless the connector's security is
   explicitly ``none`` (which ``config check`` warns about).
-* RCPT commands are pipelined when the server offers PIPELINING; DSN
-  parameters are passed on when it offers DSN.
+* The conversation itself (pipelining, DSN parameters, the body, each
+  recipient's reply) is the sans-IO core's (``smtpgate.proto.client`` and
+  ``smtpgate.proto.transaction``); this module drives it.
 * Idle connections are kept ``connection_cache_time`` seconds for the next
   message to the same destination (checked with RSET before reuse).
 """
@@ -38,7 +39,6 @@ from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import MailParams, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.tls import OutboundPolicy
-from smtpgate.proto.replies import Reply
 from smtpgate.spool import Body
 from smtpgate.tls.certificates import Loaded, certificate_matches
 from smtpgate.tls.context import client_context
@@ -62,6 +62,7 @@ class AttemptReport:
     dsn_passed_on: bool = False  # the next hop offered DSN and took the parameters
     connection_lost: bool = False  # no reply at all on an open connection
     verified: bool = False  # the next hop's certificate was validated (chain and name)
+    reusable: bool = True  # the connection is back between transactions
 
 
 @dataclass(frozen=True)
@@ -72,42 +73,6 @@ class Job:
     recipients: list[tuple[int, Recipient]]
     body: Body
     domain: str  # the recipients' domain (for direct delivery)
-
-
-def _encode_xtext(text: str) -> str:
-    """RFC 3461 §4: escape '+', '=' and anything outside printable ASCII."""
-    return "".join(
-        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode())
-        for ch in text
-    )
-
-
-def mail_command(sender: str, params: MailParams, size: int, offered: dict[str, str]) -> str:
-    words = [f"MAIL FROM:<{sender}>"]
-    if "SIZE" in offered:
-        words.append(f"SIZE={size}")
-    if params.body == "8BITMIME" and "8BITMIME" in offered:
-        words.append("BODY=8BITMIME")
-    if params.smtputf8 and "SMTPUTF8" in offered:
-        words.append("SMTPUTF8")
-    if "DSN" in offered:
-        if params.ret:
-            words.append(f"RET={params.ret}")
-        if params.envid:
-            words.append(f"ENVID={_encode_xtext(params.envid)}")
-    return " ".join(words)
-
-
-def rcpt_command(recipient: Recipient, offered: dict[str, str]) -> str:
-    words = [f"RCPT TO:<{recipient.address}>"]
-    params = recipient.params
-    if "DSN" in offered:
-        if params.notify is not None:
-            order = ("SUCCESS", "FAILURE", "DELAY")
-            words.append("NOTIFY=" + (",".join(n for n in order if n in params.notify) or "NEVER"))
-        if params.orcpt:
-            words.append(f"ORCPT={params.orcpt[0]};{_encode_xtext(params.orcpt[1])}")
-    return " ".join(words)
 
 
 class _TlsFellThrough(Exception):  # noqa: N818 - a signal to retry without TLS, not an error
@@ -261,6 +226,9 @@ class Deliverer:
             await client.close()
             text = f"4.4.2 connection to {host} failed: {exc}"
             return AttemptReport(_all(job, None, text), reached=True, connection_lost=True)
+        if not report.reusable:
+            await client.close()
+            return report
         if any(o.code == 421 for o in report.outcomes):
             # The server is closing the channel (RFC 5321 §3.8), e.g. an idle timeout on a
             # cached connection: never keep it, and let a reuse retry on a fresh one.
@@ -278,7 +246,7 @@ class Deliverer:
         *,
         plaintext: bool = False,
     ) -> AttemptReport | None:
-        greeting = await client.read_reply()
+        greeting = await client.greeting()
         if greeting.code != 220:
             return AttemptReport([], reached=False)
         reply = await client.hello(self.hostname)
@@ -345,52 +313,23 @@ class Deliverer:
         return None
 
     async def _transaction(self, client: SmtpClient, job: Job, host: str) -> AttemptReport:
-        offered = client.extensions
-        mail = mail_command(job.sender, job.params, job.body.size, offered)
-        rcpts = [rcpt_command(r, offered) for _, r in job.recipients]
-        with_data = "PIPELINING" in offered and "CHUNKING" not in offered
-        if "PIPELINING" in offered:
-            replies = await client.pipeline([mail, *rcpts, *(["DATA"] if with_data else [])])
-        else:
-            replies = [await client.command(mail)]
-            if replies[0].code == 250:
-                replies += [await client.command(line) for line in rcpts]
-
-        def report(outcomes: list[Outcome]) -> AttemptReport:
-            return AttemptReport(
-                outcomes, True, client.tls, host, "DSN" in offered, verified=client.verified
-            )
-
-        data_reply = replies.pop() if with_data else None
-        if (
-            data_reply is not None
-            and data_reply.code == 354
-            and (replies[0].code != 250 or not any(r.code in (250, 251) for r in replies[1:]))
-        ):
-            await client.command(".")  # RFC 2920 §3.1: an empty message ends the DATA we sent
-        if replies[0].code != 250:
-            await client.command("RSET")
-            return report(_all(job, replies[0].code, replies[0].text()))
-        rcpt_replies = replies[1:]
-        accepted = [i for i, reply in enumerate(rcpt_replies) if reply.code in (250, 251)]
-        if not accepted:
-            await client.command("RSET")
-            return report(self._per_rcpt(job, rcpt_replies, None))
-        if data_reply is not None:
-            if data_reply.code != 354:
-                return report(self._per_rcpt(job, rcpt_replies, data_reply))
-            final = await client.send_data_body(job.body, self.timeouts.delivery_data_end)
-        else:
-            final = await client.send_body(job.body, self.timeouts.delivery_data_end)
-        return report(self._per_rcpt(job, rcpt_replies, final))
-
-    @staticmethod
-    def _per_rcpt(job: Job, rcpt_replies: list[Reply], final: Reply | None) -> list[Outcome]:
-        outcomes = []
-        for (idx, _), reply in zip(job.recipients, rcpt_replies, strict=True):
-            chosen = final if final is not None and reply.code in (250, 251) else reply
-            outcomes.append(Outcome(idx, chosen.code, chosen.text()))
-        return outcomes
+        recipients = [r for _, r in job.recipients]
+        done, dsn = await client.transaction(
+            job.sender, job.params, recipients, job.body, self.timeouts.delivery_data_end
+        )
+        outcomes = [
+            Outcome(idx, reply.code, reply.text())
+            for (idx, _), reply in zip(job.recipients, done.replies, strict=True)
+        ]
+        return AttemptReport(
+            outcomes,
+            True,
+            client.tls,
+            host,
+            dsn,
+            verified=client.verified,
+            reusable=done.reusable,
+        )
 
     # -- connection cache ------------------------------------------------------
 

@@ -81,7 +81,7 @@ async def _converse(  # noqa: PLR0913, PLR0917 - the steps need all of it
     password: str | None,
     steps: list[Step],
 ) -> None:
-    greeting = await client.read_reply()
+    greeting = await client.greeting()
     steps.append(Step("greeting", greeting.code == 220, greeting.text()))
     if greeting.code != 220:
         return
