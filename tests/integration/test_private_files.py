@@ -26,10 +26,6 @@ def modes(root: Path) -> dict[str, str]:
     return found
 
 
-def loose_umask() -> None:
-    os.umask(0o002)
-
-
 def test_queue_store_wal_and_bodies_are_private_under_a_loose_umask(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     data_dir.mkdir(mode=0o755)
@@ -46,7 +42,7 @@ def test_queue_store_wal_and_bodies_are_private_under_a_loose_umask(tmp_path: Pa
         [SMTPGATE, "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=loose_umask,
+        umask=0o002,
     )
     try:
         wait_for_port(port, alive=lambda: gateway.poll() is None)
@@ -77,7 +73,7 @@ def test_credentials_encrypt_creates_a_private_data_dir(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
-        preexec_fn=loose_umask,
+        umask=0o002,
     )
     assert done.returncode == 0, done.stderr
     assert modes(tmp_path / "new") == {
