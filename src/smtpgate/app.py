@@ -3,10 +3,12 @@
 Nothing here parses SMTP or decides policy: it builds the pieces
 (``smtpgate.gateway`` for the handler) and runs them until a stop signal.
 
-The running configuration is a :class:`Live` snapshot. Applying a revision
-swaps it in one assignment: sessions that start afterwards and every later
-queue run use the new snapshot, sessions already open keep the one they
-started with, and no connection is touched. Settings bound to sockets and
+The running configuration is one compiled :class:`~smtpgate.snapshot.Snapshot`
+held by ``gateway.current``; every consumer reads it through ``current()``.
+Applying a revision compiles a new snapshot (if that fails, the old one keeps
+running) and swaps one reference: sessions that start afterwards and every
+later queue run use it, sessions already open keep the one they started
+with, and no connection is touched. Settings bound to sockets and
 TLS contexts (see ``smtpgate.config.document.LIVE``) wait for a restart.
 """
 
@@ -38,7 +40,7 @@ from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.files import make_private, private_dir
-from smtpgate.gateway import GatewayHandler, GatewayPolicy, GatewayState
+from smtpgate.gateway import GatewayHandler, GatewayState
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.server import (
     InboundServer,
@@ -50,8 +52,9 @@ from smtpgate.observe.log import get_logger, log_options
 from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
+from smtpgate.snapshot import Current, Snapshot
 from smtpgate.spool import clean_orphans
-from smtpgate.tls.certificates import Loaded, load_configured
+from smtpgate.tls.certificates import Loaded
 from smtpgate.tls.context import require_client_identity, server_context
 from smtpgate.tls.reload import CertificateReloader
 
@@ -123,16 +126,6 @@ def listener_specs(
 
 
 @dataclass
-class Live:
-    """The snapshot new sessions and queue runs use; replaced whole on apply."""
-
-    config: GatewayConfig
-    policy: GatewayPolicy
-    certificates: dict[str, Loaded]
-    revision: int | None = None
-
-
-@dataclass
 class Gateway:
     """Everything one running gateway is made of."""
 
@@ -140,7 +133,7 @@ class Gateway:
     queue: Queue
     manager: QueueManager
     reloader: CertificateReloader
-    live: Live
+    current: Current
     started: GatewayConfig  # what the listeners were built from
     store: ConfigStore | None = None
     manager_task: asyncio.Task[None] | None = None
@@ -160,15 +153,11 @@ class Gateway:
             self.config_task = loop.create_task(self._follow_store(self.store))
 
     def publish(self, store: ConfigStore) -> None:
-        nodes.publish(store, self.live.config.gateway.node, status_of(self), time.time())
+        nodes.publish(store, self.current().config.gateway.node, status_of(self), time.time())
 
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
-        policy = GatewayPolicy.build(config)  # may raise ConfigError: keep the old one
-        certificates = load_configured(config)
-        self.live = Live(config, policy, certificates, revision)
-        self.manager.settings = config.queue
-        self.manager.admin_address = config.gateway.admin_address
+        self.current.swap(Snapshot.compile(config, revision))  # raises: the old one stays
         self.waiting = restart_required(diff(to_document(self.started), to_document(config)))
         log.info("configuration applied", revision=revision, restart_required=self.waiting or None)
 
@@ -191,7 +180,7 @@ class Gateway:
     async def _follow_once(self, store: ConfigStore) -> bool:
         """Take on a newly applied revision, if any; whether there was one."""
         number = await asyncio.to_thread(store.applied_number)
-        if number in (None, self.live.revision, self.refused):
+        if number in (None, self.current().revision, self.refused):
             return False
         revision = await asyncio.to_thread(store.revision, number)
         if revision is None:
@@ -232,7 +221,8 @@ async def build_gateway(
     removed += await queue.open()
     if removed:
         log.info("removed orphaned spool files", count=removed)
-    policy = GatewayPolicy.build(config)
+    current = Current(Snapshot.compile(config, revision))  # certificates loaded once
+    certificates = current().certificates  # the listeners' and the client identities
     state = GatewayState.for_config(config)
     limits = ServerLimits(
         max_connections=config.limits.max_connections,
@@ -242,11 +232,12 @@ async def build_gateway(
     )
 
     contexts: dict[str, list[ssl.SSLContext]] = {}
-    certificates = load_configured(config)  # once: listeners and client identities
-    live = Live(config, policy, certificates, revision)
 
     def handler_factory() -> SessionHandler:
-        return GatewayHandler(gateway.live.policy, state, queue)  # pinned for the session
+        return GatewayHandler(current(), state, queue)  # pinned for the session
+
+    def known_client(client_ip: str) -> bool:
+        return current().known_client(client_ip)
 
     specs = listener_specs(config, spool_dir, certificates, contexts)
     server = InboundServer(
@@ -254,7 +245,7 @@ async def build_gateway(
         handler_factory,
         limits,
         config.gateway.hostname,
-        known_client=lambda ip: gateway.live.policy.known_client(ip),  # noqa: PLW0108
+        known_client=known_client,
     )
     reloader = CertificateReloader(
         {c.name: (i, c) for i, c in enumerate(config.certificates)},
@@ -265,33 +256,20 @@ async def build_gateway(
         config.gateway.hostname,
         config.timeouts,
         state.resolver,
-        # The lambdas read gateway.live at each call, so an apply reaches delivery.
-        lambda c: gateway.live.policy.smarthost_password(c),  # noqa: PLW0108
         config.queue.connection_cache_time,
-        tls_policy=lambda c, host, domain: gateway.live.policy.outbound_tls(c, host, domain),  # noqa: PLW0108
-        identity_of=lambda c: gateway.live.certificates.get(c.client_certificate or ""),
-        ca_files=tuple(str(p) for p in config.tls.ca_files),
     )
-    manager = QueueManager(
-        queue,
-        deliverer,
-        lambda sender, rcpt, exclude: gateway.live.policy.route(sender, rcpt, exclude),  # noqa: PLW0108
-        config.queue,
-        config.gateway.hostname,
-        config.gateway.admin_address,
-    )
+    manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)
-    gateway = Gateway(server, queue, manager, reloader, live, config, store)
-    return gateway
+    return Gateway(server, queue, manager, reloader, current, config, store)
 
 
 def status_of(gateway: Gateway) -> dict[str, Any]:
     """What this node runs, as published to the store for ``GET /api/v1/status``."""
-    live = gateway.live
+    running = gateway.current()
     return {
-        "hostname": live.config.gateway.hostname,
-        "running_revision": live.revision,
+        "hostname": running.config.gateway.hostname,
+        "running_revision": running.revision,
         "refused_revision": gateway.refused,
         "error": gateway.refused_error,
         "restart_required": gateway.waiting,

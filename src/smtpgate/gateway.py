@@ -1,7 +1,7 @@
 """The gateway's session handler: connection profiles, TLS, relay, AUTH, hand-off.
 
-``GatewayPolicy`` is the compiled, immutable view of one configuration that
-sessions keep for their lifetime; ``GatewayHandler`` asks the pure policy
+A session keeps the :class:`~smtpgate.snapshot.Snapshot` that was current
+when it started, to its end; ``GatewayHandler`` asks the pure policy
 functions at each step (connect, MAIL, RCPT, AUTH) and hands accepted
 messages on. Decisions are logged with their reasons; secrets never are.
 """
@@ -10,34 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
-from pathlib import Path
 
-from pydantic import SecretStr
-
-from smtpgate.config.schema import GatewayConfig, SendConnector
-from smtpgate.config.secret import load_key, read_password, read_secret
+from smtpgate.config.schema import GatewayConfig
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
-from smtpgate.errors import ConfigError, FieldProblem, QueueError
+from smtpgate.errors import QueueError
 from smtpgate.inbound.contract import SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
 from smtpgate.inbound.server import RefusalLog
-from smtpgate.model.envelope import Envelope, Recipient
+from smtpgate.model.envelope import Envelope
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.auth import (
     AUTHENTICATED,
     BAD_CREDENTIALS,
     LOCKED_OUT,
     AuthThrottle,
-    CredentialIndex,
     user_profile,
 )
 from smtpgate.policy.mail import decide_mail
 from smtpgate.policy.profile import (
     Profile,
-    ProfileIndex,
     ProfileMatch,
     match_profile,
 )
@@ -45,100 +36,19 @@ from smtpgate.policy.relay import (
     RelayRights,
     decide_connect,
     decide_relay,
-    postmaster_address,
     relay_rights,
-)
-from smtpgate.policy.routing import route
-from smtpgate.policy.tls import (
-    OutboundPolicy,
-    destination_tls,
 )
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import POSTMASTER
 from smtpgate.queue.queue import Queue
-from smtpgate.spool import SpooledBody, new_queue_id
+from smtpgate.snapshot import Snapshot
+from smtpgate.spool import SpooledBody
 
 log = get_logger("smtpgate.gateway")
 
 NO_ROUTE = Reply.of(550, "5.7.1", "No send connector for this recipient")
 QUEUE_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error, try again later")
-
-
-@dataclass(frozen=True)
-class GatewayPolicy:
-    """One configuration, compiled for the sessions that start under it."""
-
-    config: GatewayConfig
-    hosted: frozenset[str]
-    roles: frozenset[str]
-    profiles: ProfileIndex
-    credentials: CredentialIndex
-    auth_enabled: frozenset[str]  # profiles whose SMTP AUTH is enabled
-    smarthost_passwords: dict[str, SecretStr]  # connector name → password
-    postmaster: str  # where RCPT TO:<Postmaster> goes (RFC 5321 §4.5.1)
-
-    @classmethod
-    def build(cls, config: GatewayConfig) -> GatewayPolicy:
-        return cls(
-            config,
-            frozenset(config.hosted_domains),
-            frozenset(config.gateway.roles),
-            ProfileIndex(config),
-            CredentialIndex(_credentials(config)),
-            frozenset(p.name for p in config.connection_profiles if p.smtp_auth.enabled),
-            _smarthost_passwords(config),
-            postmaster_address(config),
-        )
-
-    def known_client(self, client_ip: str) -> bool:
-        """May this client use the connections reserved for known clients? Only a
-        profile that names the address (IP or CIDR) is known before any read (a
-        host-name profile needs DNS), and a blocked one never counts."""
-        match = match_profile(self.profiles, client_ip)
-        return match.step == "client-ip" and match.profile.relay != "blocked"
-
-    def route(
-        self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
-    ) -> SendConnector | None:
-        return route(self.config.send_connectors, self.roles, sender, recipient, exclude)
-
-    def outbound_tls(self, connector: SendConnector, host: str, domain: str) -> OutboundPolicy:
-        """The TLS policy for delivering to ``host`` for ``domain`` through ``connector``."""
-        return destination_tls(self.config, self.profiles, connector, host, domain)
-
-    def smarthost_password(self, connector: SendConnector) -> str | None:
-        secret = self.smarthost_passwords.get(connector.name)
-        return secret.get_secret_value() if secret else None
-
-
-def _credentials(config: GatewayConfig) -> dict[str, tuple[str, SecretStr]]:
-    """Every user of every profile with its clear password (kept in SecretStr)."""
-    encrypted = any(
-        c.password is not None for p in config.connection_profiles for c in p.smtp_auth.credentials
-    )
-    key = load_key(config.gateway.data_dir, create=False) if encrypted else None
-    users: dict[str, tuple[str, SecretStr]] = {}
-    for i, profile in enumerate(config.connection_profiles):
-        for j, credential in enumerate(profile.smtp_auth.credentials):
-            where = f"connection_profiles[{i}].smtp_auth.credentials[{j}]"
-            users[credential.username] = (profile.name, read_password(credential, key, where))
-    return users
-
-
-def _smarthost_passwords(config: GatewayConfig) -> dict[str, SecretStr]:
-    found: dict[str, SecretStr] = {}
-    targets = [(i, c, c.deliver.smarthost) for i, c in enumerate(config.send_connectors)]
-    needed = [(i, c, t) for i, c, t in targets if t is not None and t.username is not None]
-    if not needed:
-        return found
-    key = None
-    if any(t.password is not None for _, _, t in needed):
-        key = load_key(config.gateway.data_dir, create=False)
-    for i, connector, target in needed:
-        where = f"send_connectors[{i}].deliver.smarthost.password"
-        found[connector.name] = read_secret(target.password, target.password_file, key, where)
-    return found
 
 
 @dataclass
@@ -160,8 +70,8 @@ class GatewayState:
 class GatewayHandler:
     """Per-session policy and hand-off for the gateway."""
 
-    def __init__(self, policy: GatewayPolicy, state: GatewayState, queue: Queue) -> None:
-        self.policy = policy
+    def __init__(self, policy: Snapshot, state: GatewayState, queue: Queue) -> None:
+        self.policy = policy  # the snapshot current when the session started, kept to its end
         self.state = state
         self.queue = queue
         self.match = ProfileMatch(policy.profiles.default, "default")
@@ -284,44 +194,3 @@ class GatewayHandler:
             tls=info.tls,
         )
         return Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-
-def credentials_message(
-    policy: GatewayPolicy, profile_name: str, spool_dir: Path
-) -> tuple[Envelope, SpooledBody]:
-    """The manual's *Send credentials*: a message with a profile's user names and
-    passwords for ``gateway.admin_address``, to be queued like any other. It
-    contains the passwords in clear, so route it over a connector with TLS.
-    """
-    config = policy.config
-    admin = config.gateway.admin_address
-    if not admin:
-        raise ConfigError([FieldProblem("gateway.admin_address", "needed to send credentials")])
-    if profile_name not in policy.profiles.profiles:
-        raise ConfigError([FieldProblem("connection_profiles", f"no profile {profile_name!r}")])
-    users = sorted(
-        (user, secret.get_secret_value())
-        for user, (owner, secret) in policy.credentials.users.items()
-        if owner == profile_name
-    )
-    sender = f"postmaster@{config.gateway.hostname}"
-    if policy.route(sender, admin) is None:
-        raise ConfigError([FieldProblem("send_connectors", f"no connector routes to {admin}")])
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = admin
-    message["Subject"] = f"SMTP AUTH credentials of connection profile {profile_name}"
-    message["Date"] = format_datetime(datetime.now(UTC))
-    message["Message-ID"] = make_msgid(domain=config.gateway.hostname)
-    lines = [
-        f"Connection profile {profile_name} on {config.gateway.hostname} "
-        f"({config.gateway.node}) has these SMTP AUTH credentials:",
-        "",
-    ]
-    lines += [f"  user name: {user}\n  password:  {password}\n" for user, password in users]
-    message.set_content("\n".join(lines) if users else "This profile has no credentials.\n")
-    body = SpooledBody(spool_dir, new_queue_id())
-    body.write(message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
-    body.finish()
-    log.info("credentials queued", profile=profile_name, to=admin, users=len(users))
-    return Envelope(sender=sender, recipients=(Recipient(admin),)), body

@@ -422,7 +422,7 @@ async def test_a_smarthost_given_by_name_is_resolved_with_gateway_dns(
         [(meta, _)] = await sink.wait_for(1)
         assert meta["recipients"] == ["alice@example.com"]
         assert ("relay.test.", "A") in dns_server.queries
-        config = gw.gateway.live.config
+        config = gw.gateway.current().config
         steps = await verify_connector(config, config.send_connectors[0], None, None)
         assert [s.name for s in steps if s.ok] == ["target", "connect", "greeting", "EHLO"]
         assert steps[0].detail == f"smarthost relay.test (127.0.0.1):{sink.port}"

@@ -115,8 +115,10 @@ def explain_policy(config: GatewayConfig, facts: Facts) -> Explanation:
 
 def send_credentials(config: GatewayConfig, store: QueueStore, profile: str) -> dict[str, str]:
     """Queue the manual's *Send credentials* message for ``gateway.admin_address``."""
-    from smtpgate.gateway import GatewayPolicy, credentials_message  # noqa: PLC0415 - CLI start-up
+    from smtpgate.admin.credentials import credentials_message  # noqa: PLC0415 - CLI start-up
+    from smtpgate.snapshot import Snapshot  # noqa: PLC0415
 
-    envelope, body = credentials_message(GatewayPolicy.build(config), profile, store.bodies)
+    snapshot = Snapshot.compile(config, certificates=False)
+    envelope, body = credentials_message(snapshot, profile, store.bodies)
     store.ingest([NewMessage(envelope, body)])
     return {"queue_id": body.queue_id, "to": envelope.recipients[0].address}

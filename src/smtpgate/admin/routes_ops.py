@@ -25,9 +25,9 @@ from smtpgate.config.secret import encrypt, load_key
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
-from smtpgate.gateway import GatewayPolicy
 from smtpgate.policy.explain import Facts
 from smtpgate.queue.store import QueueStore
+from smtpgate.snapshot import Snapshot
 
 
 def _ip_address(value: str) -> str:
@@ -125,7 +125,7 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
         connector = next((c for c in config.send_connectors if c.name == name), None)
         if connector is None:
             raise NotFound(f"no send connector named {name!r}")
-        password = GatewayPolicy.build(config).smarthost_password(connector)
+        password = Snapshot.compile(config, certificates=False).smarthost_password(connector)
         steps = await verify_connector(config, connector, password, domain)
         return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
 

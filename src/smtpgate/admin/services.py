@@ -41,7 +41,7 @@ from smtpgate.config.schema import GatewayConfig, GatewaySettings
 from smtpgate.config.store import ConfigStore, Draft, Revision, StaleDraft
 from smtpgate.config.validate import name_objects
 from smtpgate.errors import ConfigError, Conflict, FieldProblem, NotFound
-from smtpgate.gateway import GatewayPolicy
+from smtpgate.snapshot import Snapshot
 from smtpgate.tls.certificates import check_configured
 
 
@@ -217,7 +217,7 @@ class ConfigService:
         try:
             config = parse_config(self.check(document, self.store.applied_document()))
             check_configured(config)  # key pairs, expiry, key permissions, PINs
-            GatewayPolicy.build(config)  # decrypts every secret once
+            Snapshot.compile(config, certificates=False)  # decrypts every secret once
         except ConfigError as exc:
             return name_objects(exc.problems, document)
         return []

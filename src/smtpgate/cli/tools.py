@@ -201,12 +201,12 @@ def verify(args: argparse.Namespace) -> int:
 
 def _verify_locally(args: argparse.Namespace) -> list[dict[str, Any]]:
     from smtpgate.delivery.verify import verify_connector  # noqa: PLC0415
-    from smtpgate.gateway import GatewayPolicy  # noqa: PLC0415
+    from smtpgate.snapshot import Snapshot  # noqa: PLC0415
 
     config = applied_config(args)
     connector = next((c for c in config.send_connectors if c.name == args.name), None)
     if connector is None:
         raise NotFound(f"no send connector named {args.name!r}")
-    password = GatewayPolicy.build(config).smarthost_password(connector)
+    password = Snapshot.compile(config, certificates=False).smarthost_password(connector)
     steps = asyncio.run(verify_connector(config, connector, password, args.domain))
     return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import SendConnector, Timeouts
@@ -39,8 +38,9 @@ from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import MailParams, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.tls import OutboundPolicy
+from smtpgate.snapshot import Snapshot
 from smtpgate.spool import Body
-from smtpgate.tls.certificates import Loaded, certificate_matches
+from smtpgate.tls.certificates import certificate_matches
 from smtpgate.tls.context import client_context
 
 log = get_logger("smtpgate.delivery")
@@ -73,6 +73,7 @@ class Job:
     recipients: list[tuple[int, Recipient]]
     body: Body
     domain: str  # the recipients' domain (for direct delivery)
+    snapshot: Snapshot  # the configuration this attempt runs under
 
 
 class _TlsFellThrough(Exception):  # noqa: N818 - a signal to retry without TLS, not an error
@@ -102,11 +103,7 @@ class Deliverer:
     hostname: str
     timeouts: Timeouts
     resolver: Resolver
-    password_of: Callable[[SendConnector], str | None]
     cache_time: float = 5.0
-    tls_policy: Callable[[SendConnector, str, str], OutboundPolicy] | None = None
-    identity_of: Callable[[SendConnector], Loaded | None] = lambda _: None
-    ca_files: tuple[str, ...] = ()
     _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -149,25 +146,17 @@ class Deliverer:
             return AttemptReport(_all(job, found.code, found.text), reached=found.reached)
         return [(t.host, t.address, t.port) for t in found]
 
-    def policy(self, job: Job, host: str) -> OutboundPolicy:
-        if self.tls_policy is None:
-            return OutboundPolicy(
-                job.connector.security in ("require-starttls", "implicit-tls"),
-                False,
-                (),
-                "TLSv1.2",
-                "high",
-                (),
-            )
-        return self.tls_policy(job.connector, host, job.domain)
+    @staticmethod
+    def policy(job: Job, host: str) -> OutboundPolicy:
+        return job.snapshot.outbound_tls(job.connector, host, job.domain)
 
     def context(self, job: Job, policy: OutboundPolicy) -> ssl.SSLContext:
         return client_context(
             policy.minimum,
             policy.strength,
             validate=policy.validate,
-            ca_files=self.ca_files,
-            identity=self.identity_of(job.connector),
+            ca_files=[str(p) for p in job.snapshot.config.tls.ca_files],
+            identity=job.snapshot.client_certificate(job.connector),
         )
 
     async def _connect(  # noqa: PLR0913 - where to, and under which policy
@@ -304,7 +293,7 @@ class Deliverer:
             return AttemptReport(
                 _all(job, None, "4.7.0 refusing to send the smarthost password without TLS"), True
             )
-        password = self.password_of(job.connector) or ""
+        password = job.snapshot.smarthost_password(job.connector) or ""
         reply = await client.auth_plain(smarthost.username, password)
         if reply.code != 235:
             return AttemptReport(

@@ -9,6 +9,7 @@ is all a sender domain ever does). MAIL without TLS then gets ``530 5.7.0``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from smtpgate.config.schema import (
@@ -97,8 +98,23 @@ def outbound_tls_policy(  # noqa: PLR0913, PLR0917 - the facts the decision need
     return OutboundPolicy(mandatory, validate, names, minimum, strength, tuple(reasons))
 
 
-def destination_tls(
-    config: GatewayConfig, index: ProfileIndex, connector: SendConnector, host: str, domain: str
+def outbound_by_profile(config: GatewayConfig) -> dict[str, tuple[OutboundTls, str]]:
+    """Each connection profile's ``outbound_tls`` and its label, by profile name
+    (compiled once per snapshot; ``policy explain`` builds it on the fly)."""
+    return {
+        p.name: (p.outbound_tls, f"connection profile {p.name!r}")
+        for p in config.connection_profiles
+    }
+
+
+def destination_tls(  # noqa: PLR0913 - the destination and the compiled tables
+    config: GatewayConfig,
+    index: ProfileIndex,
+    connector: SendConnector,
+    host: str,
+    domain: str,
+    *,
+    by_profile: Mapping[str, tuple[OutboundTls, str]] | None = None,
 ) -> OutboundPolicy:
     """The outbound policy for ``host``: its profile by IP, CIDR or host name, else by
     recipient domain (a profile's sender domains name the partner's domain), else the
@@ -111,9 +127,9 @@ def destination_tls(
         if match
         else (index.host_names.get(host.lower()) or index.sender_domains.get(domain))
     )
-    chosen = next(
-        (p for p in config.connection_profiles if profile and p.name == profile.name), None
+    table = by_profile if by_profile is not None else outbound_by_profile(config)
+    outbound, label = table.get(
+        profile.name if profile else "",
+        (config.default_profile.outbound_tls, "the default profile"),
     )
-    outbound = chosen.outbound_tls if chosen else config.default_profile.outbound_tls
-    label = f"connection profile {chosen.name!r}" if chosen else "the default profile"
     return outbound_tls_policy(connector, outbound, label, config.tls, host, domain)

@@ -53,11 +53,11 @@ from smtpgate.queue.schedule import (
 )
 from smtpgate.queue.states import ATTEMPTABLE, MessageKind, RecipientState
 from smtpgate.queue.store import QueuedMessage, QueuedRecipient, RecipientUpdate
+from smtpgate.snapshot import Snapshot
 from smtpgate.spool import SpooledBody, StoredBody, new_queue_id
 
 log = get_logger("smtpgate.queue")
 
-Router = Callable[[str, str, frozenset[str]], SendConnector | None]
 POLL = 1.0  # how often to look for changes made by the queue tools
 
 
@@ -72,23 +72,20 @@ def _domain(address: str) -> str:
 
 
 class QueueManager:
-    def __init__(  # noqa: PLR0913, PLR0917 - the manager's collaborators
+    def __init__(
         self,
         queue: Queue,
         deliverer: Deliverer,
-        route: Router,
-        settings: QueueSettings,
+        current: Callable[[], Snapshot],
         hostname: str,
-        admin_address: str | None,
         clock: Clock | None = None,  # None: the queue's
     ) -> None:
         self.queue = queue
         self.clock = clock or queue.clock
         self.deliverer = deliverer
-        self.route = route
-        self.settings = settings
+        self.current = current  # the running configuration, read at each use
         self.hostname = hostname
-        self.admin_address = admin_address
+        settings = self.settings
         self.jitter: Callable[[], float] = random.random
         self._inflight: set[str] = set()
         # Messages whose last run raised, and until when they rest: a run that fails
@@ -98,6 +95,19 @@ class QueueManager:
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._destinations: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._stopping = asyncio.Event()
+
+    @property
+    def settings(self) -> QueueSettings:
+        return self.current().config.queue
+
+    @property
+    def admin_address(self) -> str | None:
+        return self.current().config.gateway.admin_address
+
+    def route(
+        self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
+    ) -> SendConnector | None:
+        return self.current().route(sender, recipient, exclude)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -313,6 +323,7 @@ class QueueManager:
             [(r.idx, Recipient(r.address, r.params)) for r in rcpts],
             body,
             _domain(rcpts[0].address),
+            self.current(),
         )
         async with self._slots, limit:
             return await self.deliverer.attempt(job)
