@@ -24,23 +24,13 @@ from smtpgate.policy.auth import (
     BAD_CREDENTIALS,
     LOCKED_OUT,
     AuthThrottle,
-    user_profile,
 )
-from smtpgate.policy.mail import decide_mail
 from smtpgate.policy.profile import (
-    Profile,
     ProfileMatch,
-    match_profile,
 )
-from smtpgate.policy.relay import (
-    RelayRights,
-    decide_connect,
-    decide_relay,
-    relay_rights,
-)
+from smtpgate.policy.session import SessionPolicy
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
-from smtpgate.proto.server import POSTMASTER
 from smtpgate.queue.queue import Queue
 from smtpgate.snapshot import Snapshot
 from smtpgate.spool import SpooledBody
@@ -74,8 +64,11 @@ class GatewayHandler:
         self.policy = policy  # the snapshot current when the session started, kept to its end
         self.state = state
         self.queue = queue
-        self.match = ProfileMatch(policy.profiles.default, "default")
-        self.auth_profile: Profile | None = None
+        self.session = SessionPolicy(policy.config, policy.profiles, policy.auth_enabled)
+
+    @property
+    def match(self) -> ProfileMatch:
+        return self.session.match
 
     # -- connect -------------------------------------------------------------
 
@@ -86,10 +79,10 @@ class GatewayHandler:
             if (profiles.uses_host_names)
             else []
         )
-        self.match = match_profile(profiles, info.client_ip, names)
+        decision = self.session.connect(info.client_ip, names)
         info.profile = self.match.profile.name
         info.postmaster = self.policy.postmaster
-        verdict = decide_connect(self.match.profile)
+        verdict = decision.verdict
         if verdict.reply is not None:
             self.state.refusals.refused(
                 info.client_ip,
@@ -106,15 +99,9 @@ class GatewayHandler:
             profile=self.match.profile.name,
             why=self.match.reason(),
         )
-        config = self.policy.config
-        info.offer_starttls = info.offer_starttls and (
-            config.tls.opportunistic or self.match.profile.mandatory_tls
-        )
-        info.auth_mechanisms = MECHANISMS if self.policy.auth_enabled else ()
+        info.offer_starttls = info.offer_starttls and decision.starttls_offered
+        info.auth_mechanisms = MECHANISMS if decision.auth_offered else ()
         return None
-
-    def _rights(self) -> RelayRights:
-        return relay_rights(self.match.profile, self.auth_profile)
 
     # -- commands ------------------------------------------------------------
 
@@ -126,15 +113,7 @@ class GatewayHandler:
         return None
 
     def _mail(self, info: SessionInfo, sender: str) -> Reply | None:
-        policy = self.policy
-        decision = decide_mail(
-            policy.config,
-            policy.profiles,
-            self.match,
-            self._rights(),
-            sender,
-            tls_active=info.tls is not None,
-        )
+        decision = self.session.mail(sender, tls_active=info.tls is not None)
         refusal = decision.refusal
         if refusal is not None:
             log.info("sender refused", client=info.client_ip, sender=sender, why=refusal.reason)
@@ -143,15 +122,11 @@ class GatewayHandler:
         return None
 
     def _rcpt(self, info: SessionInfo, recipient: str) -> Reply | None:
-        verdict = decide_relay(self._rights().mode, recipient, self.policy.hosted)
-        if verdict.reply is not None:
+        decision = self.session.rcpt(info.sender or "", recipient)
+        verdict = decision.verdict
+        if verdict.reply is not None:  # a refused relay, or no route: never accepted and lost
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why=verdict.reason)
             return verdict.reply
-        if recipient == POSTMASTER:
-            recipient = self.policy.postmaster  # accepted whatever the relay mode
-        if self.policy.route(info.sender or "", recipient) is None:
-            log.info("recipient refused", client=info.client_ip, rcpt=recipient, why="no route")
-            return NO_ROUTE  # never accepted and then lost
         return None
 
     # -- AUTH ----------------------------------------------------------------
@@ -162,14 +137,14 @@ class GatewayHandler:
             log.info("auth refused", client=ip, user=username, why="locked out")
             return LOCKED_OUT
         owner = self.policy.credentials.verify(username, password)
-        profile, why = user_profile(self.policy.profiles.profiles, owner, self.policy.auth_enabled)
+        decision = self.session.authenticate(owner)
+        profile = decision.profile
         if profile is None:
             delay = throttle.record_failure(ip, self.state.now())
-            log.info("auth failed", client=ip, user=username, delay=delay, why=why)
+            log.info("auth failed", client=ip, user=username, delay=delay, why=decision.reason)
             await asyncio.sleep(delay)
             return LOCKED_OUT if throttle.locked(ip, self.state.now()) else BAD_CREDENTIALS
         throttle.record_success(ip)
-        self.auth_profile = profile
         info.profile = profile.name
         log.info("auth ok", client=ip, user=username, profile=profile.name)
         return AUTHENTICATED

@@ -1,7 +1,8 @@
 """``policy explain``: every decision for a hypothetical client, with reasons.
 
-It calls the same pure functions the server calls, in the same order, so
-what it prints is what the gateway would do: which profile matched and why,
+It replays the server's own decision sequence (``policy.session.SessionPolicy``,
+which the session handler drives), so what it prints is what the gateway
+would do: which profile matched and why,
 whether the client may connect, the TLS requirement, the relay rights
 (after AUTH too), the sender check, and per recipient the relay verdict and
 the send connector.
@@ -14,17 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config.schema import GatewayConfig
-from smtpgate.policy.auth import user_profile
-from smtpgate.policy.mail import decide_mail
-from smtpgate.policy.profile import ProfileIndex, ProfileMatch, match_profile
+from smtpgate.policy.profile import ProfileIndex, ProfileMatch
 from smtpgate.policy.relay import (
     RelayRights,
-    decide_connect,
-    decide_relay,
-    relay_rights,
     split_address,
 )
-from smtpgate.policy.routing import route
+from smtpgate.policy.session import SessionPolicy
 from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
@@ -160,25 +156,22 @@ def _outbound(tls: OutboundPolicy | None) -> dict[str, Any] | None:
 def explain(
     config: GatewayConfig, index: ProfileIndex, user_profiles: Mapping[str, str], facts: Facts
 ) -> Explanation:
-    """Every decision for ``facts``; ``user_profiles`` maps user names to profile names."""
-    match = match_profile(index, facts.client_ip, facts.confirmed_names)
-    connect = decide_connect(match.profile)
-    auth_profile, auth_note = None, None
+    """Every decision for ``facts``, by replaying the server's own steps
+    (``SessionPolicy``); ``user_profiles`` maps user names to profile names."""
+    session = SessionPolicy(config, index)
+    connect = session.connect(facts.client_ip, facts.confirmed_names)
+    auth_note = None
     if facts.auth_user is not None:
-        enabled = {p.name for p in config.connection_profiles if p.smtp_auth.enabled}
-        owner = user_profiles.get(facts.auth_user)
-        auth_profile, why = user_profile(index.profiles, owner, enabled)
+        auth = session.authenticate(user_profiles.get(facts.auth_user))
         auth_note = f"user {facts.auth_user!r}: " + (
-            why if auth_profile else f"authentication would fail ({why})"
+            auth.reason if auth.profile else f"authentication would fail ({auth.reason})"
         )
-    rights = relay_rights(match.profile, auth_profile)
-    hosted = frozenset(config.hosted_domains)
-    mail = decide_mail(config, index, match, rights, facts.sender or "", tls_active=facts.tls)
+    mail = session.mail(facts.sender or "", tls_active=facts.tls)
     given = facts.sender is not None
     result = Explanation(
-        match,
-        connect,
-        rights,
+        session.match,
+        connect.verdict,
+        session.rights,
         auth_note,
         mail.tls_required,
         mail.tls if given else None,
@@ -186,21 +179,29 @@ def explain(
         mail.spam_check,
         client_certificate=facts.client_certificate,
     )
-    roles = frozenset(config.gateway.roles)
     for recipient in facts.recipients:
-        verdict = decide_relay(rights.mode, recipient, hosted) if connect.accepted else connect
-        connector = route(config.send_connectors, roles, facts.sender or "", recipient)
-        reason = (
-            f"cheapest matching connector (cost {connector.cost})"
-            if connector
-            else "no send connector matches: 550 5.7.1 at RCPT"
-        )
-        outbound = None
-        if connector is not None:
-            domain = split_address(recipient)[1]
-            smarthost = connector.deliver.smarthost
-            host = smarthost.host if smarthost else f"MX of {domain}"
-            outbound = destination_tls(config, index, connector, host, domain)
-        name = connector.name if connector else None
-        result.recipients.append(RecipientDecision(recipient, verdict, name, reason, outbound))
+        decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
+        result.recipients.append(decision)
     return result
+
+
+def _recipient(
+    session: SessionPolicy, connect: Verdict, sender: str, recipient: str
+) -> RecipientDecision:
+    """One RCPT replayed, with the send connector and its outbound TLS policy."""
+    if not connect.accepted:  # the server never gets as far as RCPT
+        return RecipientDecision(recipient, connect, None, "the connection is refused")
+    decision = session.rcpt(sender, recipient)
+    connector = decision.connector
+    if connector is None:
+        return RecipientDecision(recipient, decision.verdict, None, decision.verdict.reason)
+    domain = split_address(decision.recipient)[1]
+    smarthost = connector.deliver.smarthost
+    host = smarthost.host if smarthost else f"MX of {domain}"
+    return RecipientDecision(
+        recipient,
+        decision.verdict,
+        connector.name,
+        f"cheapest matching connector (cost {connector.cost})",
+        destination_tls(session.config, session.index, connector, host, domain),
+    )
