@@ -24,9 +24,10 @@ from pydantic import SecretStr
 from smtpgate.config.schema import GatewayConfig, OutboundTls, SendConnector
 from smtpgate.config.secret import load_key, read_password, read_secret
 from smtpgate.policy.auth import CredentialIndex
-from smtpgate.policy.profile import ProfileIndex, match_profile
+from smtpgate.policy.profile import ProfileIndex
 from smtpgate.policy.relay import postmaster_address
 from smtpgate.policy.routing import route
+from smtpgate.policy.session import known_client
 from smtpgate.policy.tls import OutboundPolicy, destination_tls, outbound_by_profile
 from smtpgate.tls.certificates import Loaded, load_configured
 
@@ -68,11 +69,8 @@ class Snapshot:
         )
 
     def known_client(self, client_ip: str) -> bool:
-        """May this client use the connections reserved for known clients? Only a
-        profile that names the address (IP or CIDR) is known before any read (a
-        host-name profile needs DNS), and a blocked one never counts."""
-        match = match_profile(self.profiles, client_ip)
-        return match.step == "client-ip" and match.profile.relay != "blocked"
+        """May this client use the connections reserved for known clients?"""
+        return known_client(self.profiles, client_ip)
 
     def route(
         self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()

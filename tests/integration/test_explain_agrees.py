@@ -189,3 +189,21 @@ def test_explain_names_why_a_user_cannot_authenticate(
     }[user]
     assert result.auth is not None
     assert expected in result.auth
+
+
+def test_explain_shows_the_connection_reserve_and_where_postmaster_goes(
+    tmp_path: Path, certs: Certs
+) -> None:
+    document = merge(base_config(tmp_path, 2526), config(tmp_path, certs, 2526))
+    document["limits"] |= {"max_connections": 200, "profile_reserve": 0.25}
+    parsed = parse_config(document)
+    known = explain_policy(parsed, Facts("127.0.0.2", recipients=["postmaster"]))
+    assert known.connections == (
+        "may use all 200, the 50 kept for clients a profile names by IP included"
+    )
+    [postmaster] = known.recipients
+    assert postmaster.connector_reason.endswith("delivered to postmaster@example.com")
+    anonymous = explain_policy(parsed, Facts("192.0.2.9"))
+    assert anonymous.connections == "may use 150 of 200; 50 kept for clients a profile names by IP"
+    blocked = explain_policy(parsed, Facts("127.0.0.5"))
+    assert blocked.connections.startswith("may use 150 of 200")

@@ -20,7 +20,7 @@ from smtpgate.policy.relay import (
     RelayRights,
     split_address,
 )
-from smtpgate.policy.session import SessionPolicy
+from smtpgate.policy.session import SessionPolicy, reserve_reason
 from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
@@ -61,6 +61,7 @@ class Explanation:
     spam_check: tuple[bool, str]
     recipients: list[RecipientDecision] = field(default_factory=list)
     client_certificate: str | None = None
+    connections: str = ""  # the share of connections this client may use
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -81,6 +82,7 @@ class Explanation:
                 "reason": self.profile.reason(),
             },
             "connect": verdict(self.connect),
+            "connections": self.connections,
             "auth": self.auth,
             "client_certificate": self.client_certificate,
             "relay": {"mode": self.rights.mode, "reason": self.rights.reason},
@@ -114,6 +116,8 @@ def explanation_text(result: dict[str, Any]) -> str:
     is also what the API returns, so the CLI prints the same either way)."""
     lines = [f"profile:      {result['profile']['reason']}"]
     lines.append(f"connect:      {_show(result['connect'])}")
+    if result.get("connections"):
+        lines.append(f"connections:  {result['connections']}")
     if result["client_certificate"]:
         lines.append(f"client cert:  {result['client_certificate']} (verified by the listener)")
     if result["auth"]:
@@ -178,6 +182,7 @@ def explain(
         mail.sender if given else None,
         mail.spam_check,
         client_certificate=facts.client_certificate,
+        connections=reserve_reason(config, index, facts.client_ip),
     )
     for recipient in facts.recipients:
         decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
@@ -202,6 +207,7 @@ def _recipient(
         recipient,
         decision.verdict,
         connector.name,
-        f"cheapest matching connector (cost {connector.cost})",
+        f"cheapest matching connector (cost {connector.cost})"
+        + (f", delivered to {decision.recipient}" if decision.recipient != recipient else ""),
         destination_tls(session.config, session.index, connector, host, domain),
     )

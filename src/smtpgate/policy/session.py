@@ -66,6 +66,24 @@ class RcptDecision:
     connector: SendConnector | None
 
 
+def known_client(index: ProfileIndex, client_ip: str) -> bool:
+    """May this client use the connections ``limits.profile_reserve`` keeps for known
+    clients? Only a profile that names the address (IP or CIDR) is known before
+    anything is read (a host-name profile needs DNS), and a blocked one never is."""
+    match = match_profile(index, client_ip)
+    return match.step == "client-ip" and match.profile.relay != "blocked"
+
+
+def reserve_reason(config: GatewayConfig, index: ProfileIndex, client_ip: str) -> str:
+    """What ``policy explain`` says about the reserved connections."""
+    reserved = config.limits.reserved_connections
+    total = config.limits.max_connections
+    kept = f"{reserved} kept for clients a profile names by IP"
+    if known_client(index, client_ip):
+        return f"may use all {total}, the {kept} included"
+    return f"may use {total - reserved} of {total}; {kept}"
+
+
 class SessionPolicy:
     """One session's decisions, in order (see the module's docstring)."""
 
