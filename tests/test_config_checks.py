@@ -27,8 +27,8 @@ from smtpgate.config.secret import read_secret
 from smtpgate.config.store import ConfigStore
 from smtpgate.config.validate import warnings
 from smtpgate.errors import ConfigError
-from smtpgate.gateway import GatewayPolicy
 from smtpgate.policy.profile import ProfileIndex, match_profile
+from smtpgate.snapshot import Snapshot
 from smtpgate.tls.certificates import check_configured, load_configured
 
 LISTENER = {"name": "mx", "address": "127.0.0.1:2525", "security": "none"}
@@ -434,4 +434,4 @@ def test_the_gateway_refuses_a_smarthost_password_file_opened_to_others(tmp_path
     )
     password.chmod(0o644)  # after the checks, before the gateway reads it
     with pytest.raises(ConfigError, match=r"is readable by other users \(mode 0644\)"):
-        GatewayPolicy.build(config)
+        Snapshot.compile(config)
