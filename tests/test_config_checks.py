@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from smtpgate.admin.services import ConfigService
 from smtpgate.config.load import parse_config, read_document
@@ -30,6 +28,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.policy.profile import ProfileIndex, match_profile
 from smtpgate.snapshot import Snapshot
 from smtpgate.tls.certificates import check_configured, load_configured
+from tests.certificates import dated, issued, private
 
 LISTENER = {"name": "mx", "address": "127.0.0.1:2525", "security": "none"}
 
@@ -40,39 +39,13 @@ class Pair:
     key: Path
 
 
-def _private(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    path.chmod(0o600)
-    return path
-
-
 def _issued(ca: trustme.CA, directory: Path, name: str) -> Pair:
-    leaf = ca.issue_cert(f"{name}.test")
-    cert = directory / f"{name}.pem"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    return Pair(cert, _private(directory / f"{name}.key", leaf.private_key_pem.bytes()))
+    return Pair(*issued(ca, directory, name))
 
 
 def _dated(directory: Path, name: str, not_after: dt.datetime) -> Pair:
     """A self-signed certificate that ends at ``not_after`` (past or future)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}.test")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - dt.timedelta(days=365))
-        .not_valid_after(not_after)
-        .sign(key, hashes.SHA256())
-    )
-    cert = directory / f"{name}.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return Pair(cert, _private(directory / f"{name}.key", key_pem))
+    return Pair(*dated(directory, name, not_after))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +87,7 @@ def test_a_key_of_another_certificate_is_refused_naming_both_files(
 
 def test_a_key_inside_the_pem_must_match_too(tmp_path: Path, ca: trustme.CA) -> None:
     gw, other = _issued(ca, tmp_path, "gw"), _issued(ca, tmp_path, "other")
-    both = _private(tmp_path / "both.pem", gw.cert.read_bytes() + other.key.read_bytes())
+    both = private(tmp_path / "both.pem", gw.cert.read_bytes() + other.key.read_bytes())
     config = _config(tmp_path, certificates=[{"name": "gw", "cert": str(both)}])
     with pytest.raises(ConfigError, match=r"^certificates\[0\]\.cert: certificate 'gw': the key"):
         load_configured(config)
@@ -320,7 +293,7 @@ def test_a_pkcs12_file_without_a_configured_pin_says_it_needs_one(
         None,
         serialization.BestAvailableEncryption(b"1234"),  # type: ignore[arg-type]
     )
-    p12 = _private(tmp_path / "gw.p12", blob)
+    p12 = private(tmp_path / "gw.p12", blob)
     config = _config(tmp_path, certificates=[{"name": "gw", "pkcs12": str(p12)}])
     with pytest.raises(ConfigError) as caught:
         load_configured(config)
@@ -394,7 +367,7 @@ def test_every_secret_file_must_be_private(tmp_path: Path, ca: trustme.CA, mode:
     gw = _issued(ca, tmp_path, "gw")
     pin, password = _loose(tmp_path / "pin", mode), _loose(tmp_path / "smarthost-pw", mode)
     smarthost = {"host": "relay.example", "username": "gw", "password_file": str(password)}
-    p12 = _private(tmp_path / "gw.p12", b"not opened")
+    p12 = private(tmp_path / "gw.p12", b"not opened")
     problems = _problems(
         _document(
             tmp_path / "var",
@@ -427,7 +400,7 @@ def test_secret_files_are_checked_again_when_read(tmp_path: Path) -> None:
 
 def test_the_gateway_refuses_a_smarthost_password_file_opened_to_others(tmp_path: Path) -> None:
     password = tmp_path / "pw"
-    _private(password, b"s3cret\n")
+    private(password, b"s3cret\n")
     smarthost = {"host": "relay.example", "username": "gw", "password_file": str(password)}
     config = _config(
         tmp_path, send_connectors=[{"name": "out", "deliver": {"smarthost": smarthost}}]

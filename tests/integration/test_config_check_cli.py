@@ -12,46 +12,11 @@ import pytest
 import trustme
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from smtpgate.config.store import ConfigStore
+from tests.certificates import dated, issued, private
 from tests.conftest import SMTPGATE, base_config, merge
-
-
-def _private(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    path.write_bytes(data)
-    path.chmod(mode)
-    return path
-
-
-def _pair(ca: trustme.CA, directory: Path, name: str) -> tuple[Path, Path]:
-    leaf = ca.issue_cert(f"{name}.test")
-    cert = directory / f"{name}.pem"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    return cert, _private(directory / f"{name}.key", leaf.private_key_pem.bytes())
-
-
-def _ending(directory: Path, name: str, not_after: dt.datetime) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}.test")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - dt.timedelta(days=90))
-        .not_valid_after(not_after)
-        .sign(key, hashes.SHA256())
-    )
-    cert = directory / f"{name}.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert, _private(directory / f"{name}.key", key_pem)
 
 
 def _tls(certificate: dict[str, Any]) -> dict[str, Any]:
@@ -92,8 +57,8 @@ def ca() -> trustme.CA:
 def test_a_key_of_another_certificate_is_named_and_serve_stores_nothing(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
-    cert, _ = _pair(ca, tmp_path, "gw")
-    _, other_key = _pair(ca, tmp_path, "other")
+    cert, _ = issued(ca, tmp_path, "gw")
+    _, other_key = issued(ca, tmp_path, "other")
     path = _write(tmp_path, _tls({"cert": str(cert), "key": str(other_key)}))
     problem = (
         f"  - certificates[0].key: certificate 'gw': the key in {other_key} does not belong "
@@ -109,7 +74,7 @@ def test_expired_certificates_are_refused_and_expiring_ones_warned(
     tmp_path: Path,
 ) -> None:
     ended = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC)
-    cert, key = _ending(tmp_path, "old", ended)
+    cert, key = dated(tmp_path, "old", ended)
     out = _check(_write(tmp_path, _tls({"cert": str(cert), "key": str(key)})), code=1)
     assert (
         f"  - certificates[0].cert: certificate 'gw': the certificate in {cert} expired on "
@@ -117,7 +82,7 @@ def test_expired_certificates_are_refused_and_expiring_ones_warned(
     ) in out
 
     ends = dt.datetime.now(dt.UTC) + dt.timedelta(days=20, hours=1)
-    cert, key = _ending(tmp_path, "soon", ends)
+    cert, key = dated(tmp_path, "soon", ends)
     out = _check(_write(tmp_path, _tls({"cert": str(cert), "key": str(key)})), code=0)
     assert (
         f"warning: certificates[0].cert: certificate 'gw': the certificate in {cert} expires "
@@ -126,7 +91,7 @@ def test_expired_certificates_are_refused_and_expiring_ones_warned(
 
 
 def test_a_pkcs12_file_without_a_pin_says_it_needs_one(tmp_path: Path, ca: trustme.CA) -> None:
-    cert, key_file = _pair(ca, tmp_path, "gw")
+    cert, key_file = issued(ca, tmp_path, "gw")
     key = serialization.load_pem_private_key(key_file.read_bytes(), None)
     leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     blob = serialization.pkcs12.serialize_key_and_certificates(
@@ -136,7 +101,7 @@ def test_a_pkcs12_file_without_a_pin_says_it_needs_one(tmp_path: Path, ca: trust
         None,
         serialization.BestAvailableEncryption(b"1234"),
     )
-    p12 = _private(tmp_path / "gw.p12", blob)
+    p12 = private(tmp_path / "gw.p12", blob)
     out = _check(_write(tmp_path, _tls({"pkcs12": str(p12)})), code=1)
     assert (
         f"  - certificates[0].pkcs12: certificate 'gw': {p12} needs a PIN to open: set "
@@ -149,10 +114,10 @@ def test_pin_and_smarthost_password_files_must_be_private(
     tmp_path: Path, ca: trustme.CA, mode: int
 ) -> None:
     shown = f"{mode:04o}"
-    cert, key_file = _pair(ca, tmp_path, "gw")
-    pin = _private(tmp_path / "pin", b"1234\n", mode)
-    password = _private(tmp_path / "relay-password", b"s3cret\n", mode)
-    p12 = _private(tmp_path / "token.p12", b"never opened")
+    cert, key_file = issued(ca, tmp_path, "gw")
+    pin = private(tmp_path / "pin", b"1234\n", mode)
+    password = private(tmp_path / "relay-password", b"s3cret\n", mode)
+    p12 = private(tmp_path / "token.p12", b"never opened")
     extra = merge(
         _tls({"cert": str(cert), "key": str(key_file)}),
         {"send_connectors": [{"name": "relay", "deliver": {"smarthost": {"host": "relay.test"}}}]},
