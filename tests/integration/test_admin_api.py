@@ -401,38 +401,9 @@ async def test_oversized_and_anonymous_bodies_are_refused_unread(api: Api) -> No
     assert (await api.ok("GET", "/config/draft"))["staged"] is False
 
 
-def test_a_taken_api_port_stops_serve_before_smtp_listens(tmp_path: Path) -> None:
-    with socket.socket() as squatter:  # listens, but is not our API
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken = squatter.getsockname()[1]
-        smtp = free_port()
-        document = base_config(tmp_path / "var", 2526)
-        document["listeners"][0]["address"] = f"127.0.0.1:{smtp}"
-        document["admin"] = {"listen": f"127.0.0.1:{taken}"}
-        path = tmp_path / "gateway.yaml"
-        path.write_text(yaml.safe_dump(document))
-        done = subprocess.run(
-            [SMTPGATE, "serve", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert done.returncode == 1
-    assert f"the admin API cannot listen on 127.0.0.1:{taken} (admin.listen):" in done.stderr
-    assert "Traceback" not in done.stderr
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened
-
-
-def test_a_second_gateway_on_the_same_admin_port_exits_before_smtp(
-    gateway_process: Callable[..., GatewayProcess], tmp_path: Path
-) -> None:
-    """Gateway A's API answers on the port B was told to use: B must not take A's
-    answer for its own, open SMTP, and let an administrator edit A through it."""
-    admin = free_port()
-    first = gateway_process(2526, admin={"listen": f"127.0.0.1:{admin}"})
+def _serve_with_admin_port(tmp_path: Path, admin: int) -> str:
+    """Run ``smtpgate serve`` told to use ``admin`` for its API: it must exit 1
+    with a sentence, no traceback, and never open its SMTP port. Its stderr."""
     smtp = free_port()
     document = base_config(tmp_path / "second", 2526)
     document["listeners"][0]["address"] = f"127.0.0.1:{smtp}"
@@ -447,13 +418,29 @@ def test_a_second_gateway_on_the_same_admin_port_exits_before_smtp(
         check=False,
     )
     assert done.returncode == 1
-    assert f"cannot start: the admin API cannot listen on 127.0.0.1:{admin} (admin.listen):" in (
-        done.stderr
-    )
-    assert "ddress already in use" in done.stderr
+    expected = f"cannot start: the admin API cannot listen on 127.0.0.1:{admin} (admin.listen):"
+    assert expected in done.stderr
     assert "Traceback" not in done.stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", smtp), timeout=1).close()  # SMTP never opened
+    return done.stderr
+
+
+def test_a_taken_api_port_stops_serve_before_smtp_listens(tmp_path: Path) -> None:
+    with socket.socket() as squatter:  # listens, but is not our API
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        _serve_with_admin_port(tmp_path, squatter.getsockname()[1])
+
+
+def test_a_second_gateway_on_the_same_admin_port_exits_before_smtp(
+    gateway_process: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    """Gateway A's API answers on the port B was told to use: B must not take A's
+    answer for its own, open SMTP, and let an administrator edit A through it."""
+    admin = free_port()
+    first = gateway_process(2526, admin={"listen": f"127.0.0.1:{admin}"})
+    assert "ddress already in use" in _serve_with_admin_port(tmp_path, admin)
     assert first.process.poll() is None  # A is untouched
 
 
