@@ -64,7 +64,9 @@ class GatewayHandler:
         self.policy = policy  # the snapshot current when the session started, kept to its end
         self.state = state
         self.queue = queue
-        self.session = SessionPolicy(policy.config, policy.profiles, policy.auth_enabled)
+        self.session = SessionPolicy(
+            policy.config, policy.profiles, policy.auth_enabled, policy.hosted, policy.postmaster
+        )
 
     @property
     def match(self) -> ProfileMatch:

@@ -27,6 +27,7 @@ from smtpgate.spool import Body
 
 CHUNK = 65536  # DATA pieces; a BDAT chunk is 16 of them
 READ = 65536
+HIGH_WATER = 65536  # wait for the socket only with more than this unsent
 
 
 class SmtpClient:
@@ -92,8 +93,9 @@ class SmtpClient:
             raise DeliveryError("connection lost (closed by the peer)", permanent=False)
         try:
             self.writer.write(data)
-            async with asyncio.timeout(self.timeout):
-                await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:  # a body, mostly
+                async with asyncio.timeout(self.timeout):
+                    await self.writer.drain()
         except (OSError, TimeoutError, RuntimeError) as exc:  # uvloop: RuntimeError when closed
             raise DeliveryError(f"connection lost while sending: {exc!r}", permanent=False) from exc
 

@@ -88,7 +88,12 @@ class SessionPolicy:
     """One session's decisions, in order (see the module's docstring)."""
 
     def __init__(
-        self, config: GatewayConfig, index: ProfileIndex, auth_enabled: Set[str] | None = None
+        self,
+        config: GatewayConfig,
+        index: ProfileIndex,
+        auth_enabled: Set[str] | None = None,
+        hosted: frozenset[str] | None = None,
+        postmaster: str | None = None,
     ) -> None:
         self.config = config
         self.index = index
@@ -97,9 +102,9 @@ class SessionPolicy:
             if auth_enabled is not None
             else (p.name for p in config.connection_profiles if p.smtp_auth.enabled)
         )
-        self.hosted = frozenset(config.hosted_domains)
+        self.hosted = hosted if hosted is not None else frozenset(config.hosted_domains)
         self.roles = frozenset(config.gateway.roles)
-        self.postmaster = postmaster_address(config)
+        self.postmaster = postmaster or postmaster_address(config)
         self.match = ProfileMatch(index.default, "default")
         self.auth_profile: Profile | None = None
 
