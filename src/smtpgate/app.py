@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smtpgate import __version__
 from smtpgate.admin import nodes
 from smtpgate.config.document import Document, diff, restart_required, to_document
 from smtpgate.config.load import parse_config
@@ -142,6 +143,7 @@ class Gateway:
     waiting: list[str] = dataclasses.field(default_factory=list)  # applied, not yet in force
     refused: int | None = None  # an applied revision this node could not take on
     refused_error: str = ""  # ... and why
+    store_error: str = ""  # the store is unreachable: why (empty while it answers)
 
     async def start(self) -> None:
         await self.server.start()
@@ -149,11 +151,14 @@ class Gateway:
         self.manager_task = loop.create_task(self.manager.run())
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
-            await asyncio.to_thread(self.publish, self.store)
+            await self.publish(self.store)
             self.config_task = loop.create_task(self._follow_store(self.store))
 
-    def publish(self, store: ConfigStore) -> None:
-        nodes.publish(store, self.current().config.gateway.node, status_of(self), time.time())
+    async def publish(self, store: ConfigStore) -> None:
+        """Report what this node runs, with its queue counts, to the store."""
+        status = status_of(self) | {"queue": await self.queue.call(self.queue.store.counts)}
+        node = self.current().config.gateway.node
+        await asyncio.to_thread(nodes.publish, store, node, status, time.time())
 
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
@@ -172,10 +177,15 @@ class Gateway:
                 if await self._follow_once(store) or (
                     time.monotonic() - published >= nodes.HEARTBEAT
                 ):
-                    await asyncio.to_thread(self.publish, store)
+                    await self.publish(store)
                     published = time.monotonic()
+                if self.store_error:
+                    log.info("configuration store reachable again")
+                    self.store_error = ""
             except Exception as exc:  # the store is unreachable: keep running as we are
-                log.error("configuration store unreadable", error=repr(exc))
+                if not self.store_error:  # once per outage, not four times a second
+                    log.error("configuration store unreachable", error=repr(exc))
+                self.store_error = repr(exc)
 
     async def _follow_once(self, store: ConfigStore) -> bool:
         """Take on a newly applied revision, if any; whether there was one."""
@@ -278,6 +288,9 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
             for x in gateway.started.listeners
         ],
         "pid": os.getpid(),
+        "roles": list(running.roles),
+        "version": __version__,
+        "admin": gateway.started.admin.listen,
     }
 
 

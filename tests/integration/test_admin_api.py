@@ -62,6 +62,13 @@ async def test_status_reports_node_revision_listeners_and_queue(api: Api) -> Non
     assert status["listeners"][0]["address"] == f"127.0.0.1:{api.gateway.port}"
     assert status["restart_required"] == []
     assert isinstance(status["queue"], dict)
+    cluster = await api.ok("GET", "/cluster")
+    assert cluster["applied_revision"] == 1
+    assert [(n["node"], n["state"], n["running_revision"]) for n in cluster["nodes"]] == [
+        ("gw1", "up", 1)
+    ]
+    assert (await api.call("DELETE", "/cluster/gw9")).status_code == 404
+    assert (await api.call("DELETE", "/cluster/gw1")).status_code == 409  # up: needs force
 
 
 async def test_profile_change_applied_over_http_reaches_new_connections(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from smtpgate.config.store import ConfigStore
+from smtpgate.errors import Conflict, NotFound
 
 HEARTBEAT = 2.0  # seconds between a running gateway's reports
 STALE_AFTER = 3 * HEARTBEAT  # a node silent for longer is down
@@ -109,3 +110,52 @@ def apply_report(outcomes: list[NodeOutcome]) -> dict[str, Any]:
         "nodes": [o.as_dict() for o in outcomes],
         "complete": not any(o.counts for o in outcomes),
     }
+
+
+DOWN_AFTER = 60.0  # a node silent for longer than this is down, not just stale
+
+
+def liveness(age: float) -> str:
+    """ "up" (reporting), "stale" (missed a few heartbeats), or "down"."""
+    if age <= STALE_AFTER:
+        return "up"
+    return "stale" if age <= DOWN_AFTER else "down"
+
+
+def cluster(store: ConfigStore, now: float) -> dict[str, Any]:
+    """``smtpgate cluster status``: the applied revision and every node's last report."""
+    applied = store.applied_number()
+    found = []
+    for name, report in sorted(reports(store).items()):
+        age = now - float(report.get("seen", 0))
+        running = report.get("running_revision")
+        found.append(
+            {
+                "node": name,
+                "state": liveness(age),
+                "seen_seconds_ago": round(age, 1),
+                "running_revision": running,
+                "lag": applied - running
+                if isinstance(applied, int) and isinstance(running, int)
+                else None,
+                "error": report.get("error") or None,
+                "refused_revision": report.get("refused_revision"),
+                "roles": report.get("roles", []),
+                "version": report.get("version"),
+                "admin": report.get("admin"),
+                "hostname": report.get("hostname"),
+                "queue": report.get("queue", {}),
+            }
+        )
+    return {"applied_revision": applied, "nodes": found}
+
+
+def forget(store: ConfigStore, node: str, now: float, *, force: bool = False) -> None:
+    """Remove a node that left from the list; one that is up needs ``force``."""
+    report = reports(store).get(node)
+    if report is None:
+        raise NotFound(f"no node {node!r} has reported to this store")
+    if not force and liveness(now - float(report.get("seen", 0))) == "up":
+        raise Conflict(f"node {node!r} is up (it reported within {STALE_AFTER:g} s); use --force")
+    with store.transaction() as connection:
+        store.delete_meta(connection, f"node:{node}")

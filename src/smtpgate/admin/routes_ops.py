@@ -4,12 +4,14 @@ credentials and secret encryption."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import AfterValidator, Field
 
+from smtpgate.admin import nodes
 from smtpgate.admin.http import Actor, StrictBody
 from smtpgate.admin.operations import (
     explain_policy,
@@ -66,6 +68,16 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
     @router.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:
         return node_status(service.store, service.data_dir)
+
+    @router.get("/cluster", tags=["operations"])
+    def cluster() -> dict[str, Any]:
+        return nodes.cluster(service.store, time.time())
+
+    @router.delete("/cluster/{node}", tags=["operations"])
+    def forget(node: str, who: Actor, force: bool = False) -> dict[str, Any]:
+        nodes.forget(service.store, node, time.time(), force=force)
+        record(service.store, who, "cluster forget", node)
+        return {"node": node, "result": "forgotten"}
 
     @router.get("/queue", tags=["queue"])
     def listing(

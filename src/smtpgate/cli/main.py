@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from smtpgate import __version__
 from smtpgate.cli import admin as admin_cli
+from smtpgate.cli import cluster as cluster_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
 from smtpgate.cli.args import FileConfigError, listen_address, read_file
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.add_object_commands(commands)
     tools.add_connector_verify(commands)
     admin_cli.add_admin_commands(commands)
+    cluster_cli.add_parser(commands)
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
@@ -272,6 +274,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "admin": admin_cli.run_admin,
         "policy": tools.explain,
         "queue": queue_cli.run,
+        "cluster": cluster_cli.run,
         "certs": _certs,
         "reload": _reload,
         "sink": _sink,

@@ -300,6 +300,9 @@ class ConfigStore:
         with self.engine.connect() as connection:
             return {str(r.key): str(r.value) for r in connection.execute(query)}
 
+    def delete_meta(self, connection: Connection, key: str) -> None:
+        connection.execute(delete(settings).where(settings.c.key == key))
+
     def set_meta(self, connection: Connection, key: str, value: str) -> None:
         connection.execute(delete(settings).where(settings.c.key == key))
         connection.execute(insert(settings).values(key=key, value=value))
