@@ -1,10 +1,11 @@
-"""The configuration lifecycle over a real SQLite store: draft, diff, validate,
+"""The configuration lifecycle over a real store, SQLite and PostgreSQL: draft, diff, validate,
 apply, history, rollback, import, the audit log, tokens, and how the file that
 ``smtpgate serve`` is given relates to the store."""
 
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from smtpgate.admin.services import (
 )
 from smtpgate.config.document import normalise
 from smtpgate.config.load import parse_config
-from smtpgate.config.store import ConfigStore, store_path
+from smtpgate.config.store import ConfigStore, store_path, tokens
 from smtpgate.errors import ConfigError, Conflict, NotFound
+from tests.postgres import postgres, postgres_url  # noqa: F401 - fixtures
 
 
 def document(data_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -33,12 +35,22 @@ def document(data_dir: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """``""`` (SQLite in the data directory) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return ""
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 @pytest.fixture
-def service(tmp_path: Path) -> ConfigService:
+def service(tmp_path: Path, store_url: str) -> Iterator[ConfigService]:
     data_dir = tmp_path / "var"
-    service = ConfigService(ConfigStore.open(data_dir), data_dir)
+    service = ConfigService(ConfigStore.open(data_dir, store_url), data_dir)
     service.adopt_file(parse_config(document(data_dir)), "file:gateway.yaml")
-    return service
+    yield service
+    service.store.close()
 
 
 def relay_of(service: ConfigService, which: str = "draft") -> str:
@@ -54,8 +66,9 @@ def set_relay(service: ConfigService, relay: str, version: int | None = None) ->
     service.edit(change, "test", "relay", version)
 
 
-def test_the_store_is_private(service: ConfigService) -> None:
-    mode = stat.S_IMODE(store_path(service.data_dir).stat().st_mode)
+def test_the_store_is_private(tmp_path: Path) -> None:
+    ConfigStore.open(tmp_path, "").close()
+    mode = stat.S_IMODE(store_path(tmp_path).stat().st_mode)
     assert mode == 0o600
 
 
@@ -172,9 +185,9 @@ def test_round_trip_export_import_diff_is_empty(service: ConfigService) -> None:
     assert service.diff() == []
 
 
-def test_the_file_and_the_store(tmp_path: Path) -> None:
+def test_the_file_and_the_store(tmp_path: Path, store_url: str) -> None:
     data_dir = tmp_path / "var"
-    service = ConfigService(ConfigStore.open(data_dir), data_dir)
+    service = ConfigService(ConfigStore.open(data_dir, store_url), data_dir)
     file_config = parse_config(document(data_dir))
     revision, what = service.adopt_file(file_config, "file:g.yaml")
     assert (revision.number, what) == (
@@ -217,7 +230,12 @@ def test_tokens_are_kept_hashed(service: ConfigService) -> None:
     assert authenticate(service.store, token) == "ops"
     assert authenticate(service.store, token + "x") is None
     assert authenticate(service.store, "") is None
-    assert token.encode() not in store_path(service.data_dir).read_bytes()
+    with service.store.engine.connect() as connection:
+        rows = [tuple(map(str, row)) for row in connection.execute(tokens.select())]
+    assert rows
+    assert not any(token in value for row in rows for value in row)
+    if store_path(service.data_dir).exists():  # SQLite: not in the file either
+        assert token.encode() not in store_path(service.data_dir).read_bytes()
     with pytest.raises(Conflict):
         create_token(service.store, "ops", "cli:root")
     revoke_token(service.store, "ops", "cli:root")

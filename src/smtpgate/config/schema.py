@@ -102,11 +102,46 @@ class GatewaySettings(Strict):
     # The greeting is "220 <hostname> <banner>"; printable ASCII on one line.
     banner: str = Field(default="ESMTP smtpgate", pattern=r"^[ -~]{1,200}$")
     dns: DnsSettings = Field(default_factory=DnsSettings)
+    # The configuration store: "" is SQLite in data_dir/config.db; or a URL
+    # (sqlite:///PATH, postgresql://USER@HOST:PORT/DB?sslmode=...); the password
+    # comes from store_password_file (0600) or libpq's environment, never the URL.
+    store: str = ""
+    store_password_file: FilePath | None = None
 
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, value: str) -> str:
         return normalise_domain(value) if value != "localhost" else value
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        problem = store_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
+
+
+def store_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name the configuration store, or None. The message
+    never repeats a password written into the URL."""
+    if url == "":
+        return None
+    if not url.startswith(STORE_SCHEMES):
+        shown = url.split("://", 1)[0] + "://…" if "://" in url else repr(url)
+        return f"{shown} is not a store URL: use " + ", ".join(s + "…" for s in STORE_SCHEMES)
+    if url.startswith("postgresql"):
+        authority = url.split("://", 1)[1].split("/", 1)[0]
+        user = authority.rpartition("@")[0]
+        if ":" in user:
+            return (
+                "the URL must not carry a password (it would be stored and shown); "
+                "use gateway.store_password_file or libpq's PGPASSFILE"
+            )
+    return None
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:

@@ -12,7 +12,14 @@ Rules the store keeps:
   and a version number that every write increases (so two editors cannot
   overwrite each other: a write names the version it read);
 * every change is one transaction, and writes take the database lock first
-  (``BEGIN IMMEDIATE`` on SQLite), so a read-modify-write cannot interleave.
+  (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL a transaction-level advisory
+  lock, ``pg_advisory_xact_lock``, taken as the transaction's first statement),
+  so a read-modify-write cannot interleave.
+
+The store is chosen by URL (``gateway.store``): empty means SQLite in
+``data_dir/config.db``. ``smtpgate serve`` records a non-default URL in
+``data_dir/store.json`` so that the API process and the CLI, which only know
+the data directory, open the same store.
 """
 
 from __future__ import annotations
@@ -41,11 +48,17 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from smtpgate.config.document import Document
+from smtpgate.config.schema import store_url_problem
+from smtpgate.config.validate import private_file_problem
+from smtpgate.errors import AdminError, ConfigError, FieldProblem
 from smtpgate.files import private_file
 
+# Text rather than VARCHAR(n) for names and actors: SQLite never enforced the
+# lengths and PostgreSQL would, so both engines accept the same values.
 metadata = MetaData()
 revisions = Table(
     "revisions",
@@ -53,7 +66,7 @@ revisions = Table(
     Column("number", Integer, primary_key=True),
     Column("document", Text, nullable=False),
     Column("applied_at", Float, nullable=False),
-    Column("applied_by", String(200), nullable=False),
+    Column("applied_by", Text, nullable=False),
     Column("comment", Text, nullable=False, default=""),
 )
 drafts = Table(
@@ -64,29 +77,29 @@ drafts = Table(
     Column("base_revision", Integer),
     Column("version", Integer, nullable=False),
     Column("updated_at", Float, nullable=False),
-    Column("updated_by", String(200), nullable=False),
+    Column("updated_by", Text, nullable=False),
 )
 audit = Table(
     "audit",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
-    Column("actor", String(200), nullable=False),
-    Column("action", String(100), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
     Column("detail", Text, nullable=False, default=""),
 )
 tokens = Table(
     "api_tokens",
     metadata,
-    Column("name", String(100), primary_key=True),
+    Column("name", Text, primary_key=True),
     Column("digest", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
-    Column("created_by", String(200), nullable=False),
+    Column("created_by", Text, nullable=False),
 )
 settings = Table(
     "meta",
     metadata,
-    Column("key", String(100), primary_key=True),
+    Column("key", Text, primary_key=True),
     Column("value", Text, nullable=False),
 )
 
@@ -157,17 +170,113 @@ def sqlite_engine(path: Path) -> Engine:
     return engine
 
 
+# One advisory lock key for every write to the store (any constant; "smtpgate").
+WRITE_LOCK = 0x736D7470676174
+
+
+def postgresql_engine(url: URL) -> Engine:
+    """An engine whose write transactions first take the store's advisory lock."""
+    engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        if connection.info.get("immediate"):
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+    return engine
+
+
+def masked(url: str | URL) -> str:
+    """The URL as it may be shown: any password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<not a URL>"
+
+
+def store_locator(data_dir: Path) -> Path:
+    return data_dir / "store.json"
+
+
+def record_location(data_dir: Path, url: str, password_file: Path | None) -> None:
+    """Tell the processes that only know ``data_dir`` where the store is (the
+    default SQLite store needs no note: a stale one is removed)."""
+    locator = store_locator(data_dir)
+    if not url:
+        locator.unlink(missing_ok=True)
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    note = {"url": url, "password_file": str(password_file) if password_file else None}
+    temporary = locator.with_suffix(".tmp")
+    private_file(temporary)
+    temporary.write_text(json.dumps(note))
+    temporary.replace(locator)
+
+
+def store_exists(data_dir: Path) -> bool:
+    """Whether ``data_dir`` has a configuration store (its SQLite file, or a
+    note naming another database)."""
+    return store_path(data_dir).exists() or store_locator(data_dir).exists()
+
+
+def _located(data_dir: Path) -> tuple[str, Path | None]:
+    try:
+        note = json.loads(store_locator(data_dir).read_text())
+    except FileNotFoundError:
+        return "", None
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"{store_locator(data_dir)}: unreadable ({exc})") from None
+    password_file = note.get("password_file")
+    return str(note.get("url", "")), Path(password_file) if password_file else None
+
+
+def _store_url(url: str, password_file: Path | None) -> URL:
+    """The URL with the password from ``password_file`` (checked to be 0600)."""
+    problem = store_url_problem(url)
+    if problem:
+        raise ConfigError([FieldProblem("gateway.store", problem)])
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError([FieldProblem("gateway.store", f"{masked(url)}: {exc}")]) from None
+    if password_file is not None:
+        problem = private_file_problem(password_file)
+        if problem:
+            raise ConfigError([FieldProblem("gateway.store_password_file", problem)])
+        parsed = parsed.set(password=password_file.read_text().rstrip("\r\n"))
+    return parsed
+
+
 class ConfigStore:
     """Revisions, draft, audit log and tokens in one database."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        metadata.create_all(engine)
+        try:
+            with self.transaction() as connection:  # PostgreSQL: two processes may start at once
+                metadata.create_all(connection)
+        except DBAPIError as exc:
+            engine.dispose()
+            raise AdminError(
+                f"configuration store unreachable: {masked(engine.url)}: {_reason(exc, engine)}"
+            ) from None
 
     @classmethod
-    def open(cls, data_dir: Path) -> ConfigStore:
-        path = store_path(data_dir)
-        return cls(sqlite_engine(path))  # 0600: the audit log is private too
+    def open(
+        cls, data_dir: Path, url: str | None = None, password_file: Path | None = None
+    ) -> ConfigStore:
+        """The store ``url`` names; ``None``: the one ``serve`` noted in ``data_dir``,
+        else SQLite in ``data_dir/config.db`` (also what ``""`` means)."""
+        if url is None:
+            url, password_file = _located(data_dir)
+        if not url:
+            return cls(sqlite_engine(store_path(data_dir)))  # 0600: the audit log is private too
+        parsed = _store_url(url, password_file)
+        if parsed.get_backend_name() == "sqlite":
+            if not parsed.database:
+                raise ConfigError([FieldProblem("gateway.store", "sqlite:/// needs a file name")])
+            return cls(sqlite_engine(Path(parsed.database)))
+        return cls(postgresql_engine(parsed))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -300,9 +409,6 @@ class ConfigStore:
         with self.engine.connect() as connection:
             return {str(r.key): str(r.value) for r in connection.execute(query)}
 
-    def delete_meta(self, connection: Connection, key: str) -> None:
-        connection.execute(delete(settings).where(settings.c.key == key))
-
     def set_meta(self, connection: Connection, key: str, value: str) -> None:
         connection.execute(delete(settings).where(settings.c.key == key))
         connection.execute(insert(settings).values(key=key, value=value))
@@ -339,6 +445,15 @@ class ConfigStore:
             return connection.execute(query).first()
         with self.engine.connect() as fresh:
             return fresh.execute(query).first()
+
+
+def _reason(exc: DBAPIError, engine: Engine) -> str:
+    """The driver's one-line reason, never the password."""
+    reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else ""
+    password = engine.url.password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return reason or type(exc.orig or exc).__name__
 
 
 def _revision(row: Any) -> Revision:
