@@ -65,6 +65,7 @@ def _with_value(item: ErrorDetails, message: str) -> str:
     """``Input should be ...`` with the value that was given instead of "Input"."""
     value = item.get("input")
     secret = any(part in SECRET_FIELDS for part in item["loc"] if isinstance(part, str))
+    secret = secret or item["loc"][-1:] == ("store",)  # a URL may hold a password: shown masked
     if secret or item["type"] == "missing" or not isinstance(value, str | int | float | bool):
         return message
     shown = _shown(value)

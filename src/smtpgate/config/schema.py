@@ -134,11 +134,13 @@ def store_url_problem(url: str) -> str | None:
         shown = url.split("://", 1)[0] + "://…" if "://" in url else repr(url)
         return f"{shown} is not a store URL: use " + ", ".join(s + "…" for s in STORE_SCHEMES)
     if url.startswith("postgresql"):
-        authority = url.split("://", 1)[1].split("/", 1)[0]
-        user = authority.rpartition("@")[0]
+        scheme, rest = url.split("://", 1)
+        authority, slash, path = rest.partition("/")
+        user, _at, host = authority.rpartition("@")
         if ":" in user:
+            shown = f"{scheme}://{user.split(':', 1)[0]}:***@{host}{slash}{path}"
             return (
-                "the URL must not carry a password (it would be stored and shown); "
+                f"{shown}: the URL must not carry a password (it would be stored and shown); "
                 "use gateway.store_password_file or libpq's PGPASSFILE"
             )
     return None

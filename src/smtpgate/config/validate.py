@@ -193,6 +193,8 @@ def secret_files(config: GatewayConfig) -> list[tuple[str, Path]]:
             found.append(
                 (f"send_connectors[{i}].deliver.smarthost.password_file", target.password_file)
             )
+    if config.gateway.store_password_file is not None:
+        found.append(("gateway.store_password_file", config.gateway.store_password_file))
     found += [
         (f"certificates[{i}].pin_file", cert.pin_file)
         for i, cert in enumerate(config.certificates)
