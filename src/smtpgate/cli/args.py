@@ -54,12 +54,12 @@ def data_dir(value: str) -> Path:
     """An existing gateway data directory. Only ``smtpgate serve`` (and commands
     given ``--config``, whose file names the directory) may create one, so a
     mistyped ``--data-dir`` never leaves an empty store behind."""
-    from smtpgate.config.store import store_path  # noqa: PLC0415 - SQLAlchemy only when used
+    from smtpgate.config.store import store_exists  # noqa: PLC0415 - SQLAlchemy only when used
 
     path = Path(value)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {value}")
-    if not (store_path(path).exists() or (path / QUEUE_DIR).is_dir()):
+    if not (store_exists(path) or (path / QUEUE_DIR).is_dir()):
         raise argparse.ArgumentTypeError(
             f"{value} is not a gateway data directory (no config.db, no queue); "
             "`smtpgate serve` makes one"

@@ -18,7 +18,7 @@ import httpx
 from smtpgate.admin import nodes
 from smtpgate.admin.services import ConfigService, record
 from smtpgate.config.document import Document
-from smtpgate.config.store import ConfigStore, store_path
+from smtpgate.config.store import ConfigStore, store_exists
 from smtpgate.errors import AdminError, ConfigError, Conflict, FieldProblem, NotFound
 
 
@@ -48,7 +48,7 @@ def local_actor() -> str:
 def record_locally(data_dir: Path, action: str, detail: str) -> None:
     """An audit entry as ``cli:USER`` for an action outside the configuration
     (queue actions, credentials sent), when the data directory has a store."""
-    if not store_path(data_dir).exists():
+    if not store_exists(data_dir):
         return
     store = ConfigStore.open(data_dir)
     try:

@@ -158,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
     from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
     from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
-    store = ConfigStore.open(config.gateway.data_dir)
+    store = ConfigStore.open_configured(config.gateway)
     service = ConfigService(store, config.gateway.data_dir)
     revision, what = service.adopt_file(config, f"file:{args.config}")
     print(f"smtpgate: {what}", file=sys.stderr)

@@ -83,11 +83,11 @@ def add_connector_verify(commands: Commands) -> None:
 def applied_config(args: argparse.Namespace) -> GatewayConfig:
     """The configuration the gateway runs: the store's applied revision, or the
     file itself while the store is empty (before the first ``smtpgate serve``)."""
-    from smtpgate.config.store import ConfigStore, store_path  # noqa: PLC0415
+    from smtpgate.config.store import ConfigStore, store_exists  # noqa: PLC0415
 
     data_dir = data_dir_of(args)
     file_config = load_file(args.config) if args.config else None
-    if store_path(data_dir).exists():
+    if store_exists(data_dir):
         store = ConfigStore.open(data_dir)
         try:
             revision = store.applied()

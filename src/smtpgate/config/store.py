@@ -52,7 +52,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from smtpgate.config.document import Document
-from smtpgate.config.schema import store_url_problem
+from smtpgate.config.schema import GatewaySettings, store_url_problem
 from smtpgate.config.validate import private_file_problem
 from smtpgate.errors import AdminError, ConfigError, FieldProblem
 from smtpgate.files import private_file
@@ -278,6 +278,14 @@ class ConfigStore:
             return cls(sqlite_engine(Path(parsed.database)))
         return cls(postgresql_engine(parsed))
 
+    @classmethod
+    def open_configured(cls, gateway: GatewaySettings) -> ConfigStore:
+        """The store ``gateway.store`` names (what ``smtpgate serve`` opens), noted
+        in the data directory for the processes that only know that directory."""
+        store = cls.open(gateway.data_dir, gateway.store, gateway.store_password_file)
+        record_location(gateway.data_dir, gateway.store, gateway.store_password_file)
+        return store
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -408,6 +416,9 @@ class ConfigStore:
         )
         with self.engine.connect() as connection:
             return {str(r.key): str(r.value) for r in connection.execute(query)}
+
+    def delete_meta(self, connection: Connection, key: str) -> None:
+        connection.execute(delete(settings).where(settings.c.key == key))
 
     def set_meta(self, connection: Connection, key: str, value: str) -> None:
         connection.execute(delete(settings).where(settings.c.key == key))

@@ -1,0 +1,60 @@
+"""`smtpgate serve` on a PostgreSQL configuration store, end to end: the gateway,
+its API process and the CLI all reach the same database, `config apply` is
+enforced, and mail still relays. Against a real private PostgreSQL."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable
+
+import httpx
+
+from smtpgate.config.store import ConfigStore
+from tests import postgres as private_postgres
+from tests.conftest import GatewayProcess, SinkHandle, free_port
+from tests.integration.conftest import make_token
+from tests.integration.test_apply_enforced import cli, greeting
+
+postgres = private_postgres.postgres  # the fixtures
+postgres_url = private_postgres.postgres_url
+
+
+async def test_serve_apply_and_relay_on_postgresql(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle, postgres_url: str
+) -> None:
+    api_port = free_port()
+    gateway = gateway_process(
+        sink.port,
+        spoof_detection=False,
+        gateway={"store": postgres_url},
+        admin={"listen": f"127.0.0.1:{api_port}"},
+        connection_profiles=[{"name": "apps", "client_hosts": ["127.0.0.2"], "relay": "full"}],
+    )
+    data_dir = gateway.config_path.parent / "gwp"
+    assert not (data_dir / "config.db").exists()  # the store is the database
+    assert greeting(gateway.port) == 220
+
+    assert cli(gateway.config_path, "profile", "set", "apps", "relay=blocked").returncode == 0
+    done = cli(gateway.config_path, "config", "apply")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gw1: applied (running revision 2)" in done.stdout
+    assert greeting(gateway.port) == 554
+
+    # the API process, started with only --data-dir, reads the same database
+    token = make_token(gateway.config_path)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}/api/v1") as client:
+        response = await client.get("/status", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["running_revision"] == 2
+
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        client.sendmail("bob@example.org", ["alice@example.com"], b"Subject: pg\r\n\r\nhello\r\n")
+    [(_envelope, body)] = await sink.wait_for(1)
+    assert b"hello" in body
+
+    store = ConfigStore.open(data_dir, postgres_url)
+    try:
+        assert store.applied_number() == 2
+        assert "apply" in [e.action for e in store.audit_log()]
+    finally:
+        store.close()
