@@ -1,7 +1,8 @@
 #!/bin/sh
 # What `make test` needs besides Python, said in one line before pytest runs:
 # the tools the integration tests start (swaks, a private Postfix, saslpasswd2
-# for its SASL users, testssl.sh) and root, which the private Postfix needs.
+# for its SASL users, testssl.sh, initdb for a private PostgreSQL) and root,
+# which the private Postfix needs.
 # .ci/run installs the same Debian packages; README.md names them.
 missing=""
 need_command() { # COMMAND PACKAGE
@@ -23,6 +24,12 @@ done
 [ -n "$plain" ] || missing="$missing libsasl2-modules"
 command -v testssl >/dev/null 2>&1 || command -v testssl.sh >/dev/null 2>&1 ||
     missing="$missing testssl.sh"
+
+postgres=""
+for initdb in /usr/lib/postgresql/*/bin/initdb; do
+    [ -x "$initdb" ] && postgres=yes
+done
+[ -n "$postgres" ] || missing="$missing postgresql"
 
 root=""
 [ "$(id -u 2>/dev/null)" = 0 ] || root="root (the tests run a private Postfix)"

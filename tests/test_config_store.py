@@ -123,6 +123,28 @@ def test_the_data_directory_cannot_move_through_the_store(service: ConfigService
     assert caught.value.problems[0].path == "gateway.data_dir"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("store", "sqlite:///elsewhere.db"), ("store_password_file", "db.password")],
+)
+def test_the_store_cannot_move_through_the_store(
+    service: ConfigService, name: str, value: str
+) -> None:
+    if name == "store_password_file":
+        service.data_dir.mkdir(parents=True, exist_ok=True)  # PostgreSQL: nothing there yet
+        secret = service.data_dir / value
+        secret.write_text("pw")
+        secret.chmod(0o600)
+        value = str(secret)
+
+    def move(doc: dict[str, Any]) -> dict[str, Any]:
+        doc["gateway"][name] = value
+        return doc
+
+    with pytest.raises(ConfigError, match=rf"gateway\.{name}: cannot change here"):
+        service.edit(move, "alice", "move")
+
+
 def test_a_stale_editor_is_refused(service: ConfigService) -> None:
     set_relay(service, "relay=full")
     version = service.working()[1]

@@ -171,17 +171,22 @@ class ConfigService:
         except ValidationError as exc:
             raise ConfigError(from_pydantic(exc, document)) from None
         parse_config(normal)
-        kept = base["gateway"]["data_dir"] if base else normal["gateway"]["data_dir"]
-        if normal["gateway"]["data_dir"] != kept:
-            raise ConfigError(
-                [
-                    FieldProblem(
-                        "gateway.data_dir",
-                        f"cannot change here: it is where this store lives ({kept}); "
-                        "change it in the configuration file and restart",
-                    )
-                ]
-            )
+        # where this store lives: only the file can move it (and a restart)
+        defaults = {"store": "", "store_password_file": None}  # documents from before them
+        for name in ("data_dir", "store", "store_password_file"):
+            now = normal["gateway"].get(name, defaults.get(name))
+            kept = base["gateway"].get(name, defaults.get(name)) if base else now
+            if now != kept:
+                shown = kept if kept else "empty"
+                raise ConfigError(
+                    [
+                        FieldProblem(
+                            f"gateway.{name}",
+                            f"cannot change here: it is where this store lives ({shown}); "
+                            "change it in the configuration file and restart",
+                        )
+                    ]
+                )
         return normal
 
     def stage(self, document: Any, actor: str, what: str, *, force: bool = False) -> Draft:
