@@ -23,6 +23,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from smtpgate.tls.reload import CertificateReloader
 log = get_logger("smtpgate.app")
 
 STORE_POLL = 0.25  # seconds between looks at the store's applied revision
+STORE_RETRY = 5.0  # seconds between attempts to reach a store that was down at start
 
 
 def session_limits(config: GatewayConfig) -> SessionLimits:
@@ -144,6 +146,7 @@ class Gateway:
     refused: int | None = None  # an applied revision this node could not take on
     refused_error: str = ""  # ... and why
     store_error: str = ""  # the store is unreachable: why (empty while it answers)
+    opener: Callable[[], ConfigStore] | None = None  # to reach the store started without
 
     async def start(self) -> None:
         await self.server.start()
@@ -153,6 +156,22 @@ class Gateway:
         if self.store is not None:
             await self.publish(self.store)
             self.config_task = loop.create_task(self._follow_store(self.store))
+        elif self.opener is not None:
+            self.config_task = loop.create_task(self._reach_store(self.opener))
+
+    async def _reach_store(self, opener: Callable[[], ConfigStore]) -> None:
+        """Started without the store (it was unreachable): try again every few
+        seconds, then follow it like any node, taking on what was applied meanwhile."""
+        while True:
+            try:
+                store = await asyncio.to_thread(opener)
+            except Exception as exc:  # still down
+                self.store_error = repr(exc)
+                await asyncio.sleep(STORE_RETRY)
+                continue
+            log.info("configuration store reachable again")
+            self.store, self.store_error = store, ""
+            await self._follow_store(store)
 
     async def publish(self, store: ConfigStore) -> None:
         """Report what this node runs, with its queue counts, to the store."""
@@ -163,7 +182,9 @@ class Gateway:
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
         self.current.swap(Snapshot.compile(config, revision))  # raises: the old one stays
-        self.waiting = restart_required(diff(to_document(self.started), to_document(config)))
+        document = to_document(config)
+        nodes.remember_applied(config.gateway.data_dir, revision, document)
+        self.waiting = restart_required(diff(to_document(self.started), document))
         log.info("configuration applied", revision=revision, restart_required=self.waiting or None)
 
     async def _follow_store(self, store: ConfigStore) -> None:
@@ -271,6 +292,7 @@ async def build_gateway(
     manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)
+    nodes.remember_applied(data_dir, revision, to_document(config))
     return Gateway(server, queue, manager, reloader, current, config, store)
 
 
@@ -344,13 +366,19 @@ async def _answers_http(host: str, port: int) -> bool:
 
 
 async def serve(
-    config: GatewayConfig, store: ConfigStore | None = None, revision: int | None = None
+    config: GatewayConfig,
+    store: ConfigStore | None = None,
+    revision: int | None = None,
+    opener: Callable[[], ConfigStore] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully. The API starts
-    first, so a taken ``admin.listen`` stops the start before any SMTP socket."""
+    first, so a taken ``admin.listen`` stops the start before any SMTP socket.
+    Without a ``store`` (it was unreachable), ``opener`` reaches it later; the
+    API, which works on the store, is not started then."""
     api = await start_api(config) if store is not None else None
     try:
         gateway = await build_gateway(config, revision, store)
+        gateway.opener = opener
         await gateway.start()
         await _run_until_stopped(gateway, config, revision, api)
     finally:
@@ -387,13 +415,17 @@ async def _run_until_stopped(
 
 
 def run(
-    config: GatewayConfig, store: ConfigStore | None = None, revision: int | None = None
+    config: GatewayConfig,
+    store: ConfigStore | None = None,
+    revision: int | None = None,
+    *,
+    opener: Callable[[], ConfigStore] | None = None,
 ) -> None:
     """Run the gateway on uvloop when it is installed."""
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
     except ImportError:
-        asyncio.run(serve(config, store, revision))
+        asyncio.run(serve(config, store, revision, opener))
     else:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, store, revision))
+            runner.run(serve(config, store, revision, opener))

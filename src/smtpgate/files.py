@@ -71,3 +71,23 @@ def _restrict(path: Path, changed: list[str]) -> None:
     if mode & 0o077:
         path.chmod(mode & 0o700)
         changed.append(f"{path}: {mode:04o} → {mode & 0o700:04o}")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, as a 0600 file:
+    a crash leaves the old file or the new one, never half of either."""
+    private_dir(path.parent)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

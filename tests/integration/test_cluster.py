@@ -4,16 +4,19 @@ report to this configuration store, what they run, and removing one that left.""
 from __future__ import annotations
 
 import json
+import smtplib
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from smtpgate.admin import nodes
 from smtpgate.config.store import ConfigStore
 from smtpgate.errors import Conflict, NotFound
-from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle
+from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle, wait_for_port
 
 
 def cli(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -67,3 +70,60 @@ def test_nodes_are_up_stale_or_down_by_their_last_heartbeat(store: ConfigStore) 
     assert [n["node"] for n in nodes.cluster(store, now)["nodes"]] == ["b"]
     with pytest.raises(NotFound):
         nodes.forget(store, "c", now)
+
+
+def test_a_node_restarted_while_the_store_is_down_runs_its_last_revision_then_catches_up(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    """The store is down (here: its database cannot be opened). The node starts
+    with the revision it ran last, not with the file, keeps relaying, and
+    follows the store again once it answers."""
+    gateway = gateway_process(
+        sink.port,
+        connection_profiles=[{"name": "apps", "client_hosts": ["127.0.0.2"], "relay": "full"}],
+    )
+    assert cli(gateway.config_path, "profile", "set", "apps", "relay=blocked").returncode == 0
+    assert cli(gateway.config_path, "config", "apply").returncode == 0  # revision 2
+    assert gateway.stop() == 0
+    data_dir = Path(yaml.safe_load(gateway.config_path.read_text())["gateway"]["data_dir"])
+    database = data_dir / "config.db"
+    database.rename(data_dir / "config.db.away")
+    database.mkdir()  # what SQLite cannot open: the store is unreachable
+    port = gateway.port  # revision 2's listener, from the node's own copy
+    process = subprocess.Popen(
+        [SMTPGATE, "serve", "--config", str(gateway.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        try:
+            wait_for_port(port, alive=lambda: process.poll() is None)
+        except TimeoutError:
+            process.kill()
+            raise AssertionError(process.communicate()[0].decode()[-3000:]) from None
+        assert greeting(port) == 554  # revision 2 (blocked), not the file's relay full
+        database.rmdir()
+        (data_dir / "config.db.away").rename(database)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = json.loads(cli(gateway.config_path, "cluster", "status", "--json").stdout)
+            [node] = found["nodes"]
+            if node["pid"] == process.pid:  # the restarted node reports again
+                break
+            time.sleep(0.5)
+        assert node["running_revision"] == 2
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=30)
+    log = out.decode()
+    assert "the configuration store is unreachable" in log
+    assert "running revision 2, the last this node ran, until it answers" in log
+    assert "configuration store reachable again" in log
+
+
+def greeting(port: int) -> int:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=("127.0.0.2", 0)):
+            return 220
+    except smtplib.SMTPConnectError as refused:
+        return refused.smtp_code

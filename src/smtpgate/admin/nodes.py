@@ -17,10 +17,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+from smtpgate.config.document import Document
 from smtpgate.config.store import ConfigStore
 from smtpgate.errors import Conflict, NotFound
+from smtpgate.files import write_private
 
 HEARTBEAT = 2.0  # seconds between a running gateway's reports
 STALE_AFTER = 3 * HEARTBEAT  # a node silent for longer is down
@@ -144,6 +147,7 @@ def cluster(store: ConfigStore, now: float) -> dict[str, Any]:
                 "version": report.get("version"),
                 "admin": report.get("admin"),
                 "hostname": report.get("hostname"),
+                "pid": report.get("pid"),
                 "queue": report.get("queue", {}),
             }
         )
@@ -159,3 +163,25 @@ def forget(store: ConfigStore, node: str, now: float, *, force: bool = False) ->
         raise Conflict(f"node {node!r} is up (it reported within {STALE_AFTER:g} s); use --force")
     with store.transaction() as connection:
         store.delete_meta(connection, f"node:{node}")
+
+
+# -- the last revision this node ran, for starting while the store is down ---------
+
+CACHE = "applied-revision.json"
+
+
+def remember_applied(data_dir: Path, revision: int | None, document: Document) -> None:
+    """Keep the revision this node runs in ``data_dir`` (0600, written atomically),
+    so that a restart while the store is unreachable still starts with it."""
+    if revision is not None:
+        data = json.dumps({"revision": revision, "document": document}).encode()
+        write_private(data_dir / CACHE, data)
+
+
+def cached_applied(data_dir: Path) -> tuple[int, Document] | None:
+    """The revision this node last ran, if it kept one."""
+    try:
+        found = json.loads((data_dir / CACHE).read_bytes())
+        return int(found["revision"]), found["document"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if TYPE_CHECKING:
+    from smtpgate.config.document import Document
+    from smtpgate.config.store import ConfigStore
     from smtpgate.sink import SinkBehaviour
 
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -154,20 +156,56 @@ def _serve(args: argparse.Namespace) -> int:
     # before the file becomes a revision; an expired certificate only warns here,
     # so that a restart keeps mail flowing
     _check_certificates(args.config, config, refuse_expired=False)
-    from smtpgate.admin.services import ConfigService  # noqa: PLC0415
     from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
-    from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
-    store = ConfigStore.open_configured(config.gateway)
-    service = ConfigService(store, config.gateway.data_dir)
-    revision, what = service.adopt_file(config, f"file:{args.config}")
-    print(f"smtpgate: {what}", file=sys.stderr)
     try:
-        run(parse_config(revision.document), store, revision.number)
+        store, number, document = _starting_revision(args.config, config)
+    except LookupError as exc:
+        print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        run(parse_config(document), store, number, opener=lambda: _open_store(config))
     except OSError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _open_store(config: GatewayConfig) -> ConfigStore:
+    from smtpgate.config.store import ConfigStore  # noqa: PLC0415
+
+    return ConfigStore.open_configured(config.gateway)
+
+
+def _starting_revision(
+    path: Path, config: GatewayConfig
+) -> tuple[ConfigStore | None, int | None, Document]:
+    """The store and the revision to start with: the file adopted into the store;
+    or, when the store cannot be reached, the revision this node ran last (it
+    catches up once the store answers). LookupError when there is neither."""
+    from smtpgate.admin import nodes  # noqa: PLC0415
+    from smtpgate.admin.services import ConfigService  # noqa: PLC0415
+
+    try:
+        store = _open_store(config)
+        revision, what = ConfigService(store, config.gateway.data_dir).adopt_file(
+            config, f"file:{path}"
+        )
+    except Exception as exc:  # any failure of the store: serve from the cache
+        cached = nodes.cached_applied(config.gateway.data_dir)
+        if cached is None:
+            raise LookupError(
+                f"the configuration store is unreachable ({exc}) and this node has "
+                "no revision of its own to start with"
+            ) from None
+        print(
+            f"smtpgate: the configuration store is unreachable ({exc}); running "
+            f"revision {cached[0]}, the last this node ran, until it answers",
+            file=sys.stderr,
+        )
+        return None, cached[0], cached[1]
+    print(f"smtpgate: {what}", file=sys.stderr)
+    return store, revision.number, revision.document
 
 
 def _certs(args: argparse.Namespace) -> int:
