@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import smtplib
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import yaml
 
 from smtpgate.config.store import ConfigStore
 from tests import postgres as private_postgres
-from tests.conftest import GatewayProcess, SinkHandle, free_port
+from tests.conftest import GatewayProcess, SinkHandle, base_config, free_port, merge
 from tests.integration.conftest import make_token
 from tests.integration.test_apply_enforced import cli, greeting
 
@@ -58,3 +60,35 @@ async def test_serve_apply_and_relay_on_postgresql(
         assert "apply" in [e.action for e in store.audit_log()]
     finally:
         store.close()
+
+
+def file_with_store(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    document = merge(base_config(tmp_path / "var", 2526), {"gateway": {"store": url}})
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_the_cli_uses_the_files_store_before_the_first_serve(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    path = file_with_store(tmp_path, postgres_url)
+    done = cli(path, "config", "import", str(path))
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "var" / "config.db").exists()  # not a SQLite store beside it
+    store = ConfigStore.open(tmp_path / "var", postgres_url)
+    try:
+        assert store.draft() is not None
+    finally:
+        store.close()
+
+
+def test_an_unreachable_store_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    path = file_with_store(tmp_path, f"postgresql://gate@127.0.0.1:{free_port()}/config")
+    done = cli(path, "config", "diff")
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "smtpgate: configuration store unreachable: postgresql+psycopg://gate@127.0.0.1:"
+    )
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -141,7 +141,9 @@ class ConfigService:
                 base = applied.document
             else:
                 base = to_document(GatewayConfig(gateway=GatewaySettings(data_dir=self.data_dir)))
-            document = self.check(change(copy.deepcopy(base)), base)
+            document = self.check(
+                change(copy.deepcopy(base)), base, new_store=current is None and applied is None
+            )
             try:
                 self.store.save_draft(
                     connection,
@@ -163,9 +165,12 @@ class ConfigService:
         assert draft is not None
         return draft
 
-    def check(self, document: Any, base: Document | None = None) -> Document:
+    def check(
+        self, document: Any, base: Document | None = None, *, new_store: bool = False
+    ) -> Document:
         """The normal form of ``document`` if it passes every check (else ConfigError);
-        ``base`` is the document it replaces, whose data directory it must keep."""
+        ``base`` is the document it replaces, whose data directory and store it must
+        keep (the first document of a ``new_store`` says where the store is)."""
         try:
             normal = normalise(document)
         except ValidationError as exc:
@@ -173,7 +178,7 @@ class ConfigService:
         parse_config(normal)
         # where this store lives: only the file can move it (and a restart)
         defaults = {"store": "", "store_password_file": None}  # documents from before them
-        for name in ("data_dir", "store", "store_password_file"):
+        for name in ("data_dir",) if new_store else ("data_dir", "store", "store_password_file"):
             now = normal["gateway"].get(name, defaults.get(name))
             kept = base["gateway"].get(name, defaults.get(name)) if base else now
             if now != kept:

@@ -24,6 +24,7 @@ from smtpgate.errors import AdminError
 
 if TYPE_CHECKING:  # the store and the HTTP client load only for the commands that use them
     from smtpgate.cli.backend import ApiBackend, Backend
+    from smtpgate.config.store import ConfigStore
 
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -158,6 +159,16 @@ def data_dir_of(args: argparse.Namespace) -> Path:
     return arg_types.load_file(args.config).gateway.data_dir
 
 
+def store_of(args: argparse.Namespace) -> ConfigStore:
+    """The store of ``--data-dir`` (where ``serve`` noted it), or of ``--config``'s
+    gateway (its ``gateway.store`` until the first ``serve``)."""
+    from smtpgate.config.store import ConfigStore  # noqa: PLC0415
+
+    if getattr(args, "data_dir", None) is not None:
+        return ConfigStore.open(Path(args.data_dir))
+    return ConfigStore.open_for(arg_types.load_file(args.config).gateway)
+
+
 def api_for(args: argparse.Namespace) -> ApiBackend:
     from smtpgate.cli.backend import ApiBackend  # noqa: PLC0415
 
@@ -168,11 +179,12 @@ def api_for(args: argparse.Namespace) -> ApiBackend:
 
 
 def backend_for(args: argparse.Namespace) -> Backend:
-    from smtpgate.cli.backend import LocalBackend  # noqa: PLC0415
+    from smtpgate.admin.services import ConfigService  # noqa: PLC0415
+    from smtpgate.cli.backend import LocalBackend, local_actor  # noqa: PLC0415
 
     if args.api:
         return api_for(args)
-    return LocalBackend.open(data_dir_of(args))
+    return LocalBackend(ConfigService(store_of(args), data_dir_of(args)), local_actor())
 
 
 def run_config(args: argparse.Namespace) -> int:
@@ -306,9 +318,8 @@ def run_admin(args: argparse.Namespace) -> int:
         return 0
     from smtpgate.admin.services import create_token, revoke_token  # noqa: PLC0415
     from smtpgate.cli.backend import local_actor  # noqa: PLC0415
-    from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
-    store = ConfigStore.open(data_dir_of(args))
+    store = store_of(args)
     try:
         if args.token_command == "create":  # noqa: S105 - a subcommand name
             token = create_token(store, args.name, local_actor())

@@ -286,6 +286,14 @@ class ConfigStore:
         record_location(gateway.data_dir, gateway.store, gateway.store_password_file)
         return store
 
+    @classmethod
+    def open_for(cls, gateway: GatewaySettings) -> ConfigStore:
+        """The store of ``gateway.data_dir`` as ``serve`` noted it; before the first
+        ``serve``, the one ``gateway.store`` names (what the CLI given ``--config`` uses)."""
+        if store_locator(gateway.data_dir).exists():
+            return cls.open(gateway.data_dir)
+        return cls.open(gateway.data_dir, gateway.store, gateway.store_password_file)
+
     def close(self) -> None:
         self.engine.dispose()
 
