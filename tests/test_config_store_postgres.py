@@ -171,6 +171,14 @@ def test_an_unreachable_store_is_one_clear_error(tmp_path: Path) -> None:
     assert "\n" not in text
 
 
+def test_libpq_tls_parameters_pass_through(tmp_path: Path, postgres_url: str) -> None:
+    """``sslmode`` in the URL reaches libpq: the test server has no TLS, so
+    requiring it fails, saying so."""
+    with pytest.raises(AdminError, match="server does not support SSL"):
+        ConfigStore.open(tmp_path, postgres_url + "?sslmode=require")
+    ConfigStore.open(tmp_path, postgres_url + "?sslmode=disable").close()
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [
