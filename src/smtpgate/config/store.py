@@ -176,6 +176,8 @@ WRITE_LOCK = 0x736D7470676174
 
 def postgresql_engine(url: URL) -> Engine:
     """An engine whose write transactions first take the store's advisory lock."""
+    if "connect_timeout" not in url.query:  # libpq would wait for the network's own timeout
+        url = url.update_query_dict({"connect_timeout": "10"})
     engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_pre_ping=True)
 
     @event.listens_for(engine, "begin")
