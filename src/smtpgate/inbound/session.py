@@ -63,6 +63,7 @@ from smtpgate.proto.state import State
 from smtpgate.spool import SpooledBody, new_queue_id
 
 log = get_logger("smtpgate.session")
+LINGER = 1.0  # seconds a closing connection drops what the client still sends
 
 TIMEOUT = Reply.of(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
@@ -114,6 +115,7 @@ class Session(asyncio.Protocol):
         self._tls_overflow = False
         self._handshaking = False
         self._pregreet_noted = False
+        self._lingering = False  # the last reply is sent; reading only to drop
         self._sasl: SaslExchange | None = None
 
     # -- asyncio callbacks -------------------------------------------------------
@@ -132,6 +134,8 @@ class Session(asyncio.Protocol):
         self._admit()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # the last reply is out; what comes now is dropped
+            return
         if self._proxy_buffer is not None:
             self._proxy_data(data)
             return
@@ -302,7 +306,7 @@ class Session(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._lingering:
             return
         # The greeting hook alone leaves reading on, to notice a client that
         # talks first; once it has, reading stops too.
@@ -315,10 +319,29 @@ class Session(asyncio.Protocol):
         self._reading_paused = pause
 
     def _write_and_close(self, out: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if out:
-                self.transport.write(out)
-            self.transport.close()
+        """Send the last reply and end the connection with a lingering close: our
+        side is shut down (FIN after the reply) and whatever the client still
+        sends is read and dropped for ``LINGER`` seconds. Closing with its bytes
+        unread would make the kernel reset the connection, and a client can lose
+        the reply it was about to read (a 421 at a deadline, say)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if out:
+            transport.write(out)
+        if not transport.can_write_eof():  # TLS: close_notify, then close
+            transport.close()
+            return
+        self._lingering = True
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already
+            transport.close()
+            return
+        if self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def _close(self) -> None:
         self._write_and_close(b"")
