@@ -342,6 +342,7 @@ class Session(asyncio.Protocol):
             transport.resume_reading()
             self._reading_paused = False
         asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self._release()  # the session is over: its slot, its spool, a stop need not wait
 
     def _close(self) -> None:
         self._write_and_close(b"")
