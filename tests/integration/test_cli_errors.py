@@ -277,3 +277,17 @@ def test_credentials_sent_from_the_cli_are_audited(config_file: Path) -> None:
     )
     assert audit[0]["actor"].startswith("cli:")
     assert PASSWORD not in json.dumps(audit)
+
+
+def test_a_broken_queue_database_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """`queue list` on a damaged queue.db printed sqlite3's traceback."""
+    config = tmp_path / "gateway.yaml"
+    data_dir = tmp_path / "var"
+    config.write_text(yaml.safe_dump(base_config(data_dir, 2526)))
+    queue = data_dir / "queue"
+    queue.mkdir(parents=True)
+    (queue / "queue.db").write_bytes(b"this is not a database\n" * 200)
+    code, out, err = run("queue", "list", "--config", str(config))
+    assert code == 1
+    assert err == "smtpgate: the queue cannot be read or written: file is not a database\n"
+    assert "Traceback" not in out + err

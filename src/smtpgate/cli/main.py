@@ -30,7 +30,7 @@ from smtpgate.cli.args import FileConfigError, listen_address, read_file
 from smtpgate.config.load import notices, parse_config
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
-from smtpgate.errors import AdminError, ConfigError
+from smtpgate.errors import AdminError, ConfigError, QueueError
 from smtpgate.files import restrict_umask
 from smtpgate.observe.log import configure
 
@@ -346,6 +346,9 @@ def _run(argv: Sequence[str] | None) -> int:
         return _fail(exc)
     except AdminError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
+        return 1
+    except QueueError as exc:  # the queue database failed: say so, no traceback
+        print(f"smtpgate: the queue cannot be read or written: {exc}", file=sys.stderr)
         return 1
 
 
