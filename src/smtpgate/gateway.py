@@ -37,7 +37,6 @@ from smtpgate.spool import SpooledBody
 
 log = get_logger("smtpgate.gateway")
 
-NO_ROUTE = Reply.of(550, "5.7.1", "No send connector for this recipient")
 QUEUE_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error, try again later")
 
 

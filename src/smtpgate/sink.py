@@ -119,7 +119,10 @@ def build_sink(
 
 
 async def run_sink(host: str, port: int, behaviour: SinkBehaviour) -> None:
+    """Run the sink until SIGTERM/SIGINT; say where it listens once it does."""
     server = build_sink(host, port, behaviour)
     await server.start()
+    bound = server.bound_ports()["sink"]
+    print(f"sink listening on {host}:{bound}, writing to {behaviour.directory}", flush=True)
     await until_stop_signal()
     await server.stop(5)

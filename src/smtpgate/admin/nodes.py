@@ -90,14 +90,10 @@ def wait_applied(
     seconds have passed); the outcomes, by node name."""
     deadline = clock() + timeout
     while True:
-        now = clock()
-        found = {name: outcome(name, r, revision, now) for name, r in reports(store).items()}
+        now, seen = clock(), reports(store)
+        found = {name: outcome(name, r, revision, now) for name, r in seen.items()}
         if all(found.values()) or now >= deadline:
-            return [
-                found[name] or _late(name, r, timeout)
-                for name, r in sorted(reports(store).items())
-                if name in found
-            ]
+            return [found[name] or _late(name, seen[name], timeout) for name in sorted(seen)]
         sleep(POLL)
 
 

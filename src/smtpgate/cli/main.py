@@ -68,7 +68,6 @@ def _parser() -> argparse.ArgumentParser:
 if TYPE_CHECKING:
     from smtpgate.config.document import Document
     from smtpgate.config.store import ConfigStore
-    from smtpgate.sink import SinkBehaviour
 
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -257,21 +256,8 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_sink(host: str, port: int, behaviour: SinkBehaviour) -> None:
-    """Run the sink until SIGTERM/SIGINT; say where it listens once it does."""
-    from smtpgate.inbound.server import until_stop_signal  # noqa: PLC0415
-    from smtpgate.sink import build_sink  # noqa: PLC0415
-
-    server = build_sink(host, port, behaviour)
-    await server.start()
-    bound = server.bound_ports()["sink"]
-    print(f"sink listening on {host}:{bound}, writing to {behaviour.directory}", flush=True)
-    await until_stop_signal()
-    await server.stop(5)
-
-
 def _sink(args: argparse.Namespace) -> int:
-    from smtpgate.sink import SinkBehaviour, parse_reply  # noqa: PLC0415
+    from smtpgate.sink import SinkBehaviour, parse_reply, run_sink  # noqa: PLC0415
 
     configure("warning")
     try:
@@ -286,7 +272,7 @@ def _sink(args: argparse.Namespace) -> int:
         print(f"smtpgate sink: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_run_sink(host, port, behaviour))
+        asyncio.run(run_sink(host, port, behaviour))
     except OSError as exc:
         print(f"smtpgate sink: cannot start: {exc}", file=sys.stderr)
         return 1
