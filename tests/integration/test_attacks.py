@@ -45,6 +45,27 @@ async def slow_dns() -> AsyncIterator[int]:
     server.transport.close()
 
 
+async def _at_the_body(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client past HELO, MAIL, RCPT and DATA's 354: the body comes next."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    writer.write(b"HELO c.example\r\n")
+    await reader.readline()
+    for line in (b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n"):
+        writer.write(line)
+        await reader.readline()
+    return reader, writer
+
+
+async def _waiting_for_dns(factory: GatewayFactory, slow_dns: int) -> GatewayHandle:
+    """A gateway whose greeting waits for reverse DNS (a host-name profile) from a
+    server that answers slowly."""
+    return await factory(
+        gateway={"dns": {"nameservers": ["127.0.0.1"], "port": slow_dns, "timeout": 5}},
+        connection_profiles=[{"name": "partner", "client_hosts": ["mail.partner.test"]}],
+    )
+
+
 def _sessions(gw: GatewayHandle) -> list[Session]:
     return list(gw.gateway.server.sessions)
 
@@ -53,11 +74,7 @@ def _sessions(gw: GatewayHandle) -> list[Session]:
 async def test_a_client_that_talks_first_cannot_push_data_in(
     gateway_factory: GatewayFactory, slow_dns: int
 ) -> None:
-    gw = await gateway_factory(
-        gateway={"dns": {"nameservers": ["127.0.0.1"], "port": slow_dns, "timeout": 5}},
-        # A host-name profile makes the greeting wait for reverse DNS.
-        connection_profiles=[{"name": "partner", "client_hosts": ["mail.partner.test"]}],
-    )
+    gw = await _waiting_for_dns(gateway_factory, slow_dns)
     client = socket.create_connection(("127.0.0.1", gw.port))
     client.setblocking(False)
     chunk, sent, started = b"EHLO flood.example\r\n" * 3277, 0, time.monotonic()
@@ -88,10 +105,7 @@ async def test_a_client_that_talks_first_cannot_push_data_in(
 async def test_the_greeting_still_waits_for_dns_for_a_patient_client(
     gateway_factory: GatewayFactory, slow_dns: int
 ) -> None:
-    gw = await gateway_factory(
-        gateway={"dns": {"nameservers": ["127.0.0.1"], "port": slow_dns, "timeout": 5}},
-        connection_profiles=[{"name": "partner", "client_hosts": ["mail.partner.test"]}],
-    )
+    gw = await _waiting_for_dns(gateway_factory, slow_dns)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 gw.test")
     writer.write(b"EHLO c.example\r\n")
@@ -138,13 +152,7 @@ async def test_trickling_a_body_does_not_extend_the_data_deadline(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
     gw = await gateway_factory(timeouts={"data": 0.5})  # min_data_rate: 500 octets/s
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    await reader.readline()
-    writer.write(b"HELO c.example\r\n")
-    await reader.readline()
-    for line in (b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n"):
-        writer.write(line)
-        await reader.readline()
+    reader, writer = await _at_the_body(gw.port)
     body = b"Subject: slow\r\n\r\n" + b"x" * 80 + b"\r\n.\r\n"  # 10 s at 10 octets/s
     sent, reply = await _trickle(writer, reader, body, 0.1)
     assert reply == b"421 4.4.2 Error: timeout exceeded\r\n"
@@ -157,13 +165,7 @@ async def test_a_body_sent_at_a_fair_rate_may_take_longer_than_the_data_timeout(
     gateway_factory: GatewayFactory, sink: SinkHandle
 ) -> None:
     gw = await gateway_factory(timeouts={"data": 0.5}, limits={"min_data_rate": 1000})
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    await reader.readline()
-    writer.write(b"HELO c.example\r\n")
-    await reader.readline()
-    for line in (b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n"):
-        writer.write(line)
-        await reader.readline()
+    reader, writer = await _at_the_body(gw.port)
     for _ in range(8):  # 1.6 s in all; 1000 octets every 0.2 s is 5000 octets/s
         writer.write(b"y" * 998 + b"\r\n")
         await asyncio.sleep(0.2)
