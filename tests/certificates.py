@@ -28,10 +28,13 @@ def issued(ca: trustme.CA, directory: Path, name: str) -> tuple[Path, Path]:
     return cert, private(directory / f"{name}.key", leaf.private_key_pem.bytes())
 
 
-def dated(directory: Path, name: str, not_after: dt.datetime) -> tuple[Path, Path]:
-    """(certificate, key), self-signed, valid until ``not_after`` (past or future)."""
+def cn_only(
+    common_name: str, not_after: dt.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed certificate naming ``common_name`` only (no subjectAltName,
+    which trustme always adds), valid until ``not_after``."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}.test")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -42,6 +45,12 @@ def dated(directory: Path, name: str, not_after: dt.datetime) -> tuple[Path, Pat
         .not_valid_after(not_after)
         .sign(key, hashes.SHA256())
     )
+    return certificate, key
+
+
+def dated(directory: Path, name: str, not_after: dt.datetime) -> tuple[Path, Path]:
+    """(certificate, key), self-signed, valid until ``not_after`` (past or future)."""
+    certificate, key = cn_only(f"{name}.test", not_after)
     cert = directory / f"{name}.pem"
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_pem = key.private_bytes(

@@ -11,11 +11,10 @@ import datetime as dt
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from smtpgate.tls.certificates import certificate_matches
+from tests.certificates import cn_only
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +30,7 @@ def _der(ca: trustme.CA, *identities: str, common_name: str | None = None) -> by
 
 def _cn_only(common_name: str) -> bytes:
     """A certificate without any subjectAltName (trustme always adds some)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    certificate, _ = cn_only(common_name, dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
     return certificate.public_bytes(serialization.Encoding.DER)
 
 
