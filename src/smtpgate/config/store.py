@@ -14,7 +14,11 @@ Rules the store keeps:
 * every change is one transaction, and writes take the database lock first
   (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL a transaction-level advisory
   lock, ``pg_advisory_xact_lock``, taken as the transaction's first statement),
-  so a read-modify-write cannot interleave.
+  so a read-modify-write cannot interleave;
+* on PostgreSQL, adding a revision also notifies ``REVISION_CHANNEL`` with the
+  revision number, in the same transaction (so peers hear of it only once it is
+  committed); ``smtpgate.config.watch`` listens for it. SQLite has no such
+  channel: nodes poll.
 
 The store is chosen by URL (``gateway.store``): empty means SQLite in
 ``data_dir/config.db``. ``smtpgate serve`` records a non-default URL in
@@ -46,6 +50,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import URL, Engine, make_url
@@ -172,6 +177,8 @@ def sqlite_engine(path: Path) -> Engine:
 
 # One advisory lock key for every write to the store (any constant; "smtpgate").
 WRITE_LOCK = 0x736D7470676174
+# The PostgreSQL channel on which an added revision is announced (payload: its number).
+REVISION_CHANNEL = "smtpgate_revision"
 
 
 def postgresql_engine(url: URL) -> Engine:
@@ -299,6 +306,17 @@ class ConfigStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def listen_parameters(self) -> dict[str, Any] | None:
+        """Keyword arguments for ``psycopg.connect`` reaching this store's PostgreSQL
+        database as the store does (same URL, password, ``connect_timeout``), for a
+        connection that LISTENs on ``REVISION_CHANNEL``; ``None`` on SQLite. They
+        hold the password: never log them (``masked(store.engine.url)`` may be)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        _args, parameters = self.engine.dialect.create_connect_args(self.engine.url)
+        parameters.pop("context", None)  # SQLAlchemy's own type adapters
+        return dict(parameters)
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A write transaction, holding the write lock from its start."""
@@ -349,6 +367,11 @@ class ConfigStore:
                 comment=comment,
             )
         )
+        if connection.dialect.name == "postgresql":  # delivered on commit, never before
+            connection.execute(
+                text("SELECT pg_notify(:channel, :number)"),
+                {"channel": REVISION_CHANNEL, "number": str(number)},
+            )
         return number
 
     # -- the draft -------------------------------------------------------------
