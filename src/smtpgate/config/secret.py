@@ -7,11 +7,21 @@ with HMAC-SHA256, from ``cryptography``) with a key in
 ``data_dir/keys/secret.key``, created on first use with mode 0600 in a 0700
 directory. Encrypted values are written ``enc:v1:<token>``. A secret's clear
 text never appears in logs, errors or exports: it lives in ``SecretStr``.
+
+Peer gateways share one store, so they need one key: ``fingerprint`` names a
+key without revealing it (the store records the cluster's, see
+``smtpgate.admin.keys``), ``install_key`` puts a key copied from a peer in
+place (``smtpgate cluster key import``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import os
+import re
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -23,6 +33,7 @@ from smtpgate.errors import ConfigError, FieldProblem
 from smtpgate.files import private_dir
 
 PREFIX = "enc:v1:"
+KEY_SHAPE = re.compile(rb"[A-Za-z0-9_-]{43}=")  # urlsafe base64 of 32 bytes
 
 
 def key_path(data_dir: Path) -> Path:
@@ -32,27 +43,91 @@ def key_path(data_dir: Path) -> Path:
 def load_key(data_dir: Path, *, create: bool) -> Fernet:
     """The data directory's key; created (0600) when ``create`` and missing."""
     path = key_path(data_dir)
-    try:
-        return Fernet(path.read_bytes().strip())
-    except FileNotFoundError:
-        if not create:
-            raise ConfigError(
-                [
-                    FieldProblem(
-                        "gateway.data_dir",
-                        f"no secret key at {path}; encrypt a "
-                        "password first with `smtpgate credentials encrypt`",
-                    )
-                ]
-            ) from None
-    except ValueError:
-        raise ConfigError([FieldProblem("gateway.data_dir", f"{path} is not a key")]) from None
-    private_dir(path.parent)  # data_dir too, when this is the first thing in it
+    found = read_key(data_dir)
+    if found is not None:
+        return Fernet(found)
+    if not create:
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "gateway.data_dir",
+                    f"no secret key at {path}; encrypt a password first with "
+                    "`smtpgate credentials encrypt`, or copy a peer's key with "
+                    "`smtpgate cluster key import`",
+                )
+            ]
+        )
     key = Fernet.generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key + b"\n")
+    if not install_key(data_dir, key, replace=False):  # another process made one first
+        return load_key(data_dir, create=False)
     return Fernet(key)
+
+
+def read_key(data_dir: Path) -> bytes | None:
+    """The data directory's key as written (``None`` if there is none yet)."""
+    path = key_path(data_dir)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(
+            [FieldProblem("gateway.data_dir", f"{path}: cannot read: {exc.strerror}")]
+        ) from None
+    key = parse_key(text)
+    if key is None:
+        raise ConfigError([FieldProblem("gateway.data_dir", f"{path} is not a key")])
+    return key
+
+
+def parse_key(text: bytes) -> bytes | None:
+    """``text`` as a Fernet key (urlsafe base64 of 32 bytes), ``None`` if it is not one."""
+    key = text.strip()
+    if not KEY_SHAPE.fullmatch(key):
+        return None
+    try:
+        Fernet(key)
+    except (ValueError, binascii.Error):
+        return None
+    return key
+
+
+def fingerprint(key: bytes) -> str:
+    """A name for ``key`` that may be shown and stored: 16 hex digits of an HMAC
+    keyed with the key, from which the key cannot be recovered."""
+    raw = base64.urlsafe_b64decode(key.strip())
+    return hmac.new(raw, b"smtpgate key fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def install_key(data_dir: Path, key: bytes, *, replace: bool) -> bool:
+    """Write ``key`` as the data directory's key, atomically (a reader sees the
+    old key or the new one, never a part) and 0600 in a 0700 directory. Without
+    ``replace`` an existing key is kept and the result is False."""
+    path = key_path(data_dir)
+    private_dir(path.parent)  # data_dir too, when this is the first thing in it
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(key.strip() + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # fails if there is one: never two keys
+            except FileExistsError:
+                return False
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
 
 
 def encrypt(key: Fernet, clear: str) -> str:
