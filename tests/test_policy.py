@@ -1,11 +1,13 @@
-"""Table tests for the pure policy functions: relay, spoofing, routing, TLS."""
+"""Table tests for the pure policy functions: relay, spoofing, routing, TLS,
+and the listener's step at MAIL."""
 
 from __future__ import annotations
 
 import pytest
 
+from smtpgate.config.load import parse_config
 from smtpgate.config.schema import Namespace, RelayMode, SendConnector
-from smtpgate.policy.profile import Profile, ProfileMatch
+from smtpgate.policy.profile import Profile, ProfileIndex, ProfileMatch
 from smtpgate.policy.relay import (
     decide_connect,
     decide_relay,
@@ -15,6 +17,7 @@ from smtpgate.policy.relay import (
     split_address,
 )
 from smtpgate.policy.routing import domain_matches, select_connector
+from smtpgate.policy.session import ListenerFacts, SessionPolicy, decide_listener
 from smtpgate.policy.tls import decide_mail_tls, inbound_tls_required
 
 HOSTED = frozenset({"example.com", "xn--bcher-kva.example"})
@@ -230,3 +233,79 @@ def test_select_connector(sender: str, recipient: str, roles: set[str], expected
 def test_no_connector_when_nothing_matches() -> None:
     only = [_connector("partner", 5, ("example.com", "partner.example"))]
     assert select_connector(only, frozenset({"edge"}), "example.com", "other.example") is None
+
+
+MUST = "530 5.7.0 Must issue a STARTTLS command first"
+CERTIFICATE = "530 5.7.0 Must issue STARTTLS and present an accepted client certificate first"
+
+
+@pytest.mark.parametrize(
+    ("requires_tls", "certificate_required", "tls_active", "certificate", "reply"),
+    [
+        (False, False, False, False, None),
+        (True, False, False, False, MUST),  # RFC 3207 §4
+        (True, False, True, False, None),
+        (False, True, False, False, CERTIFICATE),
+        (False, True, True, False, CERTIFICATE),  # TLS, but no accepted certificate
+        (False, True, True, True, None),
+        (True, True, False, False, MUST),  # the listener's TLS comes first
+        (True, True, True, False, CERTIFICATE),
+        (True, True, True, True, None),
+    ],
+)
+def test_the_listeners_step_at_mail(
+    requires_tls: bool,
+    certificate_required: bool,
+    tls_active: bool,
+    certificate: bool,
+    reply: str | None,
+) -> None:
+    listener = ListenerFacts("mx", requires_tls, certificate_required)
+    verdict = decide_listener(listener, tls_active=tls_active, client_certificate=certificate)
+    assert (verdict.reply.text() if verdict.reply else None) == reply
+    assert verdict.reason.startswith("listener mx")
+
+
+def test_no_listener_demands_nothing() -> None:
+    verdict = decide_listener(None, tls_active=False, client_certificate=False)
+    assert verdict.accepted
+
+
+def _session() -> SessionPolicy:
+    config = parse_config(
+        {
+            "hosted_domains": ["example.com"],
+            "listeners": [{"name": "mx", "address": "127.0.0.1:0", "security": "none"}],
+            "connection_profiles": [
+                {
+                    "name": "secure",
+                    "client_hosts": ["192.0.2.6"],
+                    "relay": "none",
+                    "inbound_tls": {"mandatory": True},
+                }
+            ],
+            "send_connectors": [{"name": "out", "deliver": {"smarthost": {"host": "192.0.2.1"}}}],
+        }
+    )
+    return SessionPolicy(config, ProfileIndex(config))
+
+
+def test_session_mail_refuses_first_for_the_listener() -> None:
+    session = _session()
+    strict = ListenerFacts("strict", requires_tls=True, security="require-starttls")
+    session.connect("192.0.2.6", (), strict)  # its profile requires TLS too
+    step = session.mail("spoof@example.com", tls_active=False)
+    assert step.refusal is step.listener
+    assert step.listener.reason == "listener strict: require-starttls: MAIL refused without TLS"
+    assert not step.decision.tls.accepted  # the profile's step still says why
+    assert session.mail("a@elsewhere.example", tls_active=True).refusal is None
+
+
+def test_session_mail_without_a_listener_keeps_the_profiles_order() -> None:
+    session = _session()
+    session.connect("192.0.2.6")
+    step = session.mail("a@elsewhere.example", tls_active=False)
+    assert step.listener.accepted
+    assert step.refusal is step.decision.tls
+    session.connect("192.0.2.9", (), ListenerFacts("mx", requires_tls=False, security="none"))
+    assert session.mail("a@elsewhere.example", tls_active=False).refusal is None

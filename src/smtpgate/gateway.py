@@ -28,7 +28,7 @@ from smtpgate.policy.auth import (
 from smtpgate.policy.profile import (
     ProfileMatch,
 )
-from smtpgate.policy.session import SessionPolicy
+from smtpgate.policy.session import ListenerFacts, SessionPolicy
 from smtpgate.proto import events as ev
 from smtpgate.proto.replies import Reply
 from smtpgate.queue.queue import Queue
@@ -80,7 +80,10 @@ class GatewayHandler:
             if (profiles.uses_host_names)
             else []
         )
-        decision = self.session.connect(info.client_ip, names)
+        listener = ListenerFacts(
+            info.listener, info.tls_required, info.client_certificate_required
+        )  # as the listener runs: a changed security waits for a restart
+        decision = self.session.connect(info.client_ip, names, listener)
         info.profile = self.match.profile.name
         info.postmaster = self.policy.postmaster
         verdict = decision.verdict
@@ -114,7 +117,11 @@ class GatewayHandler:
         return None
 
     def _mail(self, info: SessionInfo, sender: str) -> Reply | None:
-        decision = self.session.mail(sender, tls_active=info.tls is not None)
+        decision = self.session.mail(
+            sender,
+            tls_active=info.tls is not None,
+            client_certificate=info.client_certificate is not None,
+        )
         refusal = decision.refusal
         if refusal is not None:
             log.info("sender refused", client=info.client_ip, sender=sender, why=refusal.reason)

@@ -223,6 +223,7 @@ BAD_INPUT = [
     ("POST", "/queue/NOSUCHID/explode", None, 422, "path.action"),
     ("DELETE", "/queue/NOSUCHID", None, 404, None),
     ("POST", "/policy/explain", {"recipients": []}, 422, "client_ip"),
+    ("POST", "/policy/explain", {"client_ip": "127.0.0.1", "listener": "nothere"}, 422, "listener"),
     ("POST", "/connectors/nothere/verify", None, 404, None),
     ("POST", "/profiles/nothere/send-credentials", None, 422, "connection_profiles"),
     ("POST", "/secrets/encrypt", {"value": ""}, 422, "value"),
@@ -345,6 +346,16 @@ async def test_the_cli_works_against_the_api(api: Api, tmp_path: Path) -> None:
     assert code == 0, out
     assert "profile:      connection profile 'partner'" in out
     assert "recipient x@elsewhere.test: refuse" in out  # relay none since the apply above
+    code, out = await run_tool(
+        SMTPGATE, "policy", "explain", "--client-ip", "127.0.0.2", "--listener", "mx", *where
+    )
+    assert code == 0, out
+    assert "listener:     listener mx: none: TLS not required before MAIL" in out
+    code, out = await run_tool(
+        SMTPGATE, "policy", "explain", "--client-ip", "127.0.0.2", "--listener", "nothere", *where
+    )
+    assert code == 2  # bad usage, as a bad --client-ip
+    assert "argument --listener: no listener named 'nothere' (configured: mx)" in out
     code, out = await run_tool(SMTPGATE, "queue", "list", *where)
     assert code == 0, out
     assert "-- 0 message(s)" in out

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, Field
 
 from smtpgate.admin import nodes
@@ -27,7 +28,7 @@ from smtpgate.config.secret import encrypt, load_key
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
-from smtpgate.policy.explain import Facts
+from smtpgate.policy.explain import Facts, UnknownListenerError
 from smtpgate.queue.store import QueueStore
 from smtpgate.snapshot import Snapshot
 
@@ -45,6 +46,7 @@ class ExplainRequest(StrictBody):
     tls: bool = False
     auth_user: str | None = Field(default=None, max_length=255)
     client_certificate: str | None = Field(default=None, max_length=1000)
+    listener: str | None = Field(default=None, max_length=255)  # a configured listener's name
     lookup: bool = False  # add the forward-confirmed names the gateway's DNS finds
 
 
@@ -128,7 +130,11 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
         if request.lookup:  # from the gateway, with gateway.dns: what a session would see
             resolver = DnsResolver(config.gateway.dns)
             asked["confirmed_names"] += await confirmed_names(resolver, request.client_ip)
-        result: dict[str, Any] = explain_policy(config, Facts(**asked)).as_dict()
+        try:
+            result: dict[str, Any] = explain_policy(config, Facts(**asked)).as_dict()
+        except UnknownListenerError as exc:  # 422, naming the field, as for the others
+            error = {"loc": ("body", "listener"), "msg": str(exc), "type": "value_error"}
+            raise RequestValidationError([{**error, "input": request.listener}]) from None
         return result
 
     @router.post("/connectors/{name}/verify", tags=["operations"])

@@ -17,7 +17,7 @@ from smtpgate.cli.admin import api_for, data_dir_of, where_options
 from smtpgate.cli.args import load_file
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import GatewayConfig
-from smtpgate.errors import NotFound
+from smtpgate.errors import ConfigError, NotFound
 from smtpgate.observe.log import configure
 
 if TYPE_CHECKING:
@@ -50,6 +50,11 @@ def add_policy(commands: Commands) -> None:
         "--client-certificate",
         metavar="SUBJECT",
         help="the client presented this verified certificate",
+    )
+    explain.add_argument(
+        "--listener",
+        metavar="NAME",
+        help="the client connected to this listener (its security applies at MAIL)",
     )
 
 
@@ -101,7 +106,7 @@ def applied_config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def explain(args: argparse.Namespace) -> int:
-    from smtpgate.policy.explain import explanation_text  # noqa: PLC0415
+    from smtpgate.policy.explain import UnknownListenerError, explanation_text  # noqa: PLC0415
 
     facts: dict[str, Any] = {
         "client_ip": args.client_ip,
@@ -112,17 +117,36 @@ def explain(args: argparse.Namespace) -> int:
         "tls": args.tls,
         "auth_user": args.auth,
         "client_certificate": args.client_certificate,
+        "listener": args.listener,
     }
-    if getattr(args, "api", None):
-        api = api_for(args)
-        try:
-            result = api.call("POST", "/policy/explain", json={**facts, "lookup": args.lookup})
-        finally:
-            api.close()
-    else:
-        result = _explain_locally(args, facts)
+    try:
+        if getattr(args, "api", None):
+            result = _explain_by_api(args, facts)
+        else:
+            result = _explain_locally(args, facts)
+    except UnknownListenerError as exc:  # bad usage, as a bad --client-ip is (exit 2)
+        print(f"smtpgate policy explain: error: argument --listener: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if args.json else explanation_text(result))
     return 0
+
+
+def _explain_by_api(args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:
+    from smtpgate.policy.explain import UnknownListenerError  # noqa: PLC0415
+
+    api = api_for(args)
+    try:
+        result: dict[str, Any] = api.call(
+            "POST", "/policy/explain", json={**facts, "lookup": args.lookup}
+        )
+    except ConfigError as exc:  # 422: the API names the field
+        listener = [p.message for p in exc.problems if p.path == "listener"]
+        if listener:
+            raise UnknownListenerError(listener[0]) from None
+        raise
+    finally:
+        api.close()
+    return result
 
 
 def _explain_locally(args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:

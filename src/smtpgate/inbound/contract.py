@@ -38,6 +38,9 @@ class SessionInfo:
     auth_mechanisms: tuple[str, ...] = ()
     postmaster: str = ""  # RCPT TO:<Postmaster> goes here; "": postmaster@hostname
     client_certificate: str | None = None  # "subject (sha256 ...)" once verified
+    # What the listener demands before MAIL (from its settings); the handler decides.
+    tls_required: bool = False  # security: require-starttls
+    client_certificate_required: bool = False  # a client_identity
     # What the handler decided, carried into the envelope.
     spam_check: bool = True
     profile: str = ""
@@ -81,7 +84,7 @@ class SessionSettings:
     tls_handshake_timeout: float
     spool_dir: Path
     tls_context: ssl.SSLContext | None  # None: STARTTLS not offered
-    require_tls: bool
+    require_tls: bool  # a fact for the handler (SessionInfo.tls_required), which decides
     proxy_protocol: bool = False
     proxy_timeout: float = 10.0
     plaintext_auth_on_loopback: bool = False

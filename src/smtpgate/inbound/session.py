@@ -24,8 +24,12 @@ Rules kept here:
   within ``data + S / min_data_rate`` seconds, and a sender at least that
   fast is never cut. On expiry ``421 4.4.2`` and close. One timer per
   session, moved lazily.
-* On a ``require-starttls`` listener MAIL before STARTTLS gets ``530 5.7.0``
-  (RFC 3207 §4).
+* What the listener demands before MAIL (``require-starttls``: STARTTLS
+  first, RFC 3207 §4; a client certificate) is not decided here: the
+  session hands the listener's settings to the handler as facts
+  (``SessionInfo.tls_required``, ``client_certificate_required``), and the
+  gateway's policy refuses MAIL with ``530 5.7.0`` (``policy.session``), so
+  ``policy explain`` replays the very same step.
 * Bodies stream into a :class:`~smtpgate.spool.SpooledBody`.
 * On shutdown an idle session gets ``421 4.3.2`` at once; a session inside a
   message body or hand-off finishes it first.
@@ -67,10 +71,6 @@ LINGER = 1.0  # seconds a closing connection drops what the client still sends
 
 TIMEOUT = Reply.of(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
-MUST_STARTTLS = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
-CERTIFICATE_REQUIRED = Reply.of(
-    530, "5.7.0", "Must issue STARTTLS and present an accepted client certificate first"
-)
 SPOOL_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error")
 HAND_OFF_FAILED = Reply.of(451, "4.3.0", "Error: local error in processing")
 
@@ -97,7 +97,14 @@ class Session(asyncio.Protocol):
         self.handler = host.new_handler()
         self.conn = ServerConnection(settings.limits)
         self.transport: asyncio.Transport | None = None
-        self.info = SessionInfo(listener, "?", 0, host.hostname)
+        self.info = SessionInfo(
+            listener,
+            "?",
+            0,
+            host.hostname,
+            tls_required=settings.require_tls,
+            client_certificate_required=settings.client_certificate_required,
+        )
         self.spool: SpooledBody | None = None
         self.stopping = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -399,11 +406,6 @@ class Session(asyncio.Protocol):
     # -- commands --------------------------------------------------------------------
 
     def _answer(self, event: ev.Event) -> Reply:
-        if type(event) is ev.MailFrom:
-            if self.settings.require_tls and not self.conn.tls_active:
-                return MUST_STARTTLS
-            if self.settings.client_certificate_required and not self.info.client_certificate:
-                return CERTIFICATE_REQUIRED
         reply = self.handler.on_command(self.info, event) or self._default(event)
         if reply.code < 400:
             self._remember(event)

@@ -3,9 +3,9 @@
 It replays the server's own decision sequence (``policy.session.SessionPolicy``,
 which the session handler drives), so what it prints is what the gateway
 would do: which profile matched and why,
-whether the client may connect, the TLS requirement, the relay rights
-(after AUTH too), the sender check, and per recipient the relay verdict and
-the send connector.
+whether the client may connect, the TLS requirement (the listener's own, when
+a listener is named, and the profiles'), the relay rights (after AUTH too),
+the sender check, and per recipient the relay verdict and the send connector.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpgate.config.schema import GatewayConfig
+from smtpgate.config.schema import GatewayConfig, Listener
 from smtpgate.policy.profile import ProfileIndex, ProfileMatch
 from smtpgate.policy.relay import (
     RelayRights,
     split_address,
 )
-from smtpgate.policy.session import SessionPolicy, reserve_reason
+from smtpgate.policy.session import ListenerFacts, SessionPolicy, reserve_reason
 from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
@@ -38,6 +38,19 @@ class Facts:
     tls: bool = False
     auth_user: str | None = None
     client_certificate: str | None = None  # as the listener verified it
+    listener: str | None = None  # a configured listener's name: its security applies
+
+
+class UnknownListenerError(ValueError):
+    """``Facts.listener`` names no configured listener (the message lists them)."""
+
+
+def find_listener(config: GatewayConfig, name: str) -> Listener:
+    for listener in config.listeners:
+        if listener.name == name:
+            return listener
+    configured = ", ".join(x.name for x in config.listeners) or "none"
+    raise UnknownListenerError(f"no listener named {name!r} (configured: {configured})")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class Explanation:
     recipients: list[RecipientDecision] = field(default_factory=list)
     client_certificate: str | None = None
     connections: str = ""  # the share of connections this client may use
+    listener: ListenerFacts | None = None
+    listener_step: Verdict | None = None  # at MAIL, before the profiles' TLS requirement
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -86,6 +101,7 @@ class Explanation:
             "auth": self.auth,
             "client_certificate": self.client_certificate,
             "relay": {"mode": self.rights.mode, "reason": self.rights.reason},
+            "listener": _listener(self.listener, self.listener_step),
             "inbound_tls": {"required": self.tls_required, "verdict": verdict(self.tls)},
             "sender": verdict(self.sender),
             "spam_check": {"checked": self.spam_check[0], "reason": self.spam_check[1]},
@@ -123,6 +139,10 @@ def explanation_text(result: dict[str, Any]) -> str:
     if result["auth"]:
         lines.append(f"auth:         {result['auth']}")
     lines.append(f"relay:        {result['relay']['reason']}")
+    listener = result.get("listener")
+    if listener is not None:
+        refused = "" if listener["accepted"] else f" ({listener['reply']})"
+        lines.append(f"listener:     {listener['reason']}{refused}")
     if result["inbound_tls"]["verdict"] is not None:
         lines.append(f"inbound TLS:  {_show(result['inbound_tls']['verdict'])}")
     if result["sender"] is not None:
@@ -144,6 +164,20 @@ def explanation_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _listener(facts: ListenerFacts | None, step: Verdict | None) -> dict[str, Any] | None:
+    if facts is None or step is None:
+        return None
+    return {
+        "name": facts.name,
+        "security": facts.security,
+        "requires_tls": facts.requires_tls,
+        "client_certificate_required": facts.certificate_required,
+        "accepted": step.accepted,
+        "reply": step.reply.text() if step.reply else None,
+        "reason": step.reason,
+    }
+
+
 def _outbound(tls: OutboundPolicy | None) -> dict[str, Any] | None:
     if tls is None:
         return None
@@ -161,17 +195,27 @@ def explain(
     config: GatewayConfig, index: ProfileIndex, user_profiles: Mapping[str, str], facts: Facts
 ) -> Explanation:
     """Every decision for ``facts``, by replaying the server's own steps
-    (``SessionPolicy``); ``user_profiles`` maps user names to profile names."""
+    (``SessionPolicy``); ``user_profiles`` maps user names to profile names.
+    Raises :class:`UnknownListenerError` when ``facts.listener`` is not configured."""
+    listener = (
+        ListenerFacts.of(find_listener(config, facts.listener))
+        if facts.listener is not None
+        else None
+    )
     session = SessionPolicy(config, index)
-    connect = session.connect(facts.client_ip, facts.confirmed_names)
+    connect = session.connect(facts.client_ip, facts.confirmed_names, listener)
     auth_note = None
     if facts.auth_user is not None:
         auth = session.authenticate(user_profiles.get(facts.auth_user))
         auth_note = f"user {facts.auth_user!r}: " + (
             auth.reason if auth.profile else f"authentication would fail ({auth.reason})"
         )
-    mail = session.mail(facts.sender or "", tls_active=facts.tls)
-    given = facts.sender is not None
+    step = session.mail(
+        facts.sender or "",
+        tls_active=facts.tls,
+        client_certificate=facts.client_certificate is not None,
+    )
+    mail, given = step.decision, facts.sender is not None
     result = Explanation(
         session.match,
         connect.verdict,
@@ -183,6 +227,8 @@ def explain(
         mail.spam_check,
         client_certificate=facts.client_certificate,
         connections=reserve_reason(config, index, facts.client_ip),
+        listener=listener,
+        listener_step=step.listener if listener is not None else None,
     )
     for recipient in facts.recipients:
         decision = _recipient(session, connect.verdict, facts.sender or "", recipient)

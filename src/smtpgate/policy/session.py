@@ -9,7 +9,10 @@ the server's order, each returning a typed decision with its reason:
    STARTTLS and AUTH are offered;
 2. ``authenticate``: whether a user with the right password may log in
    (its profile exists, has SMTP AUTH enabled, is not blocked);
-3. ``mail``: inbound TLS required (profile or sender domain), spoofing, the
+3. ``mail``: first the listener's own demands (``security:
+   require-starttls``: no MAIL before STARTTLS, RFC 3207 §4; a
+   ``client_identity``: no MAIL without an accepted client certificate),
+   then inbound TLS required (profile or sender domain), spoofing, the
    spam-check decision (``policy.mail``);
 4. ``rcpt``: the relay verdict, ``<Postmaster>`` (RFC 5321 §4.5.1), and the
    send connector (no connector, no 250: a message is never accepted and
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
-from smtpgate.config.schema import GatewayConfig, SendConnector
+from smtpgate.config.schema import GatewayConfig, Listener, SendConnector
 from smtpgate.policy.auth import user_profile
 from smtpgate.policy.mail import MailDecision, decide_mail
 from smtpgate.policy.profile import Profile, ProfileIndex, ProfileMatch, match_profile
@@ -38,11 +41,58 @@ from smtpgate.policy.relay import (
     relay_rights,
 )
 from smtpgate.policy.routing import route
+from smtpgate.policy.tls import MUST_STARTTLS
 from smtpgate.policy.verdict import Verdict
 from smtpgate.proto.replies import Reply
 from smtpgate.proto.server import POSTMASTER
 
 NO_ROUTE = Reply.of(550, "5.7.1", "No send connector for this recipient")
+CERTIFICATE_REQUIRED = Reply.of(
+    530, "5.7.0", "Must issue STARTTLS and present an accepted client certificate first"
+)
+
+
+@dataclass(frozen=True)
+class ListenerFacts:
+    """What the session's listener demands before MAIL, as the listener runs
+    (a changed ``security`` waits for a restart, so the gateway takes these
+    from the running listener, and ``policy explain`` from the configuration)."""
+
+    name: str
+    requires_tls: bool  # security: require-starttls
+    certificate_required: bool = False  # client_identity other than "any"
+    security: str | None = None  # for the reasons, when known
+
+    @classmethod
+    def of(cls, listener: Listener) -> ListenerFacts:
+        return cls(
+            listener.name,
+            listener.security == "require-starttls",
+            listener.client_identity != "any",
+            listener.security,
+        )
+
+
+def decide_listener(
+    listener: ListenerFacts | None, *, tls_active: bool, client_certificate: bool
+) -> Verdict:
+    """The listener's step at MAIL: ``530 5.7.0`` before STARTTLS on a
+    ``require-starttls`` listener (RFC 3207 §4), then without an accepted
+    client certificate where its ``client_identity`` asks for one."""
+    if listener is None:
+        return Verdict.accept("no listener given")
+    security = listener.security or ("require-starttls" if listener.requires_tls else None)
+    label = f"listener {listener.name}" + (f": {security}" if security else "")
+    if listener.requires_tls and not tls_active:
+        return Verdict.reject(MUST_STARTTLS, f"{label}: MAIL refused without TLS")
+    if listener.certificate_required and not client_certificate:
+        return Verdict.reject(
+            CERTIFICATE_REQUIRED,
+            f"{label}: MAIL refused without an accepted client certificate (client_identity)",
+        )
+    if listener.requires_tls:
+        return Verdict.accept(f"{label}: TLS is active")
+    return Verdict.accept(f"{label}: TLS not required before MAIL")
 
 
 @dataclass(frozen=True)
@@ -57,6 +107,23 @@ class ConnectDecision:
 class AuthDecision:
     profile: Profile | None  # None: refused (535)
     reason: str
+
+
+@dataclass(frozen=True)
+class MailStep:
+    """MAIL FROM as the server decides it: the listener's step, then ``decide_mail``."""
+
+    listener: Verdict
+    decision: MailDecision
+
+    @property
+    def refusal(self) -> Verdict | None:
+        """The first verdict that refuses, in the order the server applies them."""
+        return self.listener if not self.listener.accepted else self.decision.refusal
+
+    @property
+    def spam_check(self) -> tuple[bool, str]:
+        return self.decision.spam_check
 
 
 @dataclass(frozen=True)
@@ -107,12 +174,20 @@ class SessionPolicy:
         self.postmaster = postmaster or postmaster_address(config)
         self.match = ProfileMatch(index.default, "default")
         self.auth_profile: Profile | None = None
+        self.listener: ListenerFacts | None = None  # None: not known, demands nothing
 
     @property
     def rights(self) -> RelayRights:
         return relay_rights(self.match.profile, self.auth_profile)
 
-    def connect(self, client_ip: str, confirmed_names: Sequence[str] = ()) -> ConnectDecision:
+    def connect(
+        self,
+        client_ip: str,
+        confirmed_names: Sequence[str] = (),
+        listener: ListenerFacts | None = None,
+    ) -> ConnectDecision:
+        """``listener``: the listener the client connected to (its demands apply at MAIL)."""
+        self.listener = listener
         self.match = match_profile(self.index, client_ip, confirmed_names)
         return ConnectDecision(
             self.match,
@@ -129,9 +204,15 @@ class SessionPolicy:
             self.auth_profile = profile
         return AuthDecision(profile, reason)
 
-    def mail(self, sender: str, *, tls_active: bool) -> MailDecision:
-        return decide_mail(
-            self.config, self.index, self.match, self.rights, sender, tls_active=tls_active
+    def mail(self, sender: str, *, tls_active: bool, client_certificate: bool = False) -> MailStep:
+        """``client_certificate``: the client presented one the listener accepted."""
+        return MailStep(
+            decide_listener(
+                self.listener, tls_active=tls_active, client_certificate=client_certificate
+            ),
+            decide_mail(
+                self.config, self.index, self.match, self.rights, sender, tls_active=tls_active
+            ),
         )
 
     def rcpt(self, sender: str, recipient: str) -> RcptDecision:
