@@ -141,7 +141,9 @@ def test_the_store_cannot_move_through_the_store(
         doc["gateway"][name] = value
         return doc
 
-    with pytest.raises(ConfigError, match=rf"gateway\.{name}: cannot change here"):
+    with pytest.raises(
+        ConfigError, match=rf"gateway\.{name}: node-local: set it in the configuration file"
+    ):
         service.edit(move, "alice", "move")
 
 

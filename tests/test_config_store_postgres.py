@@ -79,8 +79,9 @@ def test_two_writers_serialise_and_the_stale_one_is_refused(
 
 
 def test_concurrent_edits_are_none_lost(tmp_path: Path, postgres_url: str) -> None:
-    services = [open_service(tmp_path, postgres_url) for _ in range(2)]
-    services[0].adopt_file(parse_config(document(tmp_path)), "file:g.yaml")
+    first = open_service(tmp_path, postgres_url)
+    first.adopt_file(parse_config(document(tmp_path)), "file:g.yaml")  # notes the node's settings
+    services = [first, open_service(tmp_path, postgres_url)]
     errors: list[BaseException] = []
 
     def editor(index: int) -> None:

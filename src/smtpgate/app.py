@@ -30,7 +30,15 @@ from typing import Any
 
 from smtpgate import __version__
 from smtpgate.admin import nodes
-from smtpgate.config.document import Document, diff, restart_required, to_document
+from smtpgate.config.document import (
+    Document,
+    diff,
+    local_part,
+    merge,
+    restart_required,
+    shared_part,
+    to_document,
+)
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import (
     GatewayConfig,
@@ -40,6 +48,7 @@ from smtpgate.config.schema import (
 )
 from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
+from smtpgate.config.watch import RevisionWatcher
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayState
@@ -63,6 +72,9 @@ from smtpgate.tls.reload import CertificateReloader
 log = get_logger("smtpgate.app")
 
 STORE_POLL = 0.25  # seconds between looks at the store's applied revision
+# ... while a LISTEN connection pushes each apply (PostgreSQL): the poll is only
+# the safety net for a lost notification
+STORE_POLL_LISTENING = 2.0
 STORE_RETRY = 5.0  # seconds between attempts to reach a store that was down at start
 
 
@@ -183,17 +195,22 @@ class Gateway:
         """Make ``config`` the snapshot for new sessions and queue runs."""
         self.current.swap(Snapshot.compile(config, revision))  # raises: the old one stays
         document = to_document(config)
-        nodes.remember_applied(config.gateway.data_dir, revision, document)
+        nodes.remember_applied(config.gateway.data_dir, revision, shared_part(document))
         self.waiting = restart_required(diff(to_document(self.started), document))
         log.info("configuration applied", revision=revision, restart_required=self.waiting or None)
 
     async def _follow_store(self, store: ConfigStore) -> None:
-        """Take on each newly applied revision within a quarter of a second, whoever
-        applied it (the API's process, the CLI, later a peer), and report what runs
-        (after the swap, so a report never runs ahead of the policy) and a heartbeat."""
+        """Take on each newly applied revision, whoever applied it (the API's
+        process, the CLI, a peer): at once when PostgreSQL notifies it, else at
+        the next poll; and report what runs (after the swap, so a report never
+        runs ahead of the policy) and a heartbeat."""
+        async with RevisionWatcher.for_store(store) as watcher:
+            await self._follow(store, watcher)
+
+    async def _follow(self, store: ConfigStore, watcher: RevisionWatcher) -> None:
         published = time.monotonic()
         while True:
-            await asyncio.sleep(STORE_POLL)
+            await watcher.wait(STORE_POLL_LISTENING if watcher.listening else STORE_POLL)
             try:
                 if await self._follow_once(store) or (
                     time.monotonic() - published >= nodes.HEARTBEAT
@@ -219,9 +236,11 @@ class Gateway:
         self._take_on(revision.document, revision.number)
         return True
 
-    def _take_on(self, document: Document, number: int) -> None:
+    def _take_on(self, shared: Document, number: int) -> None:
+        """The store's shared settings with this node's own, from its file."""
+        local = local_part(to_document(self.started))
         try:
-            self.swap(parse_config(document), number)
+            self.swap(parse_config(merge(shared_part(shared), local)), number)
         except Exception as exc:  # e.g. a key file changed since validate: say so once
             self.refused, self.refused_error = number, str(exc)
             log.error("cannot take on the applied configuration", revision=number, error=str(exc))
@@ -292,7 +311,7 @@ async def build_gateway(
     manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)
-    nodes.remember_applied(data_dir, revision, to_document(config))
+    nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
     return Gateway(server, queue, manager, reloader, current, config, store)
 
 

@@ -127,8 +127,15 @@ async def test_sub_resources_edit_the_draft(api: Api) -> None:
     tls = await api.ok("GET", "/config/draft/tls")
     tls["opportunistic"] = False
     await api.ok("PUT", "/config/draft/tls", json=tls)
+    # listeners are node-local: they are read here, but changed in the node's file
     listener = await api.ok("GET", "/config/draft/listeners/mx")
-    await api.ok("PUT", "/config/draft/listeners/mx", json={**listener, "address": "127.0.0.1:1"})
+    moved = await api.call(
+        "PUT", "/config/draft/listeners/mx", json={**listener, "address": "127.0.0.1:1"}
+    )
+    assert moved.status_code == 422
+    assert "node-local" in moved.json()["problems"][0]["message"]
+    limits = await api.ok("GET", "/config/draft/limits")
+    await api.ok("PUT", "/config/draft/limits", json={**limits, "max_connections": 99})
     created = await api.call(
         "POST",
         "/config/draft/send_connectors",
@@ -136,16 +143,15 @@ async def test_sub_resources_edit_the_draft(api: Api) -> None:
     )
     assert created.status_code == 201
     diff = await api.ok("GET", "/config/diff")
-    assert diff["restart_required"] == ["listeners[mx].address"]
+    assert diff["restart_required"] == ["limits.max_connections"]
     texts = "\n".join(c["text"] for c in diff["changes"])
     assert "hosted domains: added example.net" in texts
     assert "send connector backup: added" in texts
     assert "spoof detection true → false" in texts
     result = await api.ok("POST", "/config/apply", json={})
-    assert result["restart_required"] == ["listeners[mx].address"]
+    assert result["restart_required"] == ["limits.max_connections"]
     status = await api.wait_running(2)
-    assert status["restart_required"] == ["listeners[mx].address"]
-    # the listener keeps its socket until a restart
+    assert status["restart_required"] == ["limits.max_connections"]
     assert status["listeners"][0]["address"] == f"127.0.0.1:{api.gateway.port}"
     await asyncio.to_thread(_send, api.gateway.port, "127.0.0.2", "x@example.com")
 
@@ -216,7 +222,14 @@ BAD_INPUT = [
     ("PUT", "/config/draft", {"surprise": 1}, 422, "surprise"),
     ("GET", "/config/revisions/99", None, 404, None),
     ("POST", "/config/rollback", {"revision": 0}, 422, "revision"),
-    ("POST", "/config/import", {"document": {"listeners": []}, "force": True}, 422, "listeners"),
+    (
+        "POST",
+        "/config/import",
+        {"document": {"hosted_domains": "x"}, "force": True},
+        422,
+        "hosted_domains",
+    ),
+    ("PUT", "/config/draft/admin", {"listen": "127.0.0.1:1"}, 422, "admin"),
     ("GET", "/queue?older_than=soon", None, 422, "older_than"),
     ("GET", "/queue/NOSUCHID", None, 404, None),
     ("POST", "/queue/NOSUCHID/hold", None, 404, None),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from smtpgate.config.document import Document
+from smtpgate.config.document import Document, local_part, normalise
 from smtpgate.config.store import ConfigStore
 from smtpgate.errors import Conflict, NotFound
 from smtpgate.files import write_private
@@ -181,3 +181,31 @@ def cached_applied(data_dir: Path) -> tuple[int, Document] | None:
         return int(found["revision"]), found["document"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# -- this node's local settings, for the API process and the CLI -------------------
+
+LOCAL_FILE = "node.json"
+
+
+def remember_local(data_dir: Path, local: Document) -> None:
+    """Note this node's local settings (from its configuration file) in
+    ``data_dir``, where the API process and the CLI, which only know the data
+    directory, find them."""
+    write_private(data_dir / LOCAL_FILE, json.dumps(local).encode())
+
+
+def has_local(data_dir: Path) -> bool:
+    return (data_dir / LOCAL_FILE).exists()
+
+
+def known_local(data_dir: Path) -> Document:
+    """This node's local settings as ``serve`` noted them; before the first
+    ``serve``, only the data directory."""
+    try:
+        found = json.loads((data_dir / LOCAL_FILE).read_bytes())
+    except (OSError, ValueError):
+        found = None
+    if isinstance(found, dict) and isinstance(found.get("gateway"), dict):
+        return found
+    return local_part(normalise({"gateway": {"data_dir": str(data_dir)}}))

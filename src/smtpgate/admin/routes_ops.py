@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field
 
 from smtpgate.admin import nodes
 from smtpgate.admin.http import Actor, StrictBody
+from smtpgate.admin.keys import encryption_key
 from smtpgate.admin.operations import (
     explain_policy,
     message_dict,
@@ -24,7 +25,7 @@ from smtpgate.admin.operations import (
 )
 from smtpgate.admin.services import ConfigService, node_status, record
 from smtpgate.config.load import parse_config
-from smtpgate.config.secret import encrypt, load_key
+from smtpgate.config.secret import encrypt
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
@@ -69,7 +70,7 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
 
     @router.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:
-        return node_status(service.store, service.data_dir)
+        return node_status(service.store, service.data_dir, service.node)
 
     @router.get("/cluster", tags=["operations"])
     def cluster() -> dict[str, Any]:
@@ -156,4 +157,4 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
 
     @router.post("/secrets/encrypt", tags=["operations"])
     def encrypt_secret(body: Secret) -> dict[str, str]:
-        return {"value": encrypt(load_key(service.data_dir, create=True), body.value)}
+        return {"value": encrypt(encryption_key(service.store, service.data_dir), body.value)}

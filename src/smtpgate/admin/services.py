@@ -16,6 +16,7 @@ Every change is written to the audit log with who made it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -25,19 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import Connection
 
+from smtpgate.admin import nodes
 from smtpgate.config.document import (
+    LOCAL,
     Change,
     Document,
     diff,
     digest,
+    local_changes,
+    local_part,
+    merge,
     normalise,
     restart_required,
+    shared_part,
     to_document,
     to_yaml,
 )
 from smtpgate.config.load import from_pydantic, parse_config
-from smtpgate.config.schema import GatewayConfig, GatewaySettings
+from smtpgate.config.schema import GatewayConfig
 from smtpgate.config.store import ConfigStore, Draft, Revision, StaleDraft
 from smtpgate.config.validate import name_objects
 from smtpgate.errors import ConfigError, Conflict, FieldProblem, NotFound
@@ -61,10 +69,30 @@ class ApplyResult:
 
 @dataclass
 class ConfigService:
-    """The configuration lifecycle over one store."""
+    """The configuration lifecycle over one store, as seen from one node.
+
+    The store holds the shared settings only; this node's ``local`` settings
+    (``smtpgate.config.document.LOCAL``: from its configuration file, as
+    ``serve`` noted them in ``data_dir``) complete every document shown,
+    checked and applied here. An edit can never change them."""
 
     store: ConfigStore
     data_dir: Path
+    local: Document = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.local:
+            self.local = nodes.known_local(self.data_dir)
+
+    @property
+    def node(self) -> str:
+        name: str = normalise(self.local)["gateway"]["node"]
+        return name
+
+    def whole(self, shared: Document) -> Document:
+        """This node's whole document for a stored one (revisions from before the
+        split may still hold another node's local keys: this node's win)."""
+        return merge(shared_part(shared), self.local)
 
     # -- reading ---------------------------------------------------------------
 
@@ -72,14 +100,17 @@ class ConfigService:
         revision = self.store.applied()
         if revision is None:
             raise NotFound("the store has no applied configuration yet (import one)")
-        return revision
+        return dataclasses.replace(revision, document=self.whole(revision.document))
 
     def draft(self) -> Draft | None:
-        return self.store.draft()
+        draft = self.store.draft()
+        if draft is None:
+            return None
+        return dataclasses.replace(draft, document=self.whole(draft.document))
 
     def working(self) -> tuple[Document, int | None]:
         """The draft's document and version, or the applied document (version None)."""
-        draft = self.store.draft()
+        draft = self.draft()
         if draft is not None:
             return draft.document, draft.version
         return self.applied().document, None
@@ -93,7 +124,7 @@ class ConfigService:
         revision = self.store.revision(number)
         if revision is None:
             raise NotFound(f"no revision {number}")
-        return revision.document
+        return self.whole(revision.document)
 
     def export(self, which: str, *, redact: bool = False) -> str:
         """``which`` (applied, draft or a revision number) as YAML for people."""
@@ -104,7 +135,7 @@ class ConfigService:
         if draft is None:
             return []
         applied = self.store.applied()
-        return diff(applied.document if applied else {}, draft.document)
+        return diff(self.whole(applied.document) if applied else {}, self.whole(draft.document))
 
     def history(self) -> list[Revision]:
         return self.store.history()
@@ -129,25 +160,29 @@ class ConfigService:
         rebase: bool = False,
     ) -> Draft:
         """Apply ``change`` to the draft (or a new draft from the applied revision);
-        the result must pass every configuration check. The audit log records
-        what changed, field by field, as ``config diff`` says it; a ``rebase``
-        (the whole draft replaced: import, rollback) also says ``what`` it was."""
+        the result must pass every configuration check and keep this node's local
+        settings (a local key left out keeps its value; a ``rebase``, the whole
+        draft replaced by an import or a rollback, takes this node's). The audit
+        log records what changed, field by field, as ``config diff`` says it; a
+        ``rebase`` also says ``what`` it was."""
         with self.store.transaction() as connection:
             current = self.store.draft(connection)
             applied = self.store.applied(connection)
             if current is not None:
-                base = current.document
+                base = self.whole(current.document)
             elif applied is not None:
-                base = applied.document
+                base = self.whole(applied.document)
             else:
-                base = to_document(GatewayConfig(gateway=GatewaySettings(data_dir=self.data_dir)))
-            document = self.check(
-                change(copy.deepcopy(base)), base, new_store=current is None and applied is None
-            )
+                base = normalise(self.local)
+            changed = change(copy.deepcopy(base))
+            if rebase and isinstance(changed, dict):
+                changed = merge(shared_part(changed), self.local)
+            document = self.check(self._fill_local(changed))
+            self._keeps_local(base, document)
             try:
                 self.store.save_draft(
                     connection,
-                    document,
+                    shared_part(document),
                     actor,
                     base_revision=applied.number if applied else None,
                     expected_version=expected_version,
@@ -165,34 +200,49 @@ class ConfigService:
         assert draft is not None
         return draft
 
-    def check(
-        self, document: Any, base: Document | None = None, *, new_store: bool = False
-    ) -> Document:
-        """The normal form of ``document`` if it passes every check (else ConfigError);
-        ``base`` is the document it replaces, whose data directory and store it must
-        keep (the first document of a ``new_store`` says where the store is)."""
+    def check(self, document: Any) -> Document:
+        """The normal form of ``document`` if it passes every check (else ConfigError)."""
         try:
             normal = normalise(document)
         except ValidationError as exc:
             raise ConfigError(from_pydantic(exc, document)) from None
         parse_config(normal)
-        # where this store lives: only the file can move it (and a restart)
-        defaults = {"store": "", "store_password_file": None}  # documents from before them
-        for name in ("data_dir",) if new_store else ("data_dir", "store", "store_password_file"):
-            now = normal["gateway"].get(name, defaults.get(name))
-            kept = base["gateway"].get(name, defaults.get(name)) if base else now
-            if now != kept:
-                shown = kept if kept else "empty"
-                raise ConfigError(
-                    [
-                        FieldProblem(
-                            f"gateway.{name}",
-                            f"cannot change here: it is where this store lives ({shown}); "
-                            "change it in the configuration file and restart",
-                        )
-                    ]
-                )
         return normal
+
+    def _fill_local(self, document: Any) -> Any:
+        """``document`` with each node-local setting it leaves out taken from this
+        node (so a shared document, an export without them, edits cleanly)."""
+        if not isinstance(document, dict):
+            return document
+        out = dict(document)
+        mine = self.local
+        for path in LOCAL:
+            section, _dot, key = path.partition(".")
+            if not key:
+                if section not in out and section in mine:
+                    out[section] = copy.deepcopy(mine[section])
+                continue
+            inner = out.get(section, {})
+            if isinstance(inner, dict) and key not in inner and key in mine.get(section, {}):
+                out[section] = {**inner, key: copy.deepcopy(mine[section][key])}
+        return out
+
+    def _keeps_local(self, base: Document, document: Document) -> None:
+        """Refuse an edit of a node-local setting: each node sets those in its own
+        configuration file (and a restart), never through the shared store."""
+        moved = local_changes(base, document)
+        if moved:
+            node = base["gateway"]["node"]
+            raise ConfigError(
+                [
+                    FieldProblem(
+                        path,
+                        f"node-local: set it in the configuration file of node {node!r} "
+                        "and restart; shared edits cannot change it",
+                    )
+                    for path in moved
+                ]
+            )
 
     def stage(self, document: Any, actor: str, what: str, *, force: bool = False) -> Draft:
         """Make ``document`` the draft, refusing to replace one unless ``force``."""
@@ -225,7 +275,7 @@ class ConfigService:
         if document is None:
             document = self.working()[0]
         try:
-            config = parse_config(self.check(document, self.store.applied_document()))
+            config = parse_config(self.check(document))
             check_configured(config)  # key pairs, expiry, key permissions, PINs
             Snapshot.compile(config, certificates=False)  # decrypts every secret once
         except ConfigError as exc:
@@ -246,15 +296,17 @@ class ConfigService:
                 f"{applied_number} has been applied since; applying would undo its changes. "
                 "Check the diff, then force the apply, or discard the draft"
             )
-        problems = self.validate(draft.document)
+        problems = self.validate(self.whole(draft.document))
         if problems:
             raise ConfigError(problems)
         with self.store.transaction() as connection:
             if self.store.draft(connection) != draft:
                 raise Conflict("the draft changed while it was being validated; apply again")
             applied = self.store.applied(connection)
-            changes = diff(applied.document if applied else {}, draft.document)
-            number = self.store.add_revision(connection, draft.document, actor, comment)
+            before = self.whole(applied.document) if applied else {}
+            changes = diff(before, self.whole(draft.document))
+            shared = shared_part(draft.document)
+            number = self.store.add_revision(connection, shared, actor, comment)
             self.store.drop_draft(connection)
             detail = json.dumps({"revision": number, "changes": len(changes), "comment": comment})
             self.store.record(connection, actor, "apply", detail)
@@ -266,31 +318,58 @@ class ConfigService:
         """Reconcile the store with the configuration file ``smtpgate serve`` was
         given; returns the revision to run and a sentence saying what happened.
 
-        * an empty store takes the file as revision 1;
-        * a file that changed since the store last saw it becomes a new revision
-          (a staged draft stays staged);
-        * an unchanged file leaves the store alone: changes applied through the
-          API or CLI since then stay in force.
+        The file's node-local settings are this node's (noted in ``data_dir``
+        for the API and the CLI). Its shared settings:
+
+        * seed an empty store as revision 1;
+        * become a new revision when they changed since the store last saw this
+          node's file (a staged draft stays staged);
+        * are left alone otherwise: changes applied through the API, the CLI or
+          another node stay in force. A node joining a store that holds a
+          configuration already runs the store's, whatever its file says.
         """
         document = to_document(config)
-        seen = digest(document)
-        applied = self.store.applied()
-        if applied is not None and self.store.meta("file_digest") == seen:
-            return applied, f"running revision {applied.number} from the store"
+        node = config.gateway.node
+        self.local = local_part(document)
+        nodes.remember_local(self.data_dir, self.local)
+        shared = shared_part(document)
+        seen = digest(shared)
+        last = self.store.meta(f"file_digest:{node}")
         with self.store.transaction() as connection:
             applied = self.store.applied(connection)
-            if applied is None or applied.document != document:
-                self.store.add_revision(connection, document, source, "from the configuration file")
-                self.store.record(connection, source, "apply", "configuration file changed")
-                what = "the configuration file is new or changed"
+            if applied is None or (last is not None and last != seen):
+                what = self._adopt(connection, applied, shared, source)
+            elif last == seen:
+                what = f"running revision {applied.number} from the store"
             else:
-                what = "the configuration file matches"
-            self.store.set_meta(connection, "file_digest", seen)
+                what = _joined(node, applied, shared)
+            self.store.set_meta(connection, f"file_digest:{node}", seen)
         revision = self.applied()
         draft = self.store.draft()
         if draft is not None:
             what += f"; a draft based on revision {draft.base_revision} is still staged"
         return revision, f"{what}: running revision {revision.number}"
+
+    def _adopt(
+        self, connection: Connection, applied: Revision | None, shared: Document, source: str
+    ) -> str:
+        """The file's shared settings as the next revision, unless they are in force."""
+        if applied is not None and shared_part(applied.document) == shared:
+            return "the configuration file matches"
+        self.store.add_revision(connection, shared, source, "from the configuration file")
+        self.store.record(connection, source, "apply", "configuration file changed")
+        return "the configuration file is new or changed"
+
+
+def _joined(node: str, applied: Revision, shared: Document) -> str:
+    """What a node joining a store that has a configuration says about its file."""
+    if shared_part(applied.document) == shared:
+        return f"node {node} joins the store; its file matches the shared settings"
+    return (
+        f"node {node} joins the store and runs its shared settings; those in its "
+        "configuration file differ and are not used (edit the shared settings "
+        "with `smtpgate config`, from any node)"
+    )
 
 
 def edit_summary(changes: list[Change]) -> str:
@@ -338,8 +417,8 @@ def authenticate(store: ConfigStore, token: str) -> str | None:
 # -- the running gateway's state, as the API reports it ------------------------
 
 
-def node_status(store: ConfigStore, data_dir: Path) -> dict[str, Any]:
-    """``GET /status``: the applied revision, each node's published state, the queue."""
+def node_status(store: ConfigStore, data_dir: Path, node: str) -> dict[str, Any]:
+    """``GET /status``: the applied revision, this node's published state, the queue."""
     from smtpgate.queue.store import QueueStore  # noqa: PLC0415
 
     queue = QueueStore(data_dir / "queue")
@@ -348,7 +427,6 @@ def node_status(store: ConfigStore, data_dir: Path) -> dict[str, Any]:
     finally:
         queue.close()
     applied = store.applied()
-    node = applied.document["gateway"]["node"] if applied else ""
     published = json.loads(store.meta(f"node:{node}") or "{}")
     return {
         "node": node,

@@ -24,6 +24,7 @@ from smtpgate.errors import AdminError
 
 if TYPE_CHECKING:  # the store and the HTTP client load only for the commands that use them
     from smtpgate.cli.backend import ApiBackend, Backend
+    from smtpgate.config.document import Document
     from smtpgate.config.store import ConfigStore
 
 if TYPE_CHECKING:
@@ -184,7 +185,25 @@ def backend_for(args: argparse.Namespace) -> Backend:
 
     if args.api:
         return api_for(args)
-    return LocalBackend(ConfigService(store_of(args), data_dir_of(args)), local_actor())
+    service = ConfigService(store_of(args), data_dir_of(args), local_of(args))
+    return LocalBackend(service, local_actor())
+
+
+def local_of(args: argparse.Namespace) -> Document:
+    """This node's local settings: those of ``--config``'s file, or (``--data-dir``)
+    those ``serve`` noted in the data directory (an empty result means the latter).
+    Before the first ``serve``, the file's are noted there, for the API and
+    ``--data-dir``."""
+    from smtpgate.admin import nodes  # noqa: PLC0415
+    from smtpgate.config.document import local_part, to_document  # noqa: PLC0415
+
+    if getattr(args, "data_dir", None) is not None or not getattr(args, "config", None):
+        return {}
+    config = arg_types.load_file(args.config)
+    local = local_part(to_document(config))
+    if not nodes.has_local(config.gateway.data_dir):
+        nodes.remember_local(config.gateway.data_dir, local)
+    return local
 
 
 def run_config(args: argparse.Namespace) -> int:

@@ -183,13 +183,18 @@ def _starting_revision(
     or, when the store cannot be reached, the revision this node ran last (it
     catches up once the store answers). LookupError when there is neither."""
     from smtpgate.admin import nodes  # noqa: PLC0415
+    from smtpgate.admin.keys import check_cluster_key  # noqa: PLC0415
     from smtpgate.admin.services import ConfigService  # noqa: PLC0415
+    from smtpgate.config.document import local_part, merge, shared_part, to_document  # noqa: PLC0415
 
     try:
         store = _open_store(config)
+        check_cluster_key(store, config.gateway.data_dir)  # a peer with another key: refuse
         revision, what = ConfigService(store, config.gateway.data_dir).adopt_file(
             config, f"file:{path}"
         )
+    except ConfigError:
+        raise
     except Exception as exc:  # any failure of the store: serve from the cache
         cached = nodes.cached_applied(config.gateway.data_dir)
         if cached is None:
@@ -202,7 +207,8 @@ def _starting_revision(
             f"revision {cached[0]}, the last this node ran, until it answers",
             file=sys.stderr,
         )
-        return None, cached[0], cached[1]
+        local = local_part(to_document(config))  # the file's, which may be newer
+        return None, cached[0], merge(shared_part(cached[1]), local)
     print(f"smtpgate: {what}", file=sys.stderr)
     return store, revision.number, revision.document
 

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from smtpgate.cli import args as arg_types
-from smtpgate.cli.admin import api_for, data_dir_of, where_options
+from smtpgate.cli.admin import api_for, data_dir_of, local_of, where_options
 from smtpgate.cli.args import load_file
 from smtpgate.config.load import parse_config
 from smtpgate.config.schema import GatewayConfig
@@ -88,6 +88,8 @@ def add_connector_verify(commands: Commands) -> None:
 def applied_config(args: argparse.Namespace) -> GatewayConfig:
     """The configuration the gateway runs: the store's applied revision, or the
     file itself while the store is empty (before the first ``smtpgate serve``)."""
+    from smtpgate.admin import nodes  # noqa: PLC0415
+    from smtpgate.config.document import merge, shared_part  # noqa: PLC0415
     from smtpgate.config.store import ConfigStore, store_exists  # noqa: PLC0415
 
     data_dir = data_dir_of(args)
@@ -98,8 +100,9 @@ def applied_config(args: argparse.Namespace) -> GatewayConfig:
             revision = store.applied()
         finally:
             store.close()
-        if revision is not None:
-            return parse_config(revision.document)
+        if revision is not None:  # the store's shared settings, this node's local ones
+            local = local_of(args) or nodes.known_local(data_dir)
+            return parse_config(merge(shared_part(revision.document), local))
     if file_config is None:
         raise NotFound(f"no applied configuration in {data_dir}")
     return file_config
@@ -176,10 +179,20 @@ def encrypt(args: argparse.Namespace) -> int:
         finally:
             api.close()
         return 0
+    from smtpgate.admin.keys import encryption_key  # noqa: PLC0415
     from smtpgate.config.secret import encrypt as encrypt_with  # noqa: PLC0415
     from smtpgate.config.secret import load_key  # noqa: PLC0415
+    from smtpgate.config.store import ConfigStore, store_exists  # noqa: PLC0415
 
-    print(encrypt_with(load_key(data_dir_of(args), create=True), password))
+    data_dir = data_dir_of(args)
+    if not store_exists(data_dir):  # before the first serve: the key is checked then
+        print(encrypt_with(load_key(data_dir, create=True), password))
+        return 0
+    store = ConfigStore.open(data_dir)
+    try:  # a peer of a cluster encrypts with the cluster's key, never its own
+        print(encrypt_with(encryption_key(store, data_dir), password))
+    finally:
+        store.close()
     return 0
 
 

@@ -13,6 +13,7 @@ by name, so reordering them is not a change.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -68,6 +69,75 @@ LIVE = (
 )
 
 
+# Node-local settings: each node keeps them in its own configuration file and
+# they are never part of the shared revisions in the store. They say who the
+# node is and where (name, host name, roles, data directory, store, resolver),
+# and what it binds (listeners, admin listener): two peers differ there, and a
+# shared edit must never move one node's sockets or identity. Everything else
+# is shared by every peer of the store. See docs/cluster.md.
+LOCAL = (
+    "gateway.node",
+    "gateway.hostname",
+    "gateway.roles",
+    "gateway.data_dir",
+    "gateway.store",
+    "gateway.store_password_file",
+    "gateway.dns",
+    "listeners",
+    "admin",
+)
+
+
+def split(document: Document) -> tuple[Document, Document]:
+    """``document`` as its shared part and its node-local part (each holds only
+    the keys ``document`` had)."""
+    shared = copy.deepcopy(document)
+    local: Document = {}
+    for path in LOCAL:
+        section, _dot, key = path.partition(".")
+        if not key:
+            if section in shared:
+                local[section] = shared.pop(section)
+        elif isinstance(shared.get(section), dict) and key in shared[section]:
+            local.setdefault(section, {})[key] = shared[section].pop(key)
+    return shared, local
+
+
+def shared_part(document: Document) -> Document:
+    return split(document)[0]
+
+
+def local_part(document: Document) -> Document:
+    return split(document)[1]
+
+
+def merge(shared: Document, local: Document) -> Document:
+    """The whole document of one node: ``shared`` with the node's ``local`` keys
+    (which win over any local keys ``shared`` may still hold)."""
+    out = copy.deepcopy(shared)
+    for section, value in local.items():
+        if section == "gateway" and isinstance(value, dict):
+            gateway = out.get("gateway")
+            out["gateway"] = {**(gateway if isinstance(gateway, dict) else {}), **value}
+        else:
+            out[section] = copy.deepcopy(value)
+    return out
+
+
+def local_changes(before: Document, after: Document) -> list[str]:
+    """The node-local settings that differ between two whole documents."""
+    old, new = local_part(before), local_part(after)
+    changed = []
+    for path in LOCAL:
+        section, _dot, key = path.partition(".")
+        if key:
+            if old.get(section, {}).get(key) != new.get(section, {}).get(key):
+                changed.append(path)
+        elif old.get(section) != new.get(section):
+            changed.append(path)
+    return changed
+
+
 def to_document(config: GatewayConfig, *, redact: bool = False) -> Document:
     """The normal form of ``config`` (JSON types, defaults filled in)."""
     document: Document = config.model_dump(mode="json", context={"redact": redact})
@@ -92,7 +162,31 @@ def to_yaml(document: Document, *, minimal: bool = True, redact: bool = False) -
     config = GatewayConfig.model_validate(document)
     out = config.model_dump(mode="json", exclude_defaults=minimal, context={"redact": redact})
     out["gateway"] = {"hostname": config.gateway.hostname, **out["gateway"]}
-    return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+    return _mark_local(yaml.safe_dump(out, sort_keys=False, allow_unicode=True))
+
+
+LOCAL_MARK = "  # node-local"
+
+
+def _mark_local(text: str) -> str:
+    """Mark the node-local settings in an export, so an administrator sees
+    which lines the store shares and which come from this node's own file."""
+    top = {path for path in LOCAL if "." not in path}
+    inner = {path.split(".", 1)[1] for path in LOCAL if path.startswith("gateway.")}
+    lines, section = [], ""
+    for line in text.splitlines():
+        local = False
+        if line and not line.startswith((" ", "-")):
+            section = line.split(":", 1)[0]
+            local = section in top
+        elif section == "gateway" and line.startswith("  ") and not line.startswith("   "):
+            local = line[2:].split(":", 1)[0] in inner
+        lines.append(line + LOCAL_MARK if local else line)
+    header = (
+        "# Settings marked node-local come from this node's configuration file and\n"
+        "# are not shared; everything else is shared by every peer of the store.\n"
+    )
+    return header + "\n".join(lines) + "\n"
 
 
 # -- diff ------------------------------------------------------------------
