@@ -82,6 +82,24 @@ class Postgres:
             cwd=self.directory,
         )
 
+    def options(self) -> str:
+        return (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} "
+            f"-c unix_socket_directories={self.directory} -c fsync=off -c max_connections=200"
+        )
+
+    def pause(self) -> None:
+        """Stop the server (the database goes away under its clients)."""
+        data = str(self.directory / "data")
+        self.run(str(self.bin / "pg_ctl"), "-D", data, "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same port with the same data."""
+        data, log = str(self.directory / "data"), str(self.directory / "log")
+        self.run(
+            str(self.bin / "pg_ctl"), "-D", data, "-o", self.options(), "-l", log, "-w", "start"
+        )
+
     def start(self) -> None:
         data = self.directory / "data"
         self.run(
@@ -98,10 +116,7 @@ class Postgres:
             "--locale=C",
         )
         (data / "pg_hba.conf").write_text(HBA)
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} "
-            f"-c unix_socket_directories={self.directory} -c fsync=off -c max_connections=200"
-        )
+        options = self.options()
         self.run(
             str(self.bin / "pg_ctl"),
             "-D",

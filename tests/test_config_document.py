@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from smtpgate.admin import edit
-from smtpgate.config.document import diff, normalise, restart_required, to_yaml
+from smtpgate.config.document import (
+    LOCAL_MARK,
+    diff,
+    local_changes,
+    merge,
+    normalise,
+    restart_required,
+    split,
+    to_yaml,
+)
 from smtpgate.config.load import parse_config
 from smtpgate.errors import AdminError, Conflict, NotFound
 
@@ -234,3 +243,28 @@ def test_an_api_off_loopback_is_warned_about(listen: str, warned: bool) -> None:
 
     found = [w.path for w in warnings(parse_config({**BASE, "admin": {"listen": listen}}))]
     assert ("admin.listen" in found) == warned
+
+
+def test_split_and_merge_are_inverse_and_keep_local_keys_apart() -> None:
+    whole = normalise(BASE)
+    shared, local = split(whole)
+    assert "listeners" not in shared
+    assert "admin" not in shared
+    assert set(local) == {"gateway", "listeners", "admin"}
+    assert set(local["gateway"]) == {
+        "node", "hostname", "roles", "data_dir", "store", "store_password_file", "dns",
+    }  # fmt: skip
+    assert set(shared["gateway"]) == {"admin_address", "banner"}
+    assert merge(shared, local) == whole
+    other = normalise({**BASE, "listeners": [{"name": "mx", "address": "127.0.0.1:1"}]})
+    assert local_changes(whole, other) == ["listeners"]
+    assert local_changes(whole, merge(split(other)[0], local)) == []
+
+
+def test_an_export_marks_node_local_settings_and_reads_back() -> None:
+    text = to_yaml(normalise(BASE))
+    marked = [line.split(":")[0].strip() for line in text.splitlines() if LOCAL_MARK in line]
+    assert marked == ["hostname", "data_dir", "listeners"]
+    assert "hosted_domains:" in text
+    assert "hosted_domains:" + LOCAL_MARK not in text
+    assert normalise(yaml.safe_load(text)) == normalise(BASE)

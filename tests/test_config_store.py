@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from smtpgate.admin import edit
 from smtpgate.admin.services import (
@@ -200,7 +201,6 @@ def test_validate_opens_certificates_and_secrets(service: ConfigService) -> None
 
 
 def test_round_trip_export_import_diff_is_empty(service: ConfigService) -> None:
-    import yaml  # noqa: PLC0415
 
     set_relay(service, "relay=restricted-internal")
     service.apply("alice")
@@ -266,3 +266,69 @@ def test_tokens_are_kept_hashed(service: ConfigService) -> None:
     assert authenticate(service.store, token) is None
     with pytest.raises(NotFound):
         revoke_token(service.store, "ops", "cli:root")
+
+
+def peer(tmp_path: Path, store_url: str, node: str, **extra: Any) -> tuple[ConfigService, Any]:
+    """A second node on the same store: its own data directory and file."""
+    data_dir = tmp_path / node
+    url = store_url or f"sqlite:///{tmp_path / 'var' / 'config.db'}"
+    doc = document(data_dir, **extra)
+    doc["gateway"] |= {"node": node, "hostname": f"{node}.test"}
+    doc["listeners"][0]["address"] = "127.0.0.1:2600"
+    return ConfigService(ConfigStore.open(data_dir, url), data_dir), parse_config(doc)
+
+
+def test_the_store_holds_only_shared_settings(service: ConfigService) -> None:
+    stored = service.store.applied()
+    assert stored is not None
+    assert "listeners" not in stored.document
+    assert "admin" not in stored.document
+    assert set(stored.document["gateway"]) == {"admin_address", "banner"}
+    # ... and the node sees its whole document
+    assert service.applied().document["listeners"][0]["name"] == "mx"
+
+
+def test_a_joining_node_runs_the_stores_configuration_with_its_own_listeners(
+    tmp_path: Path, store_url: str, service: ConfigService
+) -> None:
+    set_relay(service, "relay=full")
+    service.apply("alice")
+    second, file_config = peer(tmp_path, store_url, "gw2", hosted_domains=["other.example"])
+    revision, what = second.adopt_file(file_config, "file:gw2.yaml")
+    assert revision.number == 2  # its differing file did not become a revision
+    assert "joins the store" in what
+    assert "differ and are not used" in what
+    assert revision.document["hosted_domains"] == ["example.com"]
+    assert revision.document["listeners"][0]["address"] == "127.0.0.1:2600"
+    assert revision.document["gateway"]["node"] == "gw2"
+    assert relay_of(second, "applied") == "full"
+    # the first node still sees its own listeners in the same revision
+    assert service.applied().document["listeners"][0]["address"] == "127.0.0.1:2525"
+    second.store.close()
+
+
+def test_a_shared_edit_cannot_change_a_local_setting(service: ConfigService) -> None:
+    def move(doc: dict[str, Any]) -> dict[str, Any]:
+        doc["listeners"][0]["address"] = "127.0.0.1:1"
+        doc["gateway"]["roles"] = ["internal"]
+        return doc
+
+    with pytest.raises(ConfigError) as caught:
+        service.edit(move, "alice", "move")
+    assert [p.path for p in caught.value.problems] == ["gateway.roles", "listeners"]
+    assert all("node-local" in p.message for p in caught.value.problems)
+    # a document without its local settings keeps this node's
+    shared = {k: v for k, v in service.working()[0].items() if k not in ("listeners", "admin")}
+    service.edit(lambda _old: shared, "alice", "whole document")
+    assert service.working()[0]["listeners"][0]["address"] == "127.0.0.1:2525"
+
+
+def test_an_import_keeps_this_nodes_local_settings(
+    tmp_path: Path, store_url: str, service: ConfigService
+) -> None:
+    second, file_config = peer(tmp_path, store_url, "gw2")
+    second.adopt_file(file_config, "file:gw2.yaml")
+    exported = yaml.safe_load(second.export("applied"))  # gw2's listeners and name
+    service.import_document(exported, "alice", force=True)
+    assert service.diff() == []  # nothing of gw2's came in
+    second.store.close()

@@ -92,3 +92,38 @@ def test_an_unreachable_store_is_one_line_from_the_cli(tmp_path: Path) -> None:
     )
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_while_postgresql_is_down_the_api_says_so_and_mail_still_relays(
+    gateway_process: Callable[..., GatewayProcess],
+    sink: SinkHandle,
+    postgres: private_postgres.Postgres,
+    postgres_url: str,
+) -> None:
+    api_port = free_port()
+    gateway = gateway_process(
+        sink.port,
+        spoof_detection=False,
+        gateway={"store": postgres_url},
+        admin={"listen": f"127.0.0.1:{api_port}"},
+    )
+    token = make_token(gateway.config_path)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}/api/v1") as client:
+        assert (await client.get("/status", headers=headers)).status_code == 200
+        postgres.pause()
+        try:
+            response = await client.get("/status", headers=headers)
+            assert response.status_code == 503, response.text
+            assert "configuration store is unreachable" in response.json()["detail"]
+            assert "Traceback" not in response.text
+            with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as smtp:
+                smtp.sendmail(
+                    "bob@example.org", ["alice@example.com"], b"Subject: x\r\n\r\ndown\r\n"
+                )
+            [(_envelope, body)] = await sink.wait_for(1)
+            assert b"down" in body
+        finally:
+            postgres.resume()
+        response = await client.get("/status", headers=headers)
+        assert response.status_code == 200, response.text

@@ -30,10 +30,11 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from smtpgate.admin.guard import Guard
+from smtpgate.admin.guard import Guard, StoreUnreachable
 from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
@@ -95,6 +96,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             response.headers["Allow"] = ", ".join(_allowed(request))
         return response
 
+    async def unreachable(_request: Request, exc: Exception) -> JSONResponse:
+        return _error(503, store_down(exc))
+
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.error("API request failed", error=repr(exc))
         return _error(500, f"internal error ({type(exc).__name__}); see the gateway's log")
@@ -103,7 +107,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, request_error)
     app.add_exception_handler(AdminError, admin_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(DBAPIError, unreachable)
     app.add_exception_handler(Exception, unexpected)
+
+
+def store_down(exc: Exception) -> str:
+    """What a client is told while the configuration store does not answer."""
+    reason = str(exc) if isinstance(exc, AdminError) else str(getattr(exc, "orig", exc) or exc)
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(exc).__name__
+    return f"the configuration store is unreachable ({reason}); try again when it answers"
+
+
+def _token_name(service: ConfigService, token: str) -> str | None:
+    try:
+        return authenticate(service.store, token)
+    except (DBAPIError, AdminError) as exc:
+        raise StoreUnreachable(store_down(exc)) from None
 
 
 # -- the application -----------------------------------------------------------
@@ -116,7 +135,7 @@ def create_app(service: ConfigService) -> FastAPI:
         description="Configuration, queue and policy tools of an smtpgate gateway.",
     )
     _install_error_handlers(app)
-    app.add_middleware(Guard, token_name=lambda token: authenticate(service.store, token))
+    app.add_middleware(Guard, token_name=lambda token: _token_name(service, token))
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(bearer)], responses=ERRORS)
     config_routes(router, service)
     operation_routes(router, service)

@@ -6,7 +6,9 @@ every operation and the whole configuration schema, which is nobody's
 business without a token. It answers 401
 before the request body is read (so an anonymous client cannot make the
 gateway buffer anything) and 413 for a body over the limit, whether the
-client declared its length or streams it in chunks.
+client declared its length or streams it in chunks. Tokens live in the
+configuration store: while it is unreachable, every request gets 503 saying so
+(a token cannot be checked, so none is trusted).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY = 4 * 1024 * 1024  # a whole configuration is a few kilobytes
+
+
+class StoreUnreachable(Exception):  # noqa: N818 - says what happened, as the reply does
+    """The configuration store did not answer; the message says why."""
 
 
 def bearer_token(scope: Scope) -> str:
@@ -54,7 +60,12 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        name = self.token_name(bearer_token(scope))
+        try:
+            name = self.token_name(bearer_token(scope))
+        except StoreUnreachable as exc:
+            down = JSONResponse({"detail": str(exc), "problems": []}, 503)
+            await down(scope, receive, send)
+            return
         if name is None:
             response = JSONResponse(
                 {
