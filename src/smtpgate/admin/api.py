@@ -34,6 +34,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from smtpgate.admin.console.app import console_routes, install_handlers
 from smtpgate.admin.guard import Guard, StoreUnreachable
 from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
@@ -140,6 +141,8 @@ def create_app(service: ConfigService) -> FastAPI:
     config_routes(router, service)
     operation_routes(router, service)
     app.include_router(router)
+    install_handlers(app)
+    console_routes(app, service)
     return app
 
 

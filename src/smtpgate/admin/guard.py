@@ -22,6 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MAX_BODY = 4 * 1024 * 1024  # a whole configuration is a few kilobytes
 
 
+# What needs a token: the API and its documentation. Everything else is the
+# console, whose pages need a session (``smtpgate.admin.console``).
+TOKEN_PATHS = ("/api/", "/docs", "/redoc", "/openapi.json")
+
+
+def guarded(path: str) -> bool:
+    return path == "/api" or path.startswith(TOKEN_PATHS)
+
+
 class StoreUnreachable(Exception):  # noqa: N818 - says what happened, as the reply does
     """The configuration store did not answer; the message says why."""
 
@@ -59,6 +68,9 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not guarded(scope.get("path", "")):  # the console checks its own sessions
+            await self.app(scope, self._counting(receive), send)
             return
         try:
             name = self.token_name(bearer_token(scope))

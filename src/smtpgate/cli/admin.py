@@ -145,10 +145,31 @@ def add_admin_commands(commands: Commands) -> None:
     listing = actions.add_parser("list", help="the tokens (names only)")
     for sub in (create, revoke):
         sub.add_argument("name")
-    for sub in (create, revoke, listing):
+    _add_user_commands(admin_commands)
+    for sub in (create, revoke, listing, *_USER_PARSERS):
         target = sub.add_mutually_exclusive_group(required=True)
         target.add_argument("--config", type=Path)
         target.add_argument("--data-dir", type=arg_types.data_dir)
+
+
+_USER_PARSERS: list[argparse.ArgumentParser] = []
+
+
+def _add_user_commands(admin_commands: Commands) -> None:
+    user = admin_commands.add_parser("user", help="console accounts (passwords kept as argon2id)")
+    actions = user.add_subparsers(dest="user_command", required=True)
+    create = actions.add_parser("create", help="a new console user")
+    passwd = actions.add_parser("passwd", help="set a user's password")
+    delete = actions.add_parser("delete", help="remove a user")
+    listing = actions.add_parser("list", help="the users and their roles")
+    for sub in (create, passwd, delete):
+        sub.add_argument("name")
+    create.add_argument("--role", choices=["admin", "auditor"], default="admin")
+    for sub in (create, passwd):
+        sub.add_argument(
+            "--password-stdin", action="store_true", help="read the password from standard input"
+        )
+    _USER_PARSERS.extend([create, passwd, delete, listing])
 
 
 # -- running them ------------------------------------------------------------------
@@ -335,6 +356,8 @@ def run_admin(args: argparse.Namespace) -> int:
         configure(args.log_level, json=args.log_json)
         run_api(args.data_dir, args.listen, args.fd)
         return 0
+    if args.admin_command == "user":
+        return _run_user(args)
     from smtpgate.admin.services import create_token, revoke_token  # noqa: PLC0415
     from smtpgate.cli.backend import local_actor  # noqa: PLC0415
 
@@ -353,6 +376,46 @@ def run_admin(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _run_user(args: argparse.Namespace) -> int:
+    from smtpgate.admin import accounts  # noqa: PLC0415
+    from smtpgate.cli.backend import local_actor  # noqa: PLC0415
+
+    action = args.user_command
+    password = _new_password(args) if action in ("create", "passwd") else ""
+    store = store_of(args)
+    try:
+        if action == "create":
+            accounts.create_user(store, args.name, password, args.role, local_actor())
+            print(f"user {args.name} created ({args.role})")
+        elif action == "passwd":
+            accounts.set_password(store, args.name, password, local_actor())
+            print(f"password of {args.name} changed")
+        elif action == "delete":
+            accounts.delete_user(store, args.name, local_actor())
+            print(f"user {args.name} deleted")
+        else:
+            for found in accounts.list_users(store):
+                created = _when(float(found["created_at"]))
+                print(
+                    f"{found['name']}\t{found['role']}\tcreated {created} by {found['created_by']}"
+                )
+    finally:
+        store.close()
+    return 0
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    """From standard input (one line), or asked twice on the terminal."""
+    import getpass  # noqa: PLC0415
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("New password: ")
+    if getpass.getpass("Again: ") != first:
+        raise AdminError("the two passwords differ")
+    return first
 
 
 # -- text output -----------------------------------------------------------------------

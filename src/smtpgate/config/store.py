@@ -101,6 +101,15 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("created_by", Text, nullable=False),
 )
+users = Table(  # the console's administrators; passwords as argon2id hashes
+    "admin_users",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("password_hash", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", Text, nullable=False),
+)
 settings = Table(
     "meta",
     metadata,
@@ -481,6 +490,45 @@ class ConfigStore:
 
     def remove_token(self, connection: Connection, name: str) -> bool:
         return connection.execute(delete(tokens).where(tokens.c.name == name)).rowcount > 0
+
+    # -- console accounts ------------------------------------------------------------
+
+    def add_user(
+        self, connection: Connection, name: str, password_hash: str, role: str, actor: str
+    ) -> bool:
+        exists = connection.execute(select(users.c.name).where(users.c.name == name)).first()
+        if exists:
+            return False
+        connection.execute(
+            insert(users).values(
+                name=name,
+                password_hash=password_hash,
+                role=role,
+                created_at=time.time(),
+                created_by=actor,
+            )
+        )
+        return True
+
+    def update_user(self, connection: Connection, name: str, **values: str) -> bool:
+        changed = connection.execute(update(users).where(users.c.name == name).values(**values))
+        return changed.rowcount > 0
+
+    def remove_user(self, connection: Connection, name: str) -> bool:
+        return connection.execute(delete(users).where(users.c.name == name)).rowcount > 0
+
+    def user(self, name: str) -> tuple[str, str, str] | None:
+        """(name, password hash, role) of a console user."""
+        query = select(users.c.name, users.c.password_hash, users.c.role)
+        row = self._one(query.where(users.c.name == name), None)
+        return (str(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def user_list(self) -> list[tuple[str, str, float, str]]:
+        query = select(users.c.name, users.c.role, users.c.created_at, users.c.created_by)
+        with self.engine.connect() as connection:
+            return [
+                (r[0], r[1], r[2], r[3]) for r in connection.execute(query.order_by(users.c.name))
+            ]
 
     # -- helpers -------------------------------------------------------------------
 
