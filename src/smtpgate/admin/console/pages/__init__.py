@@ -1,9 +1,23 @@
-"""The console's page modules; each has ``routes(router, console)``."""
+"""The console's page modules; each registers its routes with ``routes(router, console)``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from smtpgate.admin.console.pages import (
+    audit,
+    certificates,
+    connectors,
+    domains,
+    explain,
+    history,
+    listeners,
+    peers,
+    profiles,
+    queue,
+    tls,
+)
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -12,4 +26,16 @@ if TYPE_CHECKING:
 
 Register = Callable[["APIRouter", "Console"], None]
 
-ALL: list[Register] = []
+ALL: list[Register] = [
+    profiles.routes,
+    connectors.routes,
+    domains.routes,
+    listeners.routes,
+    tls.routes,
+    certificates.routes,
+    queue.routes,
+    explain.routes,
+    peers.routes,
+    history.routes,
+    audit.routes,
+]
