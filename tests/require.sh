@@ -1,7 +1,8 @@
 #!/bin/sh
 # What `make test` needs besides Python, said in one line before pytest runs:
 # the tools the integration tests start (swaks, a private Postfix, saslpasswd2
-# for its SASL users, testssl.sh, initdb for a private PostgreSQL) and root,
+# for its SASL users, testssl.sh, initdb for a private PostgreSQL, chromium for
+# the console's browser tests) and root,
 # which the private Postfix needs.
 # .ci/run installs the same Debian packages; README.md names them.
 missing=""
@@ -30,6 +31,7 @@ for initdb in /usr/lib/postgresql/*/bin/initdb; do
     [ -x "$initdb" ] && postgres=yes
 done
 [ -n "$postgres" ] || missing="$missing postgresql"
+need_command chromium chromium  # the console's browser tests
 
 root=""
 [ "$(id -u 2>/dev/null)" = 0 ] || root="root (the tests run a private Postfix)"
