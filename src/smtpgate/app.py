@@ -22,6 +22,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class Gateway:
     refused_error: str = ""  # ... and why
     store_error: str = ""  # the store is unreachable: why (empty while it answers)
     opener: Callable[[], ConfigStore] | None = None  # to reach the store started without
+    # one report at a time, none after the last ("stopped"): a heartbeat still in
+    # its thread when the gateway stops must not overwrite that one
+    reporting: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    reported_stop: bool = False
 
     async def start(self) -> None:
         await self.server.start()
@@ -185,11 +190,31 @@ class Gateway:
             self.store, self.store_error = store, ""
             await self._follow_store(store)
 
-    async def publish(self, store: ConfigStore) -> None:
-        """Report what this node runs, with its queue counts, to the store."""
+    async def publish(self, store: ConfigStore, *, stopped: bool = False) -> None:
+        """Report what this node runs, with its queue counts, to the store;
+        ``stopped``: the last report, saying that this node stopped."""
         status = status_of(self) | {"queue": await self.queue.call(self.queue.store.counts)}
+        if stopped:
+            status["stopped"] = True
         node = self.current().config.gateway.node
-        await asyncio.to_thread(nodes.publish, store, node, status, time.time())
+
+        def report() -> None:
+            with self.reporting:
+                if not self.reported_stop:
+                    nodes.publish(store, node, status, time.time())
+                    self.reported_stop = stopped
+
+        await asyncio.to_thread(report)
+
+    async def _report_stop(self) -> None:
+        """Tell the peers at once that this node stopped (``cluster status``:
+        down; an apply does not wait for it), unless the store is out of reach."""
+        if self.store is None or self.store_error:
+            return
+        try:
+            await self.publish(self.store, stopped=True)
+        except Exception as exc:  # the store went away meanwhile: the report ages out
+            log.warning("cannot report the stop to the configuration store", error=repr(exc))
 
     def swap(self, config: GatewayConfig, revision: int | None) -> None:
         """Make ``config`` the snapshot for new sessions and queue runs."""
@@ -254,6 +279,7 @@ class Gateway:
         await self.manager.stop(grace)
         if self.manager_task is not None:
             await self.manager_task
+        await self._report_stop()
         await self.queue.close()
 
 

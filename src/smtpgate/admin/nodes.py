@@ -9,6 +9,9 @@ older than ``STALE_AFTER`` means the node is down (stopped, killed, cut off).
 reports that it cannot, or the wait times out: once it says "applied" and
 "running", every new connection gets the new policy. A gateway swaps its
 snapshot before it reports, so the report can never run ahead of the policy.
+A gateway that stops (SIGTERM) says so in a last report (``stopped``): it is
+down at once, so an apply does not wait for it and no one mistakes it for a
+node that stopped answering.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def reports(store: ConfigStore) -> dict[str, dict[str, Any]]:
 def outcome(node: str, report: dict[str, Any], revision: int, now: float) -> NodeOutcome | None:
     """The node's outcome for ``revision``; None while a live node has not got there."""
     age = now - float(report.get("seen", 0))
+    if report.get("stopped"):
+        return NodeOutcome(node, "down", f"stopped {max(age, 0):.0f} s ago")
     if age > STALE_AFTER:
         return NodeOutcome(node, "down", f"last seen {age:.0f} s ago")
     running = report.get("running_revision")
@@ -114,8 +119,11 @@ def apply_report(outcomes: list[NodeOutcome]) -> dict[str, Any]:
 DOWN_AFTER = 60.0  # a node silent for longer than this is down, not just stale
 
 
-def liveness(age: float) -> str:
-    """ "up" (reporting), "stale" (missed a few heartbeats), or "down"."""
+def liveness(age: float, *, stopped: bool = False) -> str:
+    """ "up" (reporting), "stale" (missed a few heartbeats), or "down" (silent
+    for long, or ``stopped``: it said so when it stopped)."""
+    if stopped:
+        return "down"
     if age <= STALE_AFTER:
         return "up"
     return "stale" if age <= DOWN_AFTER else "down"
@@ -131,7 +139,8 @@ def cluster(store: ConfigStore, now: float) -> dict[str, Any]:
         found.append(
             {
                 "node": name,
-                "state": liveness(age),
+                "state": liveness(age, stopped=bool(report.get("stopped"))),
+                "stopped": bool(report.get("stopped")),
                 "seen_seconds_ago": round(age, 1),
                 "running_revision": running,
                 "lag": applied - running
@@ -155,7 +164,8 @@ def forget(store: ConfigStore, node: str, now: float, *, force: bool = False) ->
     report = reports(store).get(node)
     if report is None:
         raise NotFound(f"no node {node!r} has reported to this store")
-    if not force and liveness(now - float(report.get("seen", 0))) == "up":
+    age = now - float(report.get("seen", 0))
+    if not force and liveness(age, stopped=bool(report.get("stopped"))) == "up":
         raise Conflict(f"node {node!r} is up (it reported within {STALE_AFTER:g} s); use --force")
     with store.transaction() as connection:
         store.delete_meta(connection, f"node:{node}")

@@ -120,8 +120,9 @@ def status_text(found: dict[str, Any]) -> str:
         queue = node["queue"] or {}
         waiting = sum(v for k, v in queue.items() if k not in ("delivered", "bounced"))
         lag = "" if not node["lag"] else f", {node['lag']} behind"
+        seen = "stopped" if node.get("stopped") else "seen"
         line = (
-            f"{node['node']}: {node['state']} (seen {node['seen_seconds_ago']:g} s ago), "
+            f"{node['node']}: {node['state']} ({seen} {node['seen_seconds_ago']:g} s ago), "
             f"revision {node['running_revision']}{lag}, queue {waiting}"
         )
         if node["roles"]:
