@@ -378,17 +378,24 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
     """The REST API on ``admin.listen`` in a child process, or None when it is off."""
     if not config.admin.listen:
         return None
+    certificate = config.admin.certificate
+    if certificate is not None:  # a certificate that does not load stops the start here
+        from smtpgate.admin.api import admin_tls_context  # noqa: PLC0415 - FastAPI only then
+
+        admin_tls_context(config, config.gateway.data_dir, certificate)
     listening = bind_api_socket(config.admin.listen)
     with listening:
         fd = listening.fileno()
         command = [sys.executable, "-m", "smtpgate.cli.main", "admin", "api"]
         command += ["--data-dir", str(config.gateway.data_dir), "--listen", config.admin.listen]
         command += ["--fd", str(fd), *log_options()]
+        command += ["--certificate", certificate] if certificate is not None else []
         child = await asyncio.create_subprocess_exec(*command, pass_fds=(fd,))
     host, port = parse_listen_address(config.admin.listen)
     deadline = time.monotonic() + 30
     while child.returncode is None and time.monotonic() < deadline:
-        if await _answers_http(host, port):  # only our child accepts on this socket
+        # only our child accepts on this socket
+        if await _answers_http(host, port, tls=certificate is not None):
             return child
         await asyncio.sleep(0.05)
     if child.returncode is None:
@@ -396,12 +403,19 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
     raise OSError(f"the admin API did not start on {config.admin.listen} (admin.listen)")
 
 
-async def _answers_http(host: str, port: int) -> bool:
+async def _answers_http(host: str, port: int, *, tls: bool = False) -> bool:
     """Our API is up: it answers HTTP (401 without a token) on the socket we bound
-    and handed to it, which nothing else can accept on."""
+    and handed to it, which nothing else can accept on; over TLS (``tls``) its
+    certificate is not checked: this only asks whether our own child answers."""
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
         async with asyncio.timeout(2):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
             writer.write(b"GET /openapi.json HTTP/1.0\r\nHost: smtpgate\r\n\r\n")
             status = await reader.readline()
             writer.close()

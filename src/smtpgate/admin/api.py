@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -40,11 +41,15 @@ from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
 from smtpgate.admin.services import ConfigService, authenticate
+from smtpgate.config import parse_config
 from smtpgate.config.load import field_path
-from smtpgate.config.schema import parse_listen_address
+from smtpgate.config.schema import GatewayConfig, parse_listen_address
+from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.errors import AdminError, ConfigError, Conflict, FieldProblem, NotFound
 from smtpgate.observe.log import get_logger
+from smtpgate.tls.certificates import load as load_certificate
+from smtpgate.tls.context import server_context
 
 log = get_logger("smtpgate.admin.api")
 
@@ -149,21 +154,45 @@ def create_app(service: ConfigService) -> FastAPI:
 # -- the server process ----------------------------------------------------------
 
 
-def run_api(data_dir: Path, listen: str, fd: int | None = None) -> None:
+def run_api(
+    data_dir: Path, listen: str, fd: int | None = None, certificate: str | None = None
+) -> None:
     """Serve the API on ``listen`` until SIGTERM (uvicorn in this process's main
     thread). ``smtpgate serve`` runs this in a child process, handing over the
     socket it bound (``fd``); the child leaves when its parent does, so a killed
-    gateway never leaves an orphan holding the port."""
+    gateway never leaves an orphan holding the port. ``certificate`` (the name
+    of a ``certificates`` entry of the applied configuration): HTTPS with it,
+    TLS 1.2 or later; none: plain HTTP."""
     store = ConfigStore.open(data_dir)
     service = ConfigService(store, data_dir)
     host, port = parse_listen_address(listen)
     _leave_with_parent()
-    log.info("admin API starting", address=listen)
+    log.info("admin API starting", address=listen, https=certificate is not None)
     config = uvicorn.Config(
         create_app(service), host=host, port=port, log_config=None, access_log=False, lifespan="off"
     )
+    config.load()  # uvicorn builds its SSL context only from files: ours replaces it
+    if certificate is not None:
+        applied = parse_config(service.applied().document)
+        config.ssl = admin_tls_context(applied, data_dir, certificate)
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
     uvicorn.Server(config).run(sockets=sockets)
+
+
+def admin_tls_context(config: GatewayConfig, data_dir: Path, name: str) -> ssl.SSLContext:
+    """The server context of ``admin.certificate``: the certificate of that name
+    in ``config`` (PEM, or PKCS#12 with its PIN kept under ``data_dir``'s key),
+    TLS 1.2 and 1.3."""
+    for index, entry in enumerate(config.certificates):
+        if entry.name == name:
+            key = load_key(data_dir, create=False) if entry.pin is not None else None
+            loaded = load_certificate(entry, f"certificates[{index}]", key)
+            if loaded.key_pem is None:
+                raise ConfigError(
+                    [FieldProblem("admin.certificate", f"certificate {name!r} has no private key")]
+                )
+            return server_context(loaded, ("TLSv1.2", "TLSv1.3"))
+    raise ConfigError([FieldProblem("admin.certificate", f"no certificate named {name!r}")])
 
 
 def _leave_with_parent() -> None:
@@ -177,4 +206,4 @@ def _leave_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-__all__ = ["create_app", "run_api"]
+__all__ = ["admin_tls_context", "create_app", "run_api"]

@@ -136,6 +136,7 @@ def add_admin_commands(commands: Commands) -> None:
     api.add_argument("--data-dir", type=arg_types.data_dir, required=True)
     api.add_argument("--listen", type=arg_types.listen_address, required=True, metavar="HOST:PORT")
     api.add_argument("--fd", type=int, help="a listening socket to serve on (from smtpgate serve)")
+    api.add_argument("--certificate", metavar="NAME", help="serve HTTPS with this certificate")
     api.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     api.add_argument("--log-json", action="store_true")
     token = admin_commands.add_parser("token", help="API tokens (kept hashed in the store)")
@@ -354,7 +355,7 @@ def run_admin(args: argparse.Namespace) -> int:
         from smtpgate.observe.log import configure  # noqa: PLC0415
 
         configure(args.log_level, json=args.log_json)
-        run_api(args.data_dir, args.listen, args.fd)
+        run_api(args.data_dir, args.listen, args.fd, args.certificate)
         return 0
     if args.admin_command == "user":
         return _run_user(args)

@@ -506,9 +506,11 @@ class SpamSettings(Strict):
 
 
 class AdminSettings(Strict):
-    """The REST API's listener; an empty ``listen`` turns the API off."""
+    """The REST API's and the console's listener; an empty ``listen`` turns them
+    off. ``certificate`` (a ``certificates`` entry) serves HTTPS; none: plain HTTP."""
 
     listen: str = "127.0.0.1:8025"
+    certificate: str | None = None
 
     @field_validator("listen")
     @classmethod

@@ -287,6 +287,13 @@ def connector_certificates_exist(config: GatewayConfig) -> list[FieldProblem]:
     ]
 
 
+def admin_certificate_exists(config: GatewayConfig) -> list[FieldProblem]:
+    name = config.admin.certificate
+    if name is None or name in {c.name for c in config.certificates}:
+        return []
+    return [FieldProblem("admin.certificate", f"no certificate named {name!r}")]
+
+
 def something_to_listen_on(config: GatewayConfig) -> list[FieldProblem]:
     if not config.listeners:
         return [FieldProblem("listeners", "at least one listener is needed")]
@@ -304,6 +311,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     sender_domains_need_opportunistic_tls,
     secret_files_are_private,
     connector_certificates_exist,
+    admin_certificate_exists,
 )
 
 
@@ -374,7 +382,7 @@ def _sender_domain_relay_warnings(config: GatewayConfig) -> list[FieldProblem]:
 
 
 def _admin_warnings(config: GatewayConfig) -> list[FieldProblem]:
-    if not config.admin.listen:
+    if not config.admin.listen or config.admin.certificate is not None:
         return []
     host = parse_listen_address(config.admin.listen)[0]
     if ipaddress.ip_address(host).is_loopback:
@@ -382,7 +390,8 @@ def _admin_warnings(config: GatewayConfig) -> list[FieldProblem]:
     return [
         FieldProblem(
             "admin.listen",
-            "the API speaks plain HTTP, so tokens would cross the network in clear; "
-            "keep it on loopback or put a TLS proxy in front",
+            "the API and the console speak plain HTTP off loopback, so tokens, passwords "
+            "and session cookies would cross the network in clear; set admin.certificate "
+            "to serve HTTPS, or keep it on loopback",
         )
     ]
