@@ -247,24 +247,23 @@ def _from_form(
         "port": _number(_text(form, "port") or "25"),
     }
     username = _text(form, "username")
+    stored = ((current or {}).get("deliver") or {}).get("smarthost") or {}
+    password_file = _text(form, "password_file")
+    typed = str(form.get("password") or "")
+    keep = bool(username) and not password_file and not _checked(form, "clear_password")
     if username:
         smarthost["username"] = username
-        stored = ((current or {}).get("deliver") or {}).get("smarthost") or {}
-        password_file = _text(form, "password_file")
-        typed = str(form.get("password") or "")
-        if typed:
-            try:
-                key = encryption_key(console.service.store, console.service.data_dir)
-                smarthost["password"] = encrypt(key, typed)
-            except (AdminError, OSError, ValueError) as exc:
-                message = f"the password could not be encrypted: {exc}"
-                problems["deliver.smarthost.password"] = [message]
-        elif password_file:
-            smarthost["password_file"] = password_file
-        elif stored.get("password") and not _checked(form, "clear_password"):
-            smarthost["password"] = stored["password"]
-        if password_file and "password_file" not in smarthost:
-            smarthost["password_file"] = password_file
+    if typed:  # without a user name too: the schema then says they go together
+        try:
+            key = encryption_key(console.service.store, console.service.data_dir)
+            smarthost["password"] = encrypt(key, typed)
+        except (AdminError, OSError, ValueError) as exc:
+            message = f"the password could not be encrypted: {exc}"
+            problems["deliver.smarthost.password"] = [message]
+    elif keep and stored.get("password"):  # removing the user name drops it
+        smarthost["password"] = stored["password"]
+    if password_file:
+        smarthost["password_file"] = password_file
     body["deliver"] = {"smarthost": smarthost}
     return body, problems
 
