@@ -210,7 +210,31 @@ def test_smtp_auth_users_are_stored_encrypted(service: ConfigService, admin: Tes
 def test_send_credentials_says_what_is_missing(service: ConfigService, admin: TestClient) -> None:
     response = post(admin, "/profiles/partner/send-credentials", {})
     assert response.status_code == 422
-    assert "gateway.admin_address" in response.text
+    assert "tick the box to confirm" in error_next_to(response.text, "confirm")
+    response = post(admin, "/profiles/partner/send-credentials", {"confirm": "yes"})
+    assert response.status_code == 422
+    assert "gateway.admin_address: needed to send credentials" in response.text
+
+
+def test_send_credentials_queues_them_for_the_administrator(
+    service: ConfigService, admin: TestClient
+) -> None:
+    post(admin, "/profiles/partner/users", {"username": "app", "password": "s3cret!"})
+    connector = {"name": "out", "deliver": {"smarthost": {"host": "127.0.0.1", "port": 2526}}}
+
+    def change(document: dict[str, Any]) -> dict[str, Any]:
+        gateway = {**document["gateway"], "admin_address": "admin@example.com"}
+        return {**document, "gateway": gateway, "send_connectors": [connector]}
+
+    service.edit(change, "test", "admin address and a connector")
+    service.apply("test")
+    response = post(admin, "/profiles/partner/send-credentials", {"confirm": "yes"})
+    assert response.status_code == 303, response.text
+    html = admin.get("/profiles/partner").text
+    assert "are queued for admin@example.com" in html
+    assert "s3cret!" not in html
+    [entry] = [e for e in service.store.audit_log(5) if e.action == "credentials.send"]
+    assert entry.actor == "user:alice"
 
 
 def test_rename_and_delete(service: ConfigService, admin: TestClient) -> None:
@@ -253,3 +277,10 @@ def test_a_post_without_csrf_is_refused(service: ConfigService, admin: TestClien
     )
     assert response.status_code == 403
     assert service.store.draft() is None
+
+
+def test_a_name_with_a_space_works_in_links(service: ConfigService, admin: TestClient) -> None:
+    response = post(admin, "/profiles", {"name": "lab two", "client_hosts": "", "relay": "none"})
+    assert response.headers["location"] == "/profiles/lab%20two"
+    assert admin.get(response.headers["location"]).status_code == 200
+    assert 'href="/profiles/lab%20two"' in admin.get("/profiles").text

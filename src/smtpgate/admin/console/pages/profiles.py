@@ -16,6 +16,7 @@ import copy
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, get_args
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -174,7 +175,7 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
             return page(request, session, name, 422, form, found, shown, **extra)
         except AdminError as exc:
             return page(request, session, name, 409, form, {"": [str(exc)]}, shown, **extra)
-        return RedirectResponse(f"/profiles/{new_name}#{form}", status_code=303)
+        return RedirectResponse(f"/profiles/{quote(new_name)}#{form}", status_code=303)
 
     # -- the list and a new profile ------------------------------------------------
 
@@ -190,14 +191,14 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
         client_hosts: Annotated[str, Form(max_length=100_000)] = "",
         relay: Annotated[str, Form(max_length=50)] = "none",
     ) -> Response:
-        hosts = lines_of(client_hosts)
-        body = {"name": name.strip(), "client_hosts": hosts, "relay": relay}
+        hosts, new_name = lines_of(client_hosts), name.strip()
+        body: dict[str, Any] = {"name": new_name, "client_hosts": hosts, "relay": relay}
         index = len(edit.items(working(), COLLECTION))
         try:
             service.edit(
                 lambda d: edit.add_item(d, COLLECTION, body),
                 session.user.actor,
-                f"add connection profile {body['name']}",
+                f"add connection profile {new_name}",
             )
         except ConfigError as exc:
             found = errors_under(exc.problems, f"{COLLECTION}[{index}]")
@@ -206,7 +207,7 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
             return listing(request, session, 422, found={"name": [str(exc)]}, new=body)
         converted = notices({COLLECTION: [{"client_hosts": hosts}]})
         notes_for[session.token] = [p.message for p in converted]
-        return RedirectResponse(f"/profiles/{body['name']}", status_code=303)
+        return RedirectResponse(f"/profiles/{quote(new_name)}", status_code=303)
 
     # -- one profile -------------------------------------------------------------------
 
@@ -355,8 +356,15 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
 
     @router.post("/profiles/{name}/send-credentials", response_class=HTMLResponse)
     async def credentials(
-        request: Request, name: str, session: Annotated[Session, Depends(change)]
+        request: Request,
+        name: str,
+        session: Annotated[Session, Depends(change)],
+        confirm: Annotated[str, Form(max_length=10)] = "",
     ) -> Response:
+        if confirm != "yes":
+            found = {"confirm": ["tick the box to confirm: the passwords go out in clear text"]}
+            return page(request, session, name, 422, "auth", found)
+
         def send() -> dict[str, str]:
             config = parse_config(service.applied().document)
             queue = QueueStore(service.data_dir / "queue")
@@ -377,7 +385,7 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
             f"the credentials of {name} (as applied) are queued for {result['to']} "
             f"(queue id {result['queue_id']})"
         ]
-        return RedirectResponse(f"/profiles/{name}#auth", status_code=303)
+        return RedirectResponse(f"/profiles/{quote(name)}#auth", status_code=303)
 
     # -- delete ------------------------------------------------------------------------
 
