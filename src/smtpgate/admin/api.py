@@ -30,13 +30,13 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from smtpgate.admin.console.app import console_routes, install_handlers
-from smtpgate.admin.guard import Guard, StoreUnreachable
+from smtpgate.admin.console.app import console_routes, error_page, install_handlers
+from smtpgate.admin.guard import Guard, StoreUnreachable, guarded
 from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
@@ -56,6 +56,15 @@ log = get_logger("smtpgate.admin.api")
 
 def _error(status: int, detail: str, found: list[FieldProblem] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail, "problems": problems(found or [])}, status)
+
+
+def _reply(
+    request: Request, status: int, detail: str, found: list[FieldProblem] | None = None
+) -> Response:
+    """JSON for the API; for the console's pages, a page a browser shows."""
+    if guarded(request.url.path):
+        return _error(status, detail, found)
+    return error_page(request, status, detail)
 
 
 def _allowed(request: Request) -> list[str]:
@@ -81,33 +90,33 @@ def _request_problem(error: Any) -> FieldProblem:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def config_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def config_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ConfigError)
-        return _error(422, "the configuration would be invalid", exc.problems)
+        return _reply(request, 422, "the configuration would be invalid", exc.problems)
 
-    async def request_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def request_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         problems = [_request_problem(e) for e in exc.errors()]
-        return _error(422, "the request is invalid", problems)
+        return _reply(request, 422, "the request is invalid", problems)
 
-    async def admin_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def admin_error(request: Request, exc: Exception) -> Response:
         status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
-        return _error(status, str(exc))
+        return _reply(request, status, str(exc))
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        response = _error(exc.status_code, str(exc.detail))
+        response = _reply(request, exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:  # RFC 9110 §15.5.6: every method the resource has
             response.headers["Allow"] = ", ".join(_allowed(request))
         return response
 
-    async def unreachable(_request: Request, exc: Exception) -> JSONResponse:
-        return _error(503, store_down(exc))
+    async def unreachable(request: Request, exc: Exception) -> Response:
+        return _reply(request, 503, store_down(exc))
 
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("API request failed", error=repr(exc))
-        return _error(500, f"internal error ({type(exc).__name__}); see the gateway's log")
+        return _reply(request, 500, f"internal error ({type(exc).__name__}); see the gateway's log")
 
     app.add_exception_handler(ConfigError, config_error)
     app.add_exception_handler(RequestValidationError, request_error)

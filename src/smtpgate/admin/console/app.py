@@ -108,6 +108,7 @@ def console_routes(
 ) -> Console:
     """Mount the console on ``app``; returns it (tests reach its sessions)."""
     console = Console(service, clock)
+    app.middleware("http")(_security_headers)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     router = APIRouter(include_in_schema=False)
     _login_routes(router, console)
@@ -118,6 +119,28 @@ def console_routes(
         register(router, console)
     app.include_router(router)
     return console
+
+
+# What a browser is told about every console page: only our own scripts and styles
+# (htmx is vendored), never inside a frame (clickjacking), no MIME sniffing, no
+# Referer to elsewhere, and no caching of pages that show the configuration.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def _security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+    response: Response = await call_next(request)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 # -- who is asking -----------------------------------------------------------------
@@ -164,6 +187,15 @@ async def check_csrf(request: Request, session: Session) -> None:
         raise HTTPException(
             403, "the form is missing its CSRF token or it is stale; reload the page"
         )
+
+
+_pages = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+def error_page(request: Request, status: int, detail: str) -> HTMLResponse:
+    """An error on a console page, as a page (the API answers JSON)."""
+    context = {"status": status, "detail": detail, "navigation": [], "pending": 0}
+    return _pages.TemplateResponse(request, "error.html", context, status_code=status)
 
 
 def install_handlers(app: FastAPI) -> None:

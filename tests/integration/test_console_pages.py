@@ -1,0 +1,82 @@
+"""What every console page shares: the login, the session cookie's flags, the
+browser-side protections, errors as pages (the API keeps JSON), Changes Made."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from smtpgate.admin.api import create_app
+from smtpgate.admin.services import ConfigService
+from tests.integration import test_console_profiles as shared
+
+PASSWORD, post = shared.PASSWORD, shared.post
+service, admin, auditor = shared.service, shared.admin, shared.auditor  # the fixtures
+
+
+def test_pages_need_a_login_and_a_wrong_password_is_refused(service: ConfigService) -> None:
+    client = TestClient(create_app(service))
+    response = client.get("/profiles", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/login")
+    wrong = client.post("/login", data={"username": "alice", "password": "nope" * 4})
+    assert wrong.status_code == 401
+    assert "wrong user name or password" in wrong.text
+    assert "smtpgate_console" not in client.cookies
+    right = client.post("/login", data={"username": "alice", "password": PASSWORD})
+    assert right.status_code == 200
+    assert "alice (admin)" in right.text
+
+
+def test_the_session_cookie_is_httponly_and_samesite_strict(service: ConfigService) -> None:
+    client = TestClient(create_app(service))
+    response = client.post(
+        "/login", data={"username": "alice", "password": PASSWORD}, follow_redirects=False
+    )
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+    assert "secure" not in cookie  # plain HTTP here; HTTPS sets it (browser test)
+
+
+def test_every_page_tells_the_browser_to_protect_it(admin: TestClient) -> None:
+    response = admin.get("/")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_a_refusal_on_a_page_is_a_page_and_the_api_still_answers_json(
+    auditor: TestClient,
+) -> None:
+    refused = post(auditor, "/domains", {"domain": "example.net"})
+    assert refused.status_code == 403
+    assert refused.headers["content-type"].startswith("text/html")
+    assert "may only read" in refused.text
+    api = auditor.get("/api/v1/config/draft")  # a console session is not an API token
+    assert api.status_code == 401
+    assert api.headers["content-type"] == "application/json"
+
+
+def test_changes_made_shows_the_diff_and_discard_leaves_the_running_revision(
+    service: ConfigService, admin: TestClient
+) -> None:
+    applied = service.store.applied_number()
+    assert post(admin, "/domains", {"domain": "example.net"}).status_code == 303
+    page = admin.get("/changes").text
+    assert "1 pending change" in page
+    assert "hosted domains: added example.net" in page
+    assert post(admin, "/changes/discard", {}).status_code == 303
+    assert "0 pending changes" in admin.get("/").text
+    assert service.store.applied_number() == applied
+    assert service.draft() is None
+
+
+def test_apply_from_changes_made_makes_a_revision_and_reports_the_peers(
+    service: ConfigService, admin: TestClient
+) -> None:
+    post(admin, "/domains", {"domain": "example.net"})
+    response = post(admin, "/changes/apply", {"comment": "add example.net"})
+    assert response.status_code == 200
+    assert "Revision 2 applied" in response.text
+    assert service.store.applied_number() == 2
+    assert "example.net" in service.applied().document["hosted_domains"]
