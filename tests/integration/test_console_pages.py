@@ -80,3 +80,27 @@ def test_apply_from_changes_made_makes_a_revision_and_reports_the_peers(
     assert "Revision 2 applied" in response.text
     assert service.store.applied_number() == 2
     assert "example.net" in service.applied().document["hosted_domains"]
+
+
+def test_a_deleted_user_or_a_changed_password_ends_the_session_and_a_new_role_counts(
+    service: ConfigService, admin: TestClient
+) -> None:
+    from smtpgate.admin import accounts  # noqa: PLC0415
+
+    accounts.set_role(service.store, "alice", "auditor", "test")
+    assert "alice (auditor)" in admin.get("/").text
+    assert post(admin, "/domains", {"domain": "example.net"}).status_code == 403
+    accounts.set_password(service.store, "alice", "another long password", "test")
+    response = admin.get("/", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/login")
+
+
+def test_an_idle_session_must_log_in_again(service: ConfigService) -> None:
+    now = [1000.0]
+    client = TestClient(create_app(service, clock=lambda: now[0]))
+    client.post("/login", data={"username": "alice", "password": PASSWORD})
+    now[0] += 899  # used within the idle time: still logged in, and touched
+    assert client.get("/", follow_redirects=False).status_code == 200
+    now[0] += 901
+    response = client.get("/", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/login")

@@ -60,6 +60,11 @@ def _check_password(password: str) -> None:
         raise AdminError(f"the password must have at least {MIN_PASSWORD} characters")
 
 
+def role_of(role: str) -> Role:
+    """A stored role; an unknown one (edited by hand) reads as the weaker auditor."""
+    return role if role in ROLES else "auditor"  # type: ignore[return-value]
+
+
 def _check_role(role: str) -> Role:
     if role not in ROLES:
         raise AdminError(f"{role!r} is not a role: use one of {', '.join(ROLES)}")

@@ -24,6 +24,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,8 @@ def _token_name(service: ConfigService, token: str) -> str | None:
 # -- the application -----------------------------------------------------------
 
 
-def create_app(service: ConfigService) -> FastAPI:
+def create_app(service: ConfigService, clock: Callable[[], float] = time.time) -> FastAPI:
+    """The API and the console; ``clock`` times the console's sessions and logins."""
     app = FastAPI(
         title="smtpgate",
         version="1",
@@ -156,7 +158,7 @@ def create_app(service: ConfigService) -> FastAPI:
     operation_routes(router, service)
     app.include_router(router)
     install_handlers(app)
-    console_routes(app, service)
+    console_routes(app, service, clock)
     return app
 
 

@@ -157,6 +157,12 @@ def viewer(console: Console) -> Callable[[Request], Session]:
         session = console.sessions.get(request.cookies.get(COOKIE), console.clock())
         if session is None:
             raise LoginRequired
+        found = console.service.store.user(session.user.name)  # deleted, new password, role
+        if found is None or found[1] != session.credential:
+            console.sessions.drop(session.token)
+            raise LoginRequired
+        if found[2] != session.user.role:
+            session.user = User(session.user.name, accounts.role_of(found[2]))
         return session
 
     return current
@@ -250,7 +256,9 @@ def _login_routes(router: APIRouter, console: Console) -> None:
 
 
 def _logged_in(request: Request, console: Console, user: User) -> Response:
-    session = console.sessions.create(user, console.clock())
+    found = console.service.store.user(user.name)
+    credential = found[1] if found else ""
+    session = console.sessions.create(user, console.clock(), credential)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
         COOKIE,

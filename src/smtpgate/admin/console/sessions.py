@@ -27,6 +27,7 @@ class Session:
     user: User
     csrf: str
     last_seen: float
+    credential: str = ""  # the password hash at login: a changed password ends the session
 
     def csrf_ok(self, offered: str | None) -> bool:
         return offered is not None and hmac.compare_digest(self.csrf, offered)
@@ -37,11 +38,12 @@ class Sessions:
     idle: float = IDLE
     by_token: dict[str, Session] = field(default_factory=dict)
 
-    def create(self, user: User, now: float) -> Session:
+    def create(self, user: User, now: float, credential: str = "") -> Session:
         if len(self.by_token) >= MAX_SESSIONS:
             oldest = min(self.by_token.values(), key=lambda s: s.last_seen)
             del self.by_token[oldest.token]
-        session = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now)
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        session = Session(token, user, csrf, now, credential)
         self.by_token[session.token] = session
         return session
 
