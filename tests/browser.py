@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import yaml
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.conftest import SMTPGATE, Certs, base_config, free_port, merge, wait_for_port
 
@@ -36,6 +37,8 @@ PASSWORDS = {"alice": "correct horse battery", "oscar": "auditor staple battery"
 ROLES = {"alice": "admin", "oscar": "auditor"}
 PARTNER_IP = "127.0.0.7"  # the client the browser test gives a connection profile
 ELSEWHERE = "someone@partner.test"  # not hosted: delivered only when relaying is allowed
+DEFERRED = "stuck@deferred.test"  # hosted, routed to a port where nothing listens
+SMARTHOST_USER = ("gw@postfix.test", "smarthost-secret")  # the "isp" connector's AUTH
 
 
 def chromium() -> str:
@@ -52,6 +55,8 @@ class Served:
     smtp_port: int
     config_path: Path
     sink_dir: Path
+    sink_port: int
+    postfix_port: int  # the "isp" connector's smarthost: a Postfix with AUTH (not started)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def messages(self) -> list[dict[str, Any]]:
@@ -99,8 +104,12 @@ class Served:
 def serve_console(directory: Path, certs: Certs) -> Iterator[Served]:
     """Start the sink and ``smtpgate serve`` with the console on HTTPS; yield; stop."""
     sink_port, smtp_port, admin_port = free_port(), free_port(), free_port()
+    postfix_port, nowhere_port = free_port(), free_port()
     sink_dir = directory / "sink"
     sink_dir.mkdir(parents=True)
+    password = directory / "smarthost-password"
+    password.write_text(SMARTHOST_USER[1])
+    password.chmod(0o600)
     document = merge(
         base_config(directory / "data", sink_port),
         {
@@ -108,20 +117,42 @@ def serve_console(directory: Path, certs: Certs) -> Iterator[Served]:
             "certificates": [
                 {"name": "console", "cert": str(certs.cert_file), "key": str(certs.key_file)}
             ],
+            "hosted_domains": ["example.com", "example.org", "deferred.test"],
             "send_connectors": [
                 {
                     "name": "to-sink",
                     "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink_port}},
                     "security": "none",
                     "namespaces": [{"sender": "*", "recipient": "*"}],
-                }
+                },
+                {
+                    "name": "isp",
+                    "security": "require-starttls",
+                    "deliver": {
+                        "smarthost": {
+                            "host": "127.0.0.1",
+                            "port": postfix_port,
+                            "username": SMARTHOST_USER[0],
+                            "password_file": str(password),
+                        }
+                    },
+                    "namespaces": [{"sender": "*", "recipient": "isp.invalid"}],
+                },
+                {
+                    "name": "nowhere",
+                    "deliver": {"smarthost": {"host": "127.0.0.1", "port": nowhere_port}},
+                    "security": "none",
+                    "namespaces": [{"sender": "*", "recipient": "deferred.test"}],
+                },
             ],
         },
     )
     document["listeners"][0]["address"] = f"127.0.0.1:{smtp_port}"
     config_path = directory / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(document))
-    served = Served(f"https://127.0.0.1:{admin_port}", smtp_port, config_path, sink_dir)
+    served = Served(
+        f"https://127.0.0.1:{admin_port}", smtp_port, config_path, sink_dir, sink_port, postfix_port
+    )
     sink = subprocess.Popen(
         [SMTPGATE, "sink", "--listen", f"127.0.0.1:{sink_port}", "--dir", str(sink_dir), *FAST],
         stdout=subprocess.DEVNULL,
@@ -130,10 +161,10 @@ def serve_console(directory: Path, certs: Certs) -> Iterator[Served]:
     served.processes.append(sink)
     try:
         wait_for_port(sink_port, alive=lambda: sink.poll() is None)
-        for name, password in PASSWORDS.items():
+        for name, secret in PASSWORDS.items():
             role = ROLES[name]
             served.cli(
-                "admin", "user", "create", name, "--role", role, "--password-stdin", stdin=password
+                "admin", "user", "create", name, "--role", role, "--password-stdin", stdin=secret
             )
         gateway = subprocess.Popen(
             [SMTPGATE, "serve", "--config", str(config_path), "--log-level", "warning"],
@@ -141,7 +172,7 @@ def serve_console(directory: Path, certs: Certs) -> Iterator[Served]:
             stderr=subprocess.PIPE,
         )
         served.processes.append(gateway)
-        wait_for_port(admin_port, timeout=30, alive=lambda: gateway.poll() is None)
+        wait_for_port(smtp_port, timeout=30, alive=lambda: gateway.poll() is None)
         _wait_https(served.url, gateway)
         yield served
     finally:
@@ -176,7 +207,15 @@ class Screenshots:
             where.mkdir(parents=True, exist_ok=True)
 
     def take(self, page: Any, name: str) -> Path:
-        data: bytes = page.screenshot(full_page=False, type="png")
+        page.wait_for_load_state("load")
+        for attempt in range(3):  # chromium may refuse while it paints a fresh page
+            try:
+                data: bytes = page.screenshot(full_page=False, type="png")
+                break
+            except PlaywrightError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
         for where in self.directories:
             (where / f"{name}.png").write_bytes(data)
         return self.directories[0] / f"{name}.png"
