@@ -146,17 +146,15 @@ def add_admin_commands(commands: Commands) -> None:
     listing = actions.add_parser("list", help="the tokens (names only)")
     for sub in (create, revoke):
         sub.add_argument("name")
-    _add_user_commands(admin_commands)
-    for sub in (create, revoke, listing, *_USER_PARSERS):
+    users = _add_user_commands(admin_commands)
+    for sub in (create, revoke, listing, *users):
         target = sub.add_mutually_exclusive_group(required=True)
         target.add_argument("--config", type=Path)
         target.add_argument("--data-dir", type=arg_types.data_dir)
 
 
-_USER_PARSERS: list[argparse.ArgumentParser] = []
-
-
-def _add_user_commands(admin_commands: Commands) -> None:
+def _add_user_commands(admin_commands: Commands) -> list[argparse.ArgumentParser]:
+    """The ``user`` commands; returns those that take ``--config``/``--data-dir``."""
     user = admin_commands.add_parser("user", help="console accounts (passwords kept as argon2id)")
     actions = user.add_subparsers(dest="user_command", required=True)
     create = actions.add_parser("create", help="a new console user")
@@ -170,7 +168,7 @@ def _add_user_commands(admin_commands: Commands) -> None:
         sub.add_argument(
             "--password-stdin", action="store_true", help="read the password from standard input"
         )
-    _USER_PARSERS.extend([create, passwd, delete, listing])
+    return [create, passwd, delete, listing]
 
 
 # -- running them ------------------------------------------------------------------
