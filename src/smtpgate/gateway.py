@@ -12,6 +12,11 @@ import asyncio
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import GatewayConfig
+from smtpgate.content import registry
+from smtpgate.content.apply import write_verdicts
+from smtpgate.content.pipeline import MessageFacts, Scanner, scan
+from smtpgate.content.quarantine import Quarantine
+from smtpgate.content.verdict import ACCEPTED, Outcome
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import QueueError
 from smtpgate.inbound.contract import SessionInfo
@@ -38,6 +43,7 @@ from smtpgate.spool import SpooledBody
 log = get_logger("smtpgate.gateway")
 
 QUEUE_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error, try again later")
+QUARANTINE_UNAVAILABLE = Reply.of(451, "4.3.0", "Message held for review, but no quarantine here")
 
 
 @dataclass
@@ -47,10 +53,13 @@ class GatewayState:
     throttle: AuthThrottle
     resolver: Resolver
     refusals: RefusalLog = field(default_factory=RefusalLog)  # blocked clients
+    scanners: list[Scanner] = field(default_factory=list)  # content checks before the 250
+    quarantine: Quarantine | None = None  # where held messages go (content.quarantine)
 
     @classmethod
     def for_config(cls, config: GatewayConfig) -> GatewayState:
-        return cls(AuthThrottle(config.limits), DnsResolver(config.gateway.dns))
+        resolver = DnsResolver(config.gateway.dns)
+        return cls(AuthThrottle(config.limits), resolver, scanners=registry.scanners())
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -66,6 +75,7 @@ class GatewayHandler:
         self.session = SessionPolicy(
             policy.config, policy.profiles, policy.auth_enabled, policy.hosted, policy.postmaster
         )
+        self.client_names: tuple[str, ...] = ()  # forward-confirmed, when profiles needed them
 
     @property
     def match(self) -> ProfileMatch:
@@ -83,6 +93,7 @@ class GatewayHandler:
         listener = ListenerFacts(
             info.listener, info.tls_required, info.client_certificate_required
         )  # as the listener runs: a changed security waits for a restart
+        self.client_names = tuple(names)
         decision = self.session.connect(info.client_ip, names, listener)
         info.profile = self.match.profile.name
         info.postmaster = self.policy.postmaster
@@ -160,6 +171,59 @@ class GatewayHandler:
     # -- the message ---------------------------------------------------------
 
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
+        outcome = await self._check_content(info, envelope, body)
+        if outcome.reply is not None and outcome.action in ("reject", "tempfail"):
+            log.info(
+                "message refused",
+                queue_id=body.queue_id,
+                client=info.client_ip,
+                sender=envelope.sender,
+                reply=outcome.reply.text(),
+                why=outcome.summary(),
+            )
+            return outcome.reply
+        if outcome.action == "quarantine":
+            return await self._quarantine(info, envelope, body, outcome)
+        write_verdicts(body, outcome)
+        return await self._queue(info, envelope, body)
+
+    async def _check_content(
+        self, info: SessionInfo, envelope: Envelope, body: SpooledBody
+    ) -> Outcome:
+        if not self.state.scanners:
+            return ACCEPTED
+        facts = MessageFacts(
+            body.queue_id,
+            envelope,
+            self.policy.config.gateway.hostname,
+            client_name=self.client_names[0] if self.client_names else None,
+            internal=self.session.internal(),
+        )
+        return await scan(facts, body, self.policy.config, self.state.scanners)
+
+    async def _quarantine(
+        self, info: SessionInfo, envelope: Envelope, body: SpooledBody, outcome: Outcome
+    ) -> Reply:
+        """Held by a verdict: kept aside (durably) instead of queued; the client
+        hears 250, as for any accepted message."""
+        quarantine = self.state.quarantine
+        if quarantine is None:  # no quarantine here: refuse rather than lose or pass it
+            return QUARANTINE_UNAVAILABLE
+        try:
+            await quarantine.hold(envelope, body, outcome)
+        except OSError as exc:
+            log.error("quarantine write failed", error=str(exc))
+            return QUEUE_FAILED
+        log.info(
+            "quarantined",
+            queue_id=body.queue_id,
+            client=info.client_ip,
+            sender=envelope.sender,
+            why=outcome.summary(),
+        )
+        return Reply.of(250, "2.0.0", f"Ok: queued as {body.queue_id}")
+
+    async def _queue(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         try:
             queue_id = await self.queue.ingest(envelope, body)
         except (OSError, QueueError) as exc:

@@ -113,6 +113,37 @@ class SpooledBody:
             while chunk := body.read(size):
                 yield chunk
 
+    def head(self, limit: int = 1 << 20) -> bytes:
+        """The header section (through the CRLF before the empty line), or ``b""``
+        when none ends within ``limit`` octets."""
+        seen = b""
+        for chunk in self.chunks():
+            seen += chunk
+            end = seen.find(b"\r\n\r\n")
+            if end >= 0:
+                return seen[: end + 2]
+            if len(seen) > limit:
+                return b""
+        return b""
+
+    def replace_head(self, new: bytes, old_length: int) -> None:
+        """Put ``new`` in place of the first ``old_length`` octets (a finished
+        body; a file is rewritten by streaming, never read whole)."""
+        if self.path is None:
+            self._memory[0:old_length] = new
+            self.size = len(self._memory)
+            return
+        source = self.path
+        target = source.with_name(f"{self.queue_id}.head.tmp")  # an orphan is cleaned too
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb", buffering=65536) as out, source.open("rb") as body:
+            out.write(new)
+            body.seek(old_length)
+            while chunk := body.read(65536):
+                out.write(chunk)
+        os.replace(target, source)
+        self.size += len(new) - old_length
+
     def save_as(self, target: Path, *, fsync: bool) -> None:
         """Make the body a file at ``target`` (durable when ``fsync``)."""
         if self.path is not None:

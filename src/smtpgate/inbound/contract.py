@@ -5,6 +5,7 @@ implement :class:`SessionHandler`; ``smtpgate.inbound.session`` drives it."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -60,14 +61,25 @@ class SessionInfo:
         )
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A command's answer that needs I/O first (a recipient callout, a directory
+    lookup): the session stops reading, awaits ``answer`` and replies with what
+    it gives (``None``: the default reply), keeping pipelined replies in order.
+    ``answer`` must be bounded in time; it should never raise."""
+
+    answer: Awaitable[Reply | None]
+
+
 class SessionHandler(Protocol):
     """What the session asks; the gateway and the sink each provide one."""
 
     async def on_connect(self, info: SessionInfo) -> Reply | None:
         """Before the greeting: ``None`` for 220, or a 554/421 refusal."""
 
-    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
-        """Per command, a pure decision: ``None`` for the default answer."""
+    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | Pending | None:
+        """Per command, a pure decision: ``None`` for the default answer; ``Pending``
+        when the answer needs I/O."""
 
     async def on_message(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
         """A complete, checked body: hand it on and return the final reply."""

@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 from smtpgate.inbound import sasl
-from smtpgate.inbound.contract import SessionHandler, SessionInfo, SessionSettings
+from smtpgate.inbound.contract import Pending, SessionHandler, SessionInfo, SessionSettings
 from smtpgate.inbound.peer import client_certificate, is_loopback, tls_summary
 from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
 from smtpgate.inbound.sasl import SaslExchange, SaslStep
@@ -272,7 +272,11 @@ class Session(asyncio.Protocol):
                 log.info("message refused", client=self.info.client_ip, reply=event.reply.text())  # type: ignore[union-attr]
                 self._end_message()
             elif kind is not ev.AuthAborted:
-                conn.reply(self._answer(event))
+                answer = self._answer(event)
+                if isinstance(answer, Pending):
+                    self._spawn(self._answer_later(event, answer))
+                else:
+                    conn.reply(answer)
         self._after_pump()
 
     def _after_pump(self) -> None:
@@ -405,11 +409,21 @@ class Session(asyncio.Protocol):
 
     # -- commands --------------------------------------------------------------------
 
-    def _answer(self, event: ev.Event) -> Reply:
-        reply = self.handler.on_command(self.info, event) or self._default(event)
+    def _answer(self, event: ev.Event) -> Reply | Pending:
+        decided = self.handler.on_command(self.info, event)
+        if isinstance(decided, Pending):
+            return decided
+        reply = decided or self._default(event)
         if reply.code < 400:
             self._remember(event)
         return reply
+
+    async def _answer_later(self, event: ev.Event, pending: Pending) -> None:
+        """The answer of a command that needed I/O; the pump resumes after it."""
+        reply = await pending.answer or self._default(event)
+        if reply.code < 400:
+            self._remember(event)
+        self.conn.reply(reply)
 
     def _default(self, event: ev.Event) -> Reply:
         kind = type(event)

@@ -34,6 +34,7 @@ from smtpgate.policy.auth import user_profile
 from smtpgate.policy.mail import MailDecision, decide_mail
 from smtpgate.policy.profile import Profile, ProfileIndex, ProfileMatch, match_profile
 from smtpgate.policy.relay import (
+    TRUSTED,
     RelayRights,
     decide_connect,
     decide_relay,
@@ -179,6 +180,11 @@ class SessionPolicy:
     @property
     def rights(self) -> RelayRights:
         return relay_rights(self.match.profile, self.auth_profile)
+
+    def internal(self) -> bool:
+        """Mail from inside: the session's relay rights are trusted (full or
+        restricted-internal); sender checks and signing go by this."""
+        return self.rights.mode in TRUSTED
 
     def connect(
         self,
