@@ -104,3 +104,20 @@ def test_an_idle_session_must_log_in_again(service: ConfigService) -> None:
     now[0] += 901
     response = client.get("/", follow_redirects=False)
     assert (response.status_code, response.headers["location"]) == (303, "/login")
+
+
+def test_the_default_profile_is_edited_like_a_profile(
+    service: ConfigService, admin: TestClient, auditor: TestClient
+) -> None:
+    page = admin.get("/default-profile")
+    assert page.status_code == 200
+    assert 'action="/default-profile/relay"' in page.text
+    assert post(admin, "/default-profile/relay", {"relay": "sometimes"}).status_code == 422
+    assert post(admin, "/default-profile/relay", {"relay": "blocked"}).status_code == 303
+    assert service.working()[0]["default_profile"]["relay"] == "blocked"
+    tls = {"inbound_mandatory": "true", "protocols_global": "true", "cipher_strength": "global"}
+    assert post(admin, "/default-profile/tls", tls).status_code == 303
+    assert service.working()[0]["default_profile"]["inbound_tls"]["mandatory"] is True
+    assert "default profile: relay none → blocked" in admin.get("/changes").text
+    assert 'action="/default-profile/relay"' not in auditor.get("/default-profile").text
+    assert post(auditor, "/default-profile/relay", {"relay": "none"}).status_code == 403

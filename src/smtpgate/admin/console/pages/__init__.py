@@ -9,6 +9,7 @@ from smtpgate.admin.console.pages import (
     audit,
     certificates,
     connectors,
+    default_profile,
     domains,
     explain,
     history,
@@ -28,6 +29,7 @@ Register = Callable[["APIRouter", "Console"], None]
 
 ALL: list[Register] = [
     profiles.routes,
+    default_profile.routes,
     connectors.routes,
     domains.routes,
     listeners.routes,

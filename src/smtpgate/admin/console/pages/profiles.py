@@ -278,15 +278,10 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
         cipher_strength: Annotated[str, Form(max_length=20)] = "global",
         match: Annotated[str, Form(max_length=10_000)] = "",
     ) -> Response:
-        chosen: str | list[str] = "global" if ticked(protocols_global) else list(protocols or [])
-        outbound = {
-            "mandatory": ticked(outbound_mandatory),
-            "protocols": chosen,
-            "cipher_strength": cipher_strength,
-            "validate_certificate": ticked(validate_certificate),
-            "match": lines_of(match),
-        }
-        typed = {"inbound_tls": {"mandatory": ticked(inbound_mandatory)}, "outbound_tls": outbound}
+        typed = tls_settings(
+            inbound_mandatory, outbound_mandatory, validate_certificate,
+            protocols_global, protocols, cipher_strength, match,
+        )  # fmt: skip
         return save(request, session, name, "tls", lambda p: {**p, **typed}, typed)
 
     # -- SMTP AUTH -------------------------------------------------------------------
@@ -413,6 +408,28 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
             return listing(request, session, 422, error=f"not deleted: {exc}")
         notes_for[session.token] = [f"connection profile {name} deleted from the draft"]
         return RedirectResponse("/profiles", status_code=303)
+
+
+def tls_settings(  # noqa: PLR0913, PLR0917 - the TLS form's fields
+    inbound_mandatory: list[str] | None,
+    outbound_mandatory: list[str] | None,
+    validate_certificate: list[str] | None,
+    protocols_global: list[str] | None,
+    protocols: list[str] | None,
+    cipher_strength: str,
+    match: str,
+) -> dict[str, Any]:
+    """The TLS form as ``inbound_tls`` and ``outbound_tls`` settings (a profile's
+    and the default profile's)."""
+    chosen: str | list[str] = "global" if ticked(protocols_global) else list(protocols or [])
+    outbound = {
+        "mandatory": ticked(outbound_mandatory),
+        "protocols": chosen,
+        "cipher_strength": cipher_strength,
+        "validate_certificate": ticked(validate_certificate),
+        "match": lines_of(match),
+    }
+    return {"inbound_tls": {"mandatory": ticked(inbound_mandatory)}, "outbound_tls": outbound}
 
 
 def ticked(values: list[str] | None) -> bool:
