@@ -50,6 +50,7 @@ from smtpgate.config.schema import (
 from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.config.watch import RevisionWatcher
+from smtpgate.content.quarantine import DAY, Quarantine, quarantine_dir
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayState
@@ -164,10 +165,14 @@ class Gateway:
     # its thread when the gateway stops must not overwrite that one
     reporting: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     reported_stop: bool = False
+    quarantine: Quarantine | None = None  # held messages; expired in the background
+    quarantine_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
         loop = asyncio.get_running_loop()
+        if self.quarantine is not None:
+            self.quarantine_task = loop.create_task(self.quarantine.expire_forever())
         self.manager_task = loop.create_task(self.manager.run())
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
@@ -272,7 +277,7 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
-        for task in (self.watch_task, self.config_task):
+        for task in (self.watch_task, self.config_task, self.quarantine_task):
             if task is not None:
                 task.cancel()
         await self.server.stop(grace)
@@ -300,6 +305,12 @@ async def build_gateway(
     current = Current(Snapshot.compile(config, revision))  # certificates loaded once
     certificates = current().certificates  # the listeners' and the client identities
     state = GatewayState.for_config(config)
+    quarantine = Quarantine(
+        quarantine_dir(data_dir), lambda: current().config.quarantine.retention_days * DAY
+    )
+    if orphans := await asyncio.to_thread(quarantine.store.clean_orphans):
+        log.info("removed unfinished quarantine files", count=orphans)
+    state.quarantine = quarantine
     limits = ServerLimits(
         max_connections=config.limits.max_connections,
         max_connections_per_ip=config.limits.max_connections_per_ip,
@@ -338,7 +349,9 @@ async def build_gateway(
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)
     nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
-    return Gateway(server, queue, manager, reloader, current, config, store)
+    gateway = Gateway(server, queue, manager, reloader, current, config, store)
+    gateway.quarantine = quarantine
+    return gateway
 
 
 def status_of(gateway: Gateway) -> dict[str, Any]:

@@ -40,6 +40,8 @@ SECTIONS = (
     "spam",
     "queue",
     "admin",
+    "virus",
+    "quarantine",
 )
 # List fields inside objects that the API exposes as their own resources.
 ITEM_LISTS = {

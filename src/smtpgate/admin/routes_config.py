@@ -23,11 +23,13 @@ from smtpgate.config.schema import (
     Limits,
     Listener,
     Namespace,
+    QuarantineSettings,
     QueueSettings,
     SendConnector,
     SpamSettings,
     Timeouts,
     TlsSettings,
+    VirusSettings,
 )
 from smtpgate.errors import Conflict, NotFound
 
@@ -46,6 +48,8 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "spam": SpamSettings,
     "queue": QueueSettings,
     "admin": AdminSettings,
+    "virus": VirusSettings,
+    "quarantine": QuarantineSettings,
 }
 
 

@@ -48,6 +48,8 @@ LABELS = {
     "spam": "spam",
     "queue": "queue",
     "admin": "admin",
+    "virus": "virus scanning",
+    "quarantine": "quarantine",
 }
 SECRET_FIELDS = frozenset({"password", "pin"})
 
@@ -61,6 +63,8 @@ LIVE = (
     "default_profile",
     "spoof_detection",
     "spam",
+    "virus",
+    "quarantine",
     "tls.opportunistic",
     "queue.retry",
     "queue.delay_warning",

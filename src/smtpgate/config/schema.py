@@ -505,6 +505,47 @@ class SpamSettings(Strict):
     check_outbound: bool = False  # also scan mail from full / restricted-internal clients
 
 
+class VirusSettings(Strict):
+    """Virus scanning by ClamAV's clamd over INSTREAM (docs/content-security.md);
+    an empty ``clamd`` turns it off. Every message is scanned, both directions."""
+
+    clamd: str = ""  # "tcp://127.0.0.1:3310" or "unix:/run/clamav/clamd.ctl"
+    timeout: Duration = 30.0  # the whole scan: connect, stream, verdict
+    fail: Literal["open", "closed"] = "closed"  # clamd unreachable: accept (header) or 451
+    infected: Literal["reject", "quarantine"] = "reject"
+    over_limit: Literal["accept", "reject", "tempfail"] = "accept"  # accept: header "unchecked"
+    max_size: int = Field(default=25 * 1024 * 1024, ge=1024)  # ≤ clamd's StreamMaxLength
+
+    @field_validator("clamd")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            parse_clamd_address(value)
+        return value
+
+
+def parse_clamd_address(value: str) -> tuple[str, int] | str:
+    """``tcp://HOST:PORT`` → (host, port); ``unix:/PATH`` → the socket's path."""
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:").removeprefix("//")
+        if not path.startswith("/"):
+            raise ValueError("a clamd unix socket is unix:/absolute/path")
+        return path
+    if value.startswith("tcp://"):
+        host, port = parse_listen_address(value.removeprefix("tcp://"))
+        if port == 0:
+            raise ValueError("name clamd's port: tcp://HOST:PORT")
+        return host, port
+    raise ValueError("clamd is tcp://HOST:PORT or unix:/PATH")
+
+
+class QuarantineSettings(Strict):
+    """Messages held by a scanner's verdict, in ``data_dir/quarantine``; expired
+    (deleted) by the running gateway after ``retention_days``."""
+
+    retention_days: int = Field(default=30, ge=1, le=3650)
+
+
 class AdminSettings(Strict):
     """The REST API's and the console's listener; an empty ``listen`` turns them
     off. ``certificate`` (a ``certificates`` entry) serves HTTPS; none: plain HTTP."""
@@ -537,3 +578,5 @@ class GatewayConfig(Strict):
     spam: SpamSettings = Field(default_factory=SpamSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    virus: VirusSettings = Field(default_factory=VirusSettings)
+    quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)

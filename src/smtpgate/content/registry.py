@@ -4,10 +4,13 @@ header fields written (sender authentication first: its
 
 from __future__ import annotations
 
+from smtpgate.content.clamd import ClamdScanner
 from smtpgate.content.pipeline import Scanner
 
 
 def scanners() -> list[Scanner]:
     """One instance of each scanner for the gateway's lifetime (connection pools
     live here); each reads its settings from the configuration it is given."""
-    return []
+    return [
+        ClamdScanner(),
+    ]
