@@ -9,6 +9,7 @@ messages on. Decisions are logged with their reasons; secrets never are.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import GatewayConfig
@@ -16,10 +17,11 @@ from smtpgate.content import registry
 from smtpgate.content.apply import write_verdicts
 from smtpgate.content.pipeline import MessageFacts, Scanner, scan
 from smtpgate.content.quarantine import Quarantine
+from smtpgate.content.recipients import RecipientValidator
 from smtpgate.content.verdict import ACCEPTED, Outcome
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import QueueError
-from smtpgate.inbound.contract import SessionInfo
+from smtpgate.inbound.contract import Pending, SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
 from smtpgate.inbound.server import RefusalLog
 from smtpgate.model.envelope import Envelope
@@ -55,6 +57,7 @@ class GatewayState:
     refusals: RefusalLog = field(default_factory=RefusalLog)  # blocked clients
     scanners: list[Scanner] = field(default_factory=list)  # content checks before the 250
     quarantine: Quarantine | None = None  # where held messages go (content.quarantine)
+    recipients: RecipientValidator = field(default_factory=RecipientValidator)  # at RCPT
 
     @classmethod
     def for_config(cls, config: GatewayConfig) -> GatewayState:
@@ -120,7 +123,7 @@ class GatewayHandler:
 
     # -- commands ------------------------------------------------------------
 
-    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:
+    def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | Pending | None:
         if isinstance(event, ev.MailFrom):
             return self._mail(info, event.sender)
         if isinstance(event, ev.RcptTo):
@@ -140,13 +143,30 @@ class GatewayHandler:
         info.spam_check = decision.spam_check[0]
         return None
 
-    def _rcpt(self, info: SessionInfo, recipient: str) -> Reply | None:
+    def _rcpt(self, info: SessionInfo, recipient: str) -> Reply | Pending | None:
         decision = self.session.rcpt(info.sender or "", recipient)
         verdict = decision.verdict
         if verdict.reply is not None:  # a refused relay, or no route: never accepted and lost
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why=verdict.reason)
             return verdict.reply
-        return None
+        # Only what the relay decision accepted is validated (content.recipients).
+        found = self.state.recipients.check(
+            self.policy, self.state.resolver, decision.recipient, decision.connector
+        )
+        if found is None or isinstance(found, Reply):
+            return self._validated(info, recipient, found)
+        return Pending(self._after_callout(info, recipient, found))
+
+    async def _after_callout(
+        self, info: SessionInfo, recipient: str, callout: Awaitable[Reply | None]
+    ) -> Reply | None:
+        return self._validated(info, recipient, await callout)
+
+    @staticmethod
+    def _validated(info: SessionInfo, recipient: str, reply: Reply | None) -> Reply | None:
+        if reply is not None:
+            log.info("recipient refused", client=info.client_ip, rcpt=recipient, reply=reply.text())
+        return reply
 
     # -- AUTH ----------------------------------------------------------------
 

@@ -561,6 +561,49 @@ class AdminSettings(Strict):
         return value
 
 
+RecipientMode = Literal["any", "list", "callout"]
+MAX_LISTED_RECIPIENTS = 100_000  # inline entries; a recipients_file is bounded in bytes
+
+
+class CalloutSettings(Strict):
+    """An SMTP callout (RCPT probe) to the domain's internal server, and its cache."""
+
+    timeout: float = Field(default=10, gt=0, le=120)  # the whole probe, queueing included
+    positive_ttl: Duration = 3600.0  # a known recipient is remembered this long (0: not)
+    negative_ttl: Duration = 600.0  # an unknown one this long (0: not)
+    cache_size: int = Field(default=10_000, ge=0)  # addresses remembered for this domain
+    concurrency: int = Field(default=4, ge=1, le=100)  # probes at once per send connector
+
+
+class RecipientValidation(Strict):
+    """How RCPT checks recipients at one hosted domain (``docs/content-security.md``):
+    ``any`` accepts every local part, ``list`` the ones listed (inline and/or a
+    file, re-read when it changes), ``callout`` asks the internal server."""
+
+    domain: DomainName
+    mode: RecipientMode = "any"
+    recipients: list[str] = Field(default_factory=list, max_length=MAX_LISTED_RECIPIENTS)
+    recipients_file: FilePath | None = None
+    callout: CalloutSettings = Field(default_factory=CalloutSettings)
+
+    @field_validator("recipients")
+    @classmethod
+    def _entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry or any(ch.isspace() for ch in entry) or entry.count("@") > 1:
+                raise ValueError(f"{entry!r} is not a local part or an address")
+        return value
+
+    @model_validator(mode="after")
+    def _list_has_entries(self) -> RecipientValidation:
+        if self.mode == "list" and not self.recipients and self.recipients_file is None:
+            raise ValueError("mode list needs recipients or a recipients_file")
+        for entry in self.recipients:
+            if "@" in entry and normalise_domain(entry.rpartition("@")[2]) != self.domain:
+                raise ValueError(f"{entry!r} is not an address at {self.domain}")
+        return self
+
+
 class GatewayConfig(Strict):
     """The whole configuration document."""
 
@@ -578,5 +621,6 @@ class GatewayConfig(Strict):
     spam: SpamSettings = Field(default_factory=SpamSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    recipient_validation: list[RecipientValidation] = Field(default_factory=list)
     virus: VirusSettings = Field(default_factory=VirusSettings)
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)

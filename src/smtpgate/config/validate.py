@@ -300,6 +300,19 @@ def something_to_listen_on(config: GatewayConfig) -> list[FieldProblem]:
     return []
 
 
+def recipient_validation_domains(config: GatewayConfig) -> list[FieldProblem]:
+    """Recipients are validated only at hosted domains, one rule per domain."""
+    problems, seen = [], set()
+    for index, rule in enumerate(config.recipient_validation):
+        here = f"recipient_validation[{index}].domain"
+        if rule.domain not in config.hosted_domains:
+            problems.append(FieldProblem(here, f"{rule.domain} is not a hosted domain"))
+        elif rule.domain in seen:
+            problems.append(FieldProblem(here, f"{rule.domain} already has a rule"))
+        seen.add(rule.domain)
+    return problems
+
+
 CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     something_to_listen_on,
     unique_names,
@@ -312,6 +325,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     secret_files_are_private,
     connector_certificates_exist,
     admin_certificate_exists,
+    recipient_validation_domains,
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from smtpgate.config.schema import GatewayConfig, Listener
 from smtpgate.policy.profile import ProfileIndex, ProfileMatch
+from smtpgate.policy.recipients import describe as describe_validation
 from smtpgate.policy.relay import (
     RelayRights,
     split_address,
@@ -60,6 +61,7 @@ class RecipientDecision:
     connector: str | None
     connector_reason: str
     outbound_tls: OutboundPolicy | None = None
+    validation: str | None = None  # recipient validation at RCPT (policy.recipients)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Explanation:
                     "connector": d.connector,
                     "connector_reason": d.connector_reason,
                     "outbound_tls": _outbound(d.outbound_tls),
+                    "validation": d.validation,
                 }
                 for d in self.recipients
             ],
@@ -152,6 +155,8 @@ def explanation_text(result: dict[str, Any]) -> str:
     for d in result["recipients"]:
         lines.append(f"recipient {d['recipient']}: {_show(d)}")
         lines.append(f"  connector:  {d['connector'] or '-'} ({d['connector_reason']})")
+        if d.get("validation"):
+            lines.append(f"  validation: {d['validation']}")
         tls = d["outbound_tls"]
         if tls is not None:
             names = ", ".join(tls["names"])
@@ -256,4 +261,5 @@ def _recipient(
         f"cheapest matching connector (cost {connector.cost})"
         + (f", delivered to {decision.recipient}" if decision.recipient != recipient else ""),
         destination_tls(session.config, session.index, connector, host, domain),
+        describe_validation(session.config, decision.recipient),
     )

@@ -1,0 +1,249 @@
+"""Recipient validation at RCPT with a real ``smtpgate serve``.
+
+The internal mail server is a real SMTP server on loopback (aiosmtpd, in the
+test's loop) that knows some users and refuses the others with 550 5.1.1; it
+counts its connections, so a cached answer is seen as no new connection.
+``example.com`` is validated by callout to it, ``example.org`` by a list
+(inline and a file) and ``example.net`` by callout to a port where nothing
+listens. What is asserted is what a client notices: the reply to each RCPT,
+in order, and what arrives at the internal server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.conftest import GatewayProcess, SinkHandle, free_port
+
+SENDER = "someone@sender.test"  # outside: hosted senders from outside are spoofing
+
+
+@dataclass
+class Internal:
+    """An internal mail server that knows ``users`` (what a callout probes)."""
+
+    users: set[str]
+    connections: int = 0
+    rcpts: list[str] = field(default_factory=list)
+    messages: list[tuple[list[str], bytes]] = field(default_factory=list)
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.rcpts.append(address)
+        if address.lower() not in self.users:
+            return "550 5.1.1 <%s>: no such user here" % address  # noqa: UP031
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        content = envelope.original_content or b""
+        self.messages.append((list(envelope.rcpt_tos), content))
+        return "250 2.0.0 Ok: stored"
+
+
+@pytest.fixture
+async def internal() -> AsyncIterator[tuple[Internal, int]]:
+    server_state = Internal({"alice@example.com", "bob@example.com"})
+
+    class Counting(SMTP):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            server_state.connections += 1
+            super().connection_made(transport)  # type: ignore[arg-type]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Counting(server_state, hostname="internal.test"), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    yield server_state, port
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+def gateway(
+    gateway_process: Callable[..., GatewayProcess],
+    sink: SinkHandle,
+    internal: tuple[Internal, int],
+    tmp_path: Path,
+) -> tuple[GatewayProcess, Path]:
+    _, port = internal
+    listed = tmp_path / "recipients.txt"
+    listed.write_text("# the people at example.org\ncarol\nDan@Example.org\n")
+    process = gateway_process(
+        sink.port,
+        hosted_domains=["example.com", "example.org", "example.net"],
+        send_connectors=[
+            _connector("internal", port, "example.com"),
+            _connector("to-sink", sink.port, "example.org"),
+            _connector("dead", free_port(), "example.net"),
+        ],
+        recipient_validation=[
+            {"domain": "example.com", "mode": "callout", "callout": {"timeout": 5}},
+            {
+                "domain": "example.org",
+                "mode": "list",
+                "recipients": ["postoffice"],
+                "recipients_file": str(listed),
+            },
+            {"domain": "example.net", "mode": "callout", "callout": {"timeout": 3}},
+        ],
+    )
+    return process, listed
+
+
+def _connector(name: str, port: int, domain: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "deliver": {"smarthost": {"host": "127.0.0.1", "port": port}},
+        "security": "none",
+        "namespaces": [{"sender": "*", "recipient": domain}],
+    }
+
+
+def _rcpts(port: int, recipients: list[str]) -> list[tuple[int, str]]:
+    """Each recipient's reply, in one session (no DATA)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail(SENDER)
+        replies = [client.rcpt(r) for r in recipients]
+    return [(code, text.decode()) for code, text in replies]
+
+
+async def rcpts(port: int, recipients: list[str]) -> list[tuple[int, str]]:
+    return await asyncio.to_thread(_rcpts, port, recipients)
+
+
+def _pipelined(port: int, recipients: list[str]) -> list[str]:
+    """MAIL and every RCPT in one write (RFC 2920); the reply lines as they came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while (line := reader.readline())[3:4] == b"-":
+            pass
+        batch = f"MAIL FROM:<{SENDER}>\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
+        sock.sendall(batch.encode())
+        answers = [reader.readline().decode().rstrip() for _ in range(len(recipients) + 1)]
+        sock.sendall(b"QUIT\r\n")
+        return answers[1:]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110 - another process
+        await asyncio.sleep(0.05)
+    assert condition()
+
+
+async def test_callout_refuses_unknown_and_delivers_to_known(
+    gateway: tuple[GatewayProcess, Path], internal: tuple[Internal, int]
+) -> None:
+    process, _ = gateway
+    server, _ = internal
+    replies = await rcpts(process.port, ["nobody@example.com", "alice@example.com"])
+    assert replies[0] == (
+        550,
+        "5.1.1 <nobody@example.com>: Recipient address rejected: user unknown",
+    )
+    assert replies[1][0] == 250
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", process.port, timeout=30) as client:
+            return client.sendmail(
+                SENDER,
+                ["Alice@example.com", "ghost@example.com"],
+                b"Subject: hello\r\nMessage-ID: <rv1@sender.test>\r\n\r\nfor alice\r\n",
+            )
+
+    refused = await asyncio.to_thread(send)
+    assert refused == {
+        "ghost@example.com": (
+            550,
+            b"5.1.1 <ghost@example.com>: Recipient address rejected: user unknown",
+        )
+    }
+    await wait_for(lambda: len(server.messages) == 1)
+    recipients, content = server.messages[0]
+    assert recipients == ["Alice@example.com"]
+    assert b"for alice" in content
+    assert len(server.messages) == 1  # probes never send DATA
+
+
+async def test_callout_results_are_cached(
+    gateway: tuple[GatewayProcess, Path], internal: tuple[Internal, int]
+) -> None:
+    process, _ = gateway
+    server, _ = internal
+    assert (await rcpts(process.port, ["bob@example.com", "eve@example.com"]))[0][0] == 250
+    probed = server.connections
+    assert probed == 2  # one callout per address
+    replies = await rcpts(process.port, ["BOB@example.com", "eve@example.com"])
+    assert [code for code, _ in replies] == [250, 550]
+    assert server.connections == probed  # both answers came from the cache
+    assert server.rcpts == ["bob@example.com", "eve@example.com"]
+
+
+async def test_pipelined_rcpts_keep_their_order(
+    gateway: tuple[GatewayProcess, Path], internal: tuple[Internal, int]
+) -> None:
+    process, _ = gateway
+    answers = await asyncio.to_thread(
+        _pipelined,
+        process.port,
+        [
+            "alice@example.com",
+            "nobody@example.com",
+            "carol@example.org",
+            "mallory@example.org",
+            "bob@example.com",
+            "postmaster@example.com",
+        ],
+    )
+    assert [a[:9] for a in answers] == [
+        "250 2.1.5",
+        "550 5.1.1",
+        "250 2.1.5",
+        "550 5.1.1",
+        "250 2.1.5",
+        "250 2.1.5",
+    ]
+    assert "<nobody@example.com>" in answers[1]
+
+
+async def test_callout_server_down_is_451_never_250(gateway: tuple[GatewayProcess, Path]) -> None:
+    process, _ = gateway
+    for _ in range(2):  # a temporary failure is not cached: still 451, never 250
+        replies = await rcpts(process.port, ["anyone@example.net"])
+        assert replies == [
+            (451, "4.4.3 <anyone@example.net>: recipient verification temporarily unavailable")
+        ]
+    process.stop()
+    _, err = process.process.communicate(timeout=30)
+    assert err.decode().count("callout destination down") == 1  # once per outage
+
+
+async def test_list_domain_and_its_file_changing(gateway: tuple[GatewayProcess, Path]) -> None:
+    process, listed = gateway
+    replies = await rcpts(
+        process.port,
+        ["carol@example.org", "dan@example.org", "postoffice@example.org", "frank@example.org"],
+    )
+    assert [code for code, _ in replies] == [250, 250, 250, 550]
+    assert replies[3][1] == "5.1.1 <frank@example.org>: Recipient address rejected: user unknown"
+    listed.write_text("frank\n# carol left\n")
+    replies = await rcpts(process.port, ["frank@example.org", "carol@example.org"])
+    assert [code for code, _ in replies] == [250, 550]
