@@ -61,7 +61,7 @@ async def internal() -> AsyncIterator[tuple[Internal, int]]:
     class Counting(SMTP):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             server_state.connections += 1
-            super().connection_made(transport)  # type: ignore[arg-type]
+            super().connection_made(transport)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -133,7 +133,7 @@ def _pipelined(port: int, recipients: list[str]) -> list[str]:
         reader = sock.makefile("rb")
         reader.readline()
         sock.sendall(b"EHLO client.test\r\n")
-        while (line := reader.readline())[3:4] == b"-":
+        while reader.readline()[3:4] == b"-":
             pass
         batch = f"MAIL FROM:<{SENDER}>\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
         sock.sendall(batch.encode())
