@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from smtpgate.config.schema import GatewayConfig
 from smtpgate.content import registry
 from smtpgate.content.apply import write_verdicts
+from smtpgate.content.dkimsign import sign_outbound
 from smtpgate.content.pipeline import MessageFacts, Scanner, scan
 from smtpgate.content.quarantine import Quarantine
+from smtpgate.content.senderauth import forged_results
 from smtpgate.content.recipients import RecipientValidator
 from smtpgate.content.verdict import ACCEPTED, Outcome
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
@@ -204,7 +206,9 @@ class GatewayHandler:
             return outcome.reply
         if outcome.action == "quarantine":
             return await self._quarantine(info, envelope, body, outcome)
-        write_verdicts(body, outcome)
+        config, internal = self.policy.config, self.session.internal()
+        write_verdicts(body, outcome, forged_results(config, internal))
+        await sign_outbound(body, envelope.sender, config, self.policy.certificates, internal)
         return await self._queue(info, envelope, body)
 
     async def _check_content(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from smtpgate import __version__
 from smtpgate.cli import admin as admin_cli
 from smtpgate.cli import cluster as cluster_cli
+from smtpgate.cli import dkim as dkim_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
 from smtpgate.cli.args import FileConfigError, listen_address, read_file
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     tools.add_connector_verify(commands)
     admin_cli.add_admin_commands(commands)
     cluster_cli.add_parser(commands)
+    dkim_cli.add_parser(commands)
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
@@ -305,6 +307,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "policy": tools.explain,
         "queue": queue_cli.run,
         "cluster": cluster_cli.run,
+        "dkim": dkim_cli.run,
         "certs": _certs,
         "reload": _reload,
         "sink": _sink,

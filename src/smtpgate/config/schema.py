@@ -34,6 +34,7 @@ from smtpgate.model.domain import normalise_domain as domain_normal_form
 
 Security = Literal["starttls", "require-starttls", "implicit-tls", "none"]
 RelayMode = Literal["none", "full", "restricted-external", "restricted-internal", "blocked"]
+DmarcPolicy = Literal["enforce", "report"]
 TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 
@@ -470,6 +471,7 @@ class ConnectionProfile(Strict):
     inbound_tls: InboundTls = Field(default_factory=InboundTls)
     outbound_tls: OutboundTls = Field(default_factory=OutboundTls)
     smtp_auth: SmtpAuth = Field(default_factory=SmtpAuth)
+    dmarc_policy: DmarcPolicy = "enforce"  # sender_auth: act on p=reject / p=quarantine
 
 
 class DefaultProfile(Strict):
@@ -478,6 +480,7 @@ class DefaultProfile(Strict):
     relay: RelayMode = "none"
     inbound_tls: InboundTls = Field(default_factory=InboundTls)
     outbound_tls: OutboundTls = Field(default_factory=OutboundTls)
+    dmarc_policy: DmarcPolicy = "enforce"  # sender_auth: act on p=reject / p=quarantine
 
 
 DEFAULT_PROTOCOLS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
@@ -544,6 +547,36 @@ class QuarantineSettings(Strict):
     (deleted) by the running gateway after ``retention_days``."""
 
     retention_days: int = Field(default=30, ge=1, le=3650)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DKIM_SELECTOR = rf"^{_LABEL}(?:\.{_LABEL})*$"  # RFC 6376 §3.1: dot-separated labels
+
+
+class DkimSigning(Strict):
+    """One sender domain's DKIM key (RFC 6376): a PEM file only its owner can
+    read (``smtpgate dkim keygen``) or the key of a named certificate."""
+
+    domain: DomainName
+    selector: str = Field(pattern=DKIM_SELECTOR, max_length=63)
+    key_file: FilePath | None = None
+    certificate: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> DkimSigning:
+        if (self.key_file is None) == (self.certificate is None):
+            raise ValueError("set exactly one of key_file and certificate")
+        return self
+
+
+class SenderAuthSettings(Strict):
+    """SPF, DKIM and DMARC of mail from outside; DKIM signing of mail from inside."""
+
+    verify: bool = True  # write Authentication-Results; DMARC per profile's dmarc_policy
+    authserv_id: str = Field(default="", pattern=r"^[A-Za-z0-9.-]{0,253}$")  # "": hostname
+    timeout: float = Field(default=20.0, gt=0, le=120)  # all DNS of one message
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, gt=0)  # DKIM reads it whole
+    dkim_signing: list[DkimSigning] = Field(default_factory=list)
 
 
 class AdminSettings(Strict):
@@ -619,6 +652,7 @@ class GatewayConfig(Strict):
     spoof_detection: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)
     spam: SpamSettings = Field(default_factory=SpamSettings)
+    sender_auth: SenderAuthSettings = Field(default_factory=SenderAuthSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     recipient_validation: list[RecipientValidation] = Field(default_factory=list)

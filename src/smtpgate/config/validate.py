@@ -227,6 +227,28 @@ def private_file_problem(path: Path, what: str = "") -> str | None:
     return None
 
 
+def dkim_keys_usable(config: GatewayConfig) -> list[FieldProblem]:
+    """Each DKIM signing key is a file only its owner can read, or a named
+    certificate; one domain has one entry."""
+    problems = []
+    names = {cert.name for cert in config.certificates}
+    seen: set[str] = set()
+    for i, entry in enumerate(config.sender_auth.dkim_signing):
+        here = f"sender_auth.dkim_signing[{i}]"
+        if entry.domain in seen:
+            problems.append(FieldProblem(f"{here}.domain", f"{entry.domain} is listed twice"))
+        seen.add(entry.domain)
+        if entry.key_file is not None:
+            problem = private_file_problem(entry.key_file, " holds a private key and")
+            if problem:
+                problems.append(FieldProblem(f"{here}.key_file", problem))
+        elif entry.certificate not in names:
+            problems.append(
+                FieldProblem(f"{here}.certificate", f"no certificate named {entry.certificate!r}")
+            )
+    return problems
+
+
 def unique_addresses(config: GatewayConfig) -> list[FieldProblem]:
     seen: dict[tuple[str, int], str] = {}
     problems = []
@@ -325,6 +347,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     secret_files_are_private,
     connector_certificates_exist,
     admin_certificate_exists,
+    dkim_keys_usable,
     recipient_validation_domains,
 )
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from smtpgate.content.clamd import ClamdScanner
 from smtpgate.content.pipeline import Scanner
+from smtpgate.content.senderauth import SenderAuth
 
 
 def scanners() -> list[Scanner]:
     """One instance of each scanner for the gateway's lifetime (connection pools
     live here); each reads its settings from the configuration it is given."""
     return [
+        SenderAuth(),
         ClamdScanner(),
     ]

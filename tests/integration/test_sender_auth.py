@@ -1,0 +1,213 @@
+"""Sender authentication with a real ``smtpgate serve``, a real sink and a real
+DNS server on loopback serving SPF, DKIM and DMARC records.
+
+Inbound: SPF fail + DMARC p=reject from a profile that enforces → 550 5.7.1
+naming DMARC and nothing at the sink (and the same from a reporting profile
+delivered with ``dmarc=fail``); a message signed with a published key →
+``dkim=pass`` in the Authentication-Results at the sink, a forged one with
+our authserv-id removed. Outbound: mail from an internal client is signed
+with a key made by ``smtpgate dkim keygen`` and verifies with dkimpy against
+the published record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import re
+import smtplib
+import stat
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import dkim  # type: ignore[import-untyped]
+import dns.resolver
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle
+from tests.dnsserver import DnsServer, start_dns
+
+INBOUND_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pkcs1(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _txt_value(key: rsa.RSAPrivateKey) -> str:
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    value = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
+def keygen(directory: Path) -> tuple[Path, str]:
+    """``smtpgate dkim keygen example.com out1``: the key file and the TXT value."""
+    done = subprocess.run(
+        [SMTPGATE, "dkim", "keygen", "example.com", "out1", "--out", str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    record = re.search(r"^out1\._domainkey\.example\.com\. IN TXT (.+)$", done.stdout, re.M)
+    assert record is not None, done.stdout
+    path = directory / "example.com.out1.key"
+    return path, record.group(1)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[DnsServer, int, Path]]:
+    key_file, out_record = keygen(tmp_path)
+    records = {
+        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
+        ("signed.test", "TXT"): ['"v=spf1 -all"'],
+        ("_dmarc.signed.test", "TXT"): ['"v=DMARC1; p=reject; adkim=s"'],
+        ("s1._domainkey.signed.test", "TXT"): [_txt_value(INBOUND_KEY)],
+        ("out1._domainkey.example.com", "TXT"): [out_record],
+    }
+    server, port = await start_dns(records)
+    yield server, port, key_file
+    assert server.transport is not None
+    server.transport.close()
+
+
+def _config(dns_port: int, key_file: Path) -> dict[str, Any]:
+    return {
+        "gateway": {"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 2}},
+        "connection_profiles": [
+            {"name": "inside", "client_hosts": ["127.0.0.2"], "relay": "full"},
+            {"name": "lenient", "client_hosts": ["127.0.0.9"], "dmarc_policy": "report"},
+        ],
+        "sender_auth": {
+            "dkim_signing": [
+                {"domain": "example.com", "selector": "out1", "key_file": str(key_file)}
+            ]
+        },
+    }
+
+
+@pytest.fixture
+async def gateway(
+    world: tuple[DnsServer, int, Path],
+    sink: SinkHandle,
+    gateway_process: Callable[..., GatewayProcess],
+) -> GatewayProcess:
+    _server, port, key_file = world
+    return await asyncio.to_thread(gateway_process, sink.port, **_config(port, key_file))
+
+
+def send(port: int, source: str, sender: str, message: bytes) -> tuple[int, bytes]:
+    """The DATA reply the client got."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as client:
+        client.ehlo("client.test")
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt("alice@example.com")[0] == 250
+        return client.data(message)
+
+
+def message(sender: str, *extra: str) -> bytes:
+    lines = [
+        *extra,
+        f"From: Sender <{sender}>",
+        "To: alice@example.com",
+        "Subject: hello",
+        "Date: Sun, 29 Nov 2026 12:00:00 +0000",
+        "Message-ID: <1@test>",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\nbody line\r\n").encode()
+
+
+def results(body: bytes) -> list[str]:
+    parsed = email.message_from_bytes(body, policy=email.policy.compat32)
+    return [" ".join(str(v).split()) for v in parsed.get_all("Authentication-Results", [])]
+
+
+async def test_dmarc_reject_is_enforced_per_profile(
+    gateway: GatewayProcess, sink: SinkHandle
+) -> None:
+    forged = message("ceo@spoofed.test")
+    code, text = await asyncio.to_thread(
+        send, gateway.port, "127.0.0.1", "ceo@spoofed.test", forged
+    )
+    assert code == 550
+    assert text.startswith(b"5.7.1")
+    assert b"DMARC" in text
+    assert b"spoofed.test" in text
+    # the reporting profile delivers the same, with the verdict written
+    code, _ = await asyncio.to_thread(send, gateway.port, "127.0.0.9", "ceo@spoofed.test", forged)
+    assert code == 250
+    [(_meta, body)] = await sink.wait_for(1)
+    [ours] = results(body)
+    assert ours.startswith("gw.test;")
+    assert "spf=fail smtp.mailfrom=spoofed.test" in ours
+    assert "dmarc=fail (p=reject dis=reject) header.from=spoofed.test" in ours
+    assert len(sink.messages()) == 1  # the refused one never arrived
+
+
+async def test_valid_dkim_passes_and_forged_results_are_removed(
+    gateway: GatewayProcess, sink: SinkHandle
+) -> None:
+    unsigned = message(
+        "news@signed.test",
+        "Authentication-Results: gw.test; dkim=pass header.d=bank.example",
+        "Authentication-Results: (forged) GW.TEST ; spf=pass",
+        "Authentication-Results: mx.other.example; spf=pass smtp.mailfrom=signed.test",
+    )
+    signature = dkim.sign(
+        unsigned, b"s1", b"signed.test", _pkcs1(INBOUND_KEY), canonicalize=(b"relaxed", b"relaxed")
+    )
+    signed = signature + unsigned
+    code, _ = await asyncio.to_thread(send, gateway.port, "127.0.0.1", "bounce@signed.test", signed)
+    assert code == 250
+    [(_meta, body)] = await sink.wait_for(1)
+    found = results(body)
+    assert len(found) == 2, found
+    ours = next(r for r in found if r.startswith("gw.test;"))
+    assert "spf=fail smtp.mailfrom=signed.test" in ours
+    assert "dkim=pass header.d=signed.test header.s=s1" in ours
+    assert "dmarc=pass" in ours
+    assert "header.from=signed.test" in ours
+    assert "bank.example" not in body.decode()
+    assert any(r.startswith("mx.other.example;") for r in found)
+
+
+async def test_outbound_mail_is_signed_and_verifies(
+    world: tuple[DnsServer, int, Path], gateway: GatewayProcess, sink: SinkHandle
+) -> None:
+    _server, dns_port, key_file = world
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    code, _ = await asyncio.to_thread(
+        send, gateway.port, "127.0.0.2", "app@example.com", message("app@example.com")
+    )
+    assert code == 250
+    [(_meta, body)] = await sink.wait_for(1)
+    assert body.startswith(b"DKIM-Signature:") or b"\r\nDKIM-Signature:" in body
+    assert b"Authentication-Results" not in body  # from inside: not verified
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port = ["127.0.0.1"], dns_port
+
+    def published(name: bytes, timeout: float = 5) -> bytes:
+        answer = resolver.resolve(name.decode(), "TXT", lifetime=timeout)
+        return b"".join(next(iter(answer)).strings)
+
+    assert await asyncio.to_thread(dkim.verify, body, dnsfunc=published)
+    signature = re.search(rb"DKIM-Signature:(.*?)\r\n(?![ \t])", body, re.S)
+    assert signature is not None
+    fields = signature.group(1)
+    assert b"d=example.com" in fields
+    assert b"s=out1" in fields
+    assert b"c=relaxed/relaxed" in fields
