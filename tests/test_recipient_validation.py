@@ -275,3 +275,46 @@ async def test_a_server_down_is_451_and_not_cached(tmp_path: Path) -> None:
         assert (reply.code, reply.status) == (451, "4.4.3")
     assert validator.probes == 2
     assert validator.down == {"to-sink"}
+
+
+async def test_callouts_take_turns_per_connector(tmp_path: Path) -> None:
+    """``concurrency: 1``: three probes at once reach the server one after another."""
+    open_now, most = 0, 0
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        writer.write(b"220 slow.test\r\n")
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"RCPT"):
+                    await release.wait()
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            open_now -= 1
+            writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    snap = _snapshot(
+        tmp_path,
+        [{"domain": "example.com", "mode": "callout", "callout": {"concurrency": 1}}],
+        port,
+    )
+    validator = RecipientValidator()
+    resolver = DnsResolver(snap.config.gateway.dns)
+    connector = snap.config.send_connectors[0]
+    pending = [validator.check(snap, resolver, f"u{i}@example.com", connector) for i in range(3)]
+    tasks = [
+        asyncio.ensure_future(p) for p in pending if p is not None and not isinstance(p, Reply)
+    ]
+    assert len(tasks) == 3
+    await asyncio.sleep(0.3)
+    assert (most, validator.probes) == (1, 1)  # the others wait for their turn
+    release.set()
+    assert await asyncio.gather(*tasks) == [None, None, None]
+    assert most == 1
+    server.close()

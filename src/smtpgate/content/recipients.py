@@ -95,7 +95,7 @@ class RecipientValidator:
     files: dict[Path, _ListFile] = field(default_factory=dict)
     file_trouble: dict[Path, str] = field(default_factory=dict)  # logged once per problem
     caches: dict[str, _Cache] = field(default_factory=dict)  # domain → its cache
-    turns: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # connector → turns
+    turns: dict[str, tuple[int, asyncio.Semaphore]] = field(default_factory=dict)  # per connector
     down: set[str] = field(default_factory=set)  # connectors whose probes get no answer
     probes: int = 0  # callouts made (for status and tests)
 
@@ -175,10 +175,13 @@ class RecipientValidator:
         return cache
 
     def _turns(self, rule: RecipientValidation, connector: str) -> asyncio.Semaphore:
-        turns = self.turns.get(connector)
-        if turns is None:
-            turns = self.turns[connector] = asyncio.Semaphore(rule.callout.concurrency)
-        return turns
+        """The connector's turns; a changed ``concurrency`` starts new ones (probes
+        holding the old turns finish on them)."""
+        limit = rule.callout.concurrency
+        found = self.turns.get(connector)
+        if found is None or found[0] != limit:
+            found = self.turns[connector] = (limit, asyncio.Semaphore(limit))
+        return found[1]
 
     async def _callout(
         self, rule: RecipientValidation, probe: Probe, recipient: str, key: str
