@@ -504,8 +504,39 @@ class TlsSettings(Strict):
         return [TLS_ORDER[i] for i in chosen]
 
 
+class RspamdSettings(Strict):
+    """Spam scanning by rspamd over its HTTP protocol (``POST /checkv2``) for the
+    messages whose profile decided on a spam check (docs/content-security.md)."""
+
+    url: str = "http://127.0.0.1:11333"  # the normal worker (or the proxy)
+    timeout: Duration = 15.0  # the whole check: connect, stream, verdict
+    fail: Literal["open", "closed"] = "open"  # rspamd unreachable: accept (header) or 451
+    max_size: int = Field(default=20 * 1024 * 1024, ge=1024)  # larger: not scanned (header)
+    password_file: FilePath | None = None  # sent as rspamd's Password header (0600)
+    quarantine_score: float | None = None  # score at or above: quarantine (reject stays reject)
+    headers: bool = True  # write X-Spam-Status / -Score / -Flag / -Symbols
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+            raise ValueError("rspamd's url is http://HOST:PORT (or https://)")
+        if any(c in value for c in "\x00\r\n ") or "?" in value or "#" in value:
+            raise ValueError("rspamd's url has no spaces, query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0 < value <= 300:
+            raise ValueError("rspamd's timeout is between 0 and 300 seconds")
+        return value
+
+
 class SpamSettings(Strict):
     check_outbound: bool = False  # also scan mail from full / restricted-internal clients
+    rspamd: RspamdSettings | None = None  # None: no spam scanning
 
 
 class VirusSettings(Strict):

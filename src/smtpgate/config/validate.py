@@ -195,6 +195,9 @@ def secret_files(config: GatewayConfig) -> list[tuple[str, Path]]:
             )
     if config.gateway.store_password_file is not None:
         found.append(("gateway.store_password_file", config.gateway.store_password_file))
+    rspamd = config.spam.rspamd
+    if rspamd is not None and rspamd.password_file is not None:
+        found.append(("spam.rspamd.password_file", rspamd.password_file))
     found += [
         (f"certificates[{i}].pin_file", cert.pin_file)
         for i, cert in enumerate(config.certificates)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from smtpgate.content.clamd import ClamdScanner
 from smtpgate.content.pipeline import Scanner
+from smtpgate.content.rspamd import RspamdScanner
 from smtpgate.content.senderauth import SenderAuth
 
 
@@ -15,4 +16,5 @@ def scanners() -> list[Scanner]:
     return [
         SenderAuth(),
         ClamdScanner(),
+        RspamdScanner(),
     ]

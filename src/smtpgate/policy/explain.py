@@ -79,6 +79,7 @@ class Explanation:
     connections: str = ""  # the share of connections this client may use
     listener: ListenerFacts | None = None
     listener_step: Verdict | None = None  # at MAIL, before the profiles' TLS requirement
+    spam_scanner: str = ""  # who scans when spam_check says yes (spam.rspamd)
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -106,7 +107,11 @@ class Explanation:
             "listener": _listener(self.listener, self.listener_step),
             "inbound_tls": {"required": self.tls_required, "verdict": verdict(self.tls)},
             "sender": verdict(self.sender),
-            "spam_check": {"checked": self.spam_check[0], "reason": self.spam_check[1]},
+            "spam_check": {
+                "checked": self.spam_check[0],
+                "reason": self.spam_check[1],
+                "scanner": self.spam_scanner,
+            },
             "recipients": [
                 {
                     "recipient": d.recipient,
@@ -152,6 +157,8 @@ def explanation_text(result: dict[str, Any]) -> str:
         lines.append(f"sender:       {_show(result['sender'])}")
     spam = result["spam_check"]
     lines.append(f"spam check:   {'yes' if spam['checked'] else 'no'} ({spam['reason']})")
+    if spam["checked"] and spam.get("scanner"):
+        lines.append(f"  scanner:    {spam['scanner']}")
     for d in result["recipients"]:
         lines.append(f"recipient {d['recipient']}: {_show(d)}")
         lines.append(f"  connector:  {d['connector'] or '-'} ({d['connector_reason']})")
@@ -234,11 +241,26 @@ def explain(
         connections=reserve_reason(config, index, facts.client_ip),
         listener=listener,
         listener_step=step.listener if listener is not None else None,
+        spam_scanner=_spam_scanner(config),
     )
     for recipient in facts.recipients:
         decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
         result.recipients.append(decision)
     return result
+
+
+def _spam_scanner(config: GatewayConfig) -> str:
+    """Who scans a message the profile wants spam-checked, and when it cannot."""
+    rspamd = config.spam.rspamd
+    if rspamd is None:
+        return "none configured (spam.rspamd): the message is not scanned"
+    down = "accept unchecked" if rspamd.fail == "open" else "451"
+    held = (
+        f", quarantine from score {rspamd.quarantine_score:g}"
+        if rspamd.quarantine_score is not None
+        else ""
+    )
+    return f"rspamd at {rspamd.url} (fail {rspamd.fail}: {down} when it is down{held})"
 
 
 def _recipient(
