@@ -32,6 +32,7 @@ for initdb in /usr/lib/postgresql/*/bin/initdb; do
 done
 [ -n "$postgres" ] || missing="$missing postgresql"
 need_command chromium chromium  # the console's browser tests
+need_command rspamd rspamd  # the spam scanning tests start a private rspamd
 
 root=""
 [ "$(id -u 2>/dev/null)" = 0 ] || root="root (the tests run a private Postfix)"
