@@ -5,9 +5,9 @@ or failing that its envelope sender's domain, has a ``sender_auth.dkim_signing``
 entry gets a ``DKIM-Signature`` on top, after every header field the gateway
 itself adds (``gateway.on_message`` calls ``sign_outbound`` after the
 scanners' verdicts are written). relaxed/relaxed canonicalisation (RFC 6376
-§3.4.2, §3.4.4), rsa-sha256, dkimpy's default header list (From, To,
-Subject, Date, Message-ID, ... with From and the other "frozen" fields signed
-once more than present, so none can be added later).
+§3.4.2, §3.4.4), rsa-sha256, dkimpy's default header list (RFC 6376 §5.4.1: From,
+To, Subject, Date, Message-ID, ...), the fields readers rely on signed once
+more than present (``OVERSIGNED``), so none can be added later.
 
 The key is a PEM file only its owner can read (``smtpgate dkim keygen``;
 ``config check`` refuses one open to others) or the key of a named
@@ -39,6 +39,21 @@ from smtpgate.tls.certificates import Loaded
 log = get_logger("smtpgate.content.dkim")
 
 CANONICALIZE = (b"relaxed", b"relaxed")
+# Signed once more than present, so none can be added after signing (RFC 6376 §8.15).
+OVERSIGNED = (
+    b"from",
+    b"sender",
+    b"reply-to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"to",
+    b"cc",
+    b"in-reply-to",
+    b"references",
+    b"mime-version",
+    b"content-type",
+)
 
 
 def choose(config: GatewayConfig, head: bytes, sender: str) -> tuple[int, DkimSigning] | None:
@@ -106,14 +121,14 @@ def _traditional(pem: bytes, where: str) -> bytes:
 
 def signature(message: bytes, entry: DkimSigning, key: bytes) -> bytes:
     """The ``DKIM-Signature`` field (folded, CRLF-terminated) for ``message``."""
+    signer = dkim.DKIM(message, linesep=b"\r\n")
+    signer.add_frozen(OVERSIGNED)
     return bytes(
-        dkim.sign(
-            message,
+        signer.sign(
             entry.selector.encode("ascii"),
             entry.domain.encode("ascii"),
             key,
             canonicalize=CANONICALIZE,
-            linesep=b"\r\n",
         )
     )
 

@@ -240,9 +240,13 @@ def _suffixes() -> Any:
 
 
 def organizational_domain(domain: str) -> str:
-    """The registered domain under a public suffix (RFC 7489 §3.2)."""
-    found = _suffixes().get_public_suffix(domain.lower().rstrip("."))
-    return str(found) if found else domain.lower()
+    """The registered domain: the public suffix and one label more (RFC 7489
+    §3.2); a TLD the list does not know is a suffix of its own (rule ``*``)."""
+    name = domain.lower().rstrip(".")
+    labels = name.split(".")
+    suffix = _suffixes().get_tld(name) or labels[-1]
+    keep = len(str(suffix).split(".")) + 1
+    return ".".join(labels[-keep:]) if len(labels) >= keep else name
 
 
 def aligned(from_domain: str, other: str, mode: str) -> bool:

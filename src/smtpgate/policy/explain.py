@@ -80,6 +80,7 @@ class Explanation:
     listener: ListenerFacts | None = None
     listener_step: Verdict | None = None  # at MAIL, before the profiles' TLS requirement
     spam_scanner: str = ""  # who scans when spam_check says yes (spam.rspamd)
+    sender_auth: str = ""  # SPF/DKIM/DMARC verified and enforced, or DKIM-signed (sender_auth)
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -112,6 +113,7 @@ class Explanation:
                 "reason": self.spam_check[1],
                 "scanner": self.spam_scanner,
             },
+            "sender_auth": self.sender_auth,
             "recipients": [
                 {
                     "recipient": d.recipient,
@@ -159,6 +161,8 @@ def explanation_text(result: dict[str, Any]) -> str:
     lines.append(f"spam check:   {'yes' if spam['checked'] else 'no'} ({spam['reason']})")
     if spam["checked"] and spam.get("scanner"):
         lines.append(f"  scanner:    {spam['scanner']}")
+    if result.get("sender_auth"):
+        lines.append(f"sender auth:  {result['sender_auth']}")
     for d in result["recipients"]:
         lines.append(f"recipient {d['recipient']}: {_show(d)}")
         lines.append(f"  connector:  {d['connector'] or '-'} ({d['connector_reason']})")
@@ -242,6 +246,7 @@ def explain(
         listener=listener,
         listener_step=step.listener if listener is not None else None,
         spam_scanner=_spam_scanner(config),
+        sender_auth=_sender_auth(config, session, facts.sender or ""),
     )
     for recipient in facts.recipients:
         decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
@@ -261,6 +266,32 @@ def _spam_scanner(config: GatewayConfig) -> str:
         else ""
     )
     return f"rspamd at {rspamd.url} (fail {rspamd.fail}: {down} when it is down{held})"
+
+
+def _sender_auth(config: GatewayConfig, session: SessionPolicy, sender: str) -> str:
+    """What sender authentication does to this client's mail (content.senderauth,
+    content.dkimsign): verify and enforce DMARC from outside, sign from inside."""
+    settings = config.sender_auth
+    if session.internal():
+        domain = sender.rpartition("@")[2].lower()
+        signing = [e for e in settings.dkim_signing if e.domain == domain]
+        if signing:
+            return (
+                f"from inside: not verified; DKIM-signed as d={domain} s={signing[0].selector}"
+                " (or as its From domain's entry)"
+            )
+        return "from inside: not verified; DKIM-signed only if its From domain has a key"
+    if not settings.verify:
+        return "not verified (sender_auth.verify is off)"
+    name = session.match.profile.name
+    profiles = [p for p in config.connection_profiles if p.name == name]
+    mode = profiles[0].dmarc_policy if profiles else config.default_profile.dmarc_policy
+    action = (
+        "p=reject refused (550 5.7.1), p=quarantine held"
+        if mode == "enforce"
+        else "failures only reported"
+    )
+    return f"SPF, DKIM, DMARC verified; DMARC {mode} (profile {name}: {action})"
 
 
 def _recipient(
