@@ -106,7 +106,7 @@ class RspamdScanner:
             (k.encode("ascii"), v) for k, v in request_headers(facts, settings.password_file)
         ]
         request = client.build_request(
-            "POST", settings.url + "/checkv2", headers=headers, content=_stream(body)
+            "POST", settings.url + "/checkv2", headers=headers, content=_content(body)
         )
         response = await client.send(request, stream=True)
         try:
@@ -132,6 +132,14 @@ class RspamdScanner:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _content(body: SpooledBody) -> bytes | AsyncIterator[bytes]:
+    """A body still in memory (small: below the spool's threshold) as it is, with a
+    Content-Length; a body spilled to disk streamed from its file (chunked)."""
+    if body.path is None:
+        return b"".join(body.chunks(CHUNK))
+    return _stream(body)
 
 
 async def _stream(body: SpooledBody) -> AsyncIterator[bytes]:
