@@ -41,6 +41,7 @@ from smtpgate.admin.guard import Guard, StoreUnreachable, guarded
 from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
+from smtpgate.admin.routes_quarantine import quarantine_routes
 from smtpgate.admin.services import ConfigService, authenticate
 from smtpgate.config import parse_config
 from smtpgate.config.load import field_path
@@ -156,6 +157,7 @@ def create_app(service: ConfigService, clock: Callable[[], float] = time.time) -
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(bearer)], responses=ERRORS)
     config_routes(router, service)
     operation_routes(router, service)
+    quarantine_routes(router, service)
     app.include_router(router)
     install_handlers(app)
     console_routes(app, service, clock)

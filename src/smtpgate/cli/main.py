@@ -25,6 +25,7 @@ from smtpgate import __version__
 from smtpgate.cli import admin as admin_cli
 from smtpgate.cli import cluster as cluster_cli
 from smtpgate.cli import dkim as dkim_cli
+from smtpgate.cli import quarantine as quarantine_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
 from smtpgate.cli.args import FileConfigError, listen_address, read_file
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     tools.add_policy(commands)
     tools.add_credentials(commands)
     queue_cli.add_parser(commands)
+    quarantine_cli.add_parser(commands)
     admin_cli.add_object_commands(commands)
     tools.add_connector_verify(commands)
     admin_cli.add_admin_commands(commands)
@@ -306,6 +308,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "admin": admin_cli.run_admin,
         "policy": tools.explain,
         "queue": queue_cli.run,
+        "quarantine": quarantine_cli.run,
         "cluster": cluster_cli.run,
         "dkim": dkim_cli.run,
         "certs": _certs,

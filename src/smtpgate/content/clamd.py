@@ -100,15 +100,23 @@ async def instream(address: str, chunks: Iterator[bytes]) -> str | None:
     signature. Raises :class:`OverLimit`, :class:`ClamdError` or OSError; the
     caller bounds the time."""
     reader, writer = await _connect(address)
+    # read while writing: clamd answers early (over its limit) and closes, and a
+    # reset seen before the answer was read would lose the answer
+    answer = asyncio.ensure_future(_read_reply(reader))
     try:
         try:
             for frame in frames(chunks):
+                if answer.done():
+                    break
                 writer.write(frame)
                 await writer.drain()
         except (ConnectionResetError, BrokenPipeError):
             pass  # clamd stopped reading (e.g. over its limit): its answer says why
-        return parse_reply(await _read_reply(reader))
+        return parse_reply(await answer)
     finally:
+        if answer.done() and not answer.cancelled():
+            answer.exception()  # retrieved: a failure is reported by what we raise
+        answer.cancel()
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

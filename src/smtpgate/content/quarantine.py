@@ -347,3 +347,33 @@ def entry_dict(held: Held) -> dict[str, Any]:
         "summary": held.summary,
         "results": held.results,
     }
+
+
+def show_dict(store: QuarantineStore, message_id: str) -> dict[str, Any]:
+    """One entry with its envelope and the message's header section."""
+    held = store.get(message_id)
+    head = store.head(message_id)
+    end = head.find(b"\r\n\r\n")
+    headers = head[: end + 2] if end >= 0 else head
+    return entry_dict(held) | {
+        "envelope": envelope_dict(held.envelope),
+        "headers": headers.decode("utf-8", "replace"),
+    }
+
+
+def release(data_dir: Path, message_id: str) -> dict[str, Any]:
+    """Release from ``data_dir``'s quarantine into its queue (another process
+    than the gateway: the queue tools' way, the gateway picks it up)."""
+    queue = QueueStore(data_dir / "queue")
+    try:
+        held = QuarantineStore(quarantine_dir(data_dir)).release(
+            message_id, queue, spool_dir(data_dir)
+        )
+    finally:
+        queue.close()
+    return {"id": held.id, "result": "released", "queue_id": held.id}
+
+
+def delete(data_dir: Path, message_id: str) -> dict[str, Any]:
+    held = QuarantineStore(quarantine_dir(data_dir)).delete(message_id)
+    return {"id": held.id, "result": "deleted"}

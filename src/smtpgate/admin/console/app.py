@@ -48,6 +48,7 @@ NAVIGATION = [
     ("TLS", "/tls"),
     ("Certificates", "/certificates"),
     ("Queue", "/queue"),
+    ("Quarantine", "/quarantine"),
     ("Policy explain", "/explain"),
     ("Peers", "/peers"),
     ("History", "/history"),

@@ -16,6 +16,7 @@ from smtpgate.admin.console.pages import (
     listeners,
     peers,
     profiles,
+    quarantine,
     queue,
     tls,
 )
@@ -36,6 +37,7 @@ ALL: list[Register] = [
     tls.routes,
     certificates.routes,
     queue.routes,
+    quarantine.routes,
     explain.routes,
     peers.routes,
     history.routes,
