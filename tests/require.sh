@@ -33,6 +33,7 @@ done
 [ -n "$postgres" ] || missing="$missing postgresql"
 need_command chromium chromium  # the console's browser tests
 need_command rspamd rspamd  # the spam scanning tests start a private rspamd
+need_command slapd slapd  # the recipient validation tests start a private LDAP directory
 
 root=""
 [ "$(id -u 2>/dev/null)" = 0 ] || root="root (the tests run a private Postfix)"

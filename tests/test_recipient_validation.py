@@ -6,7 +6,7 @@ against real SMTP servers on loopback (the project's sink, scripted)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ import pydantic
 import pytest
 
 from smtpgate.config import parse_config
-from smtpgate.config.schema import GatewayConfig, RecipientValidation
+from smtpgate.config.schema import GatewayConfig, LdapSettings, RecipientValidation
 from smtpgate.config.validate import validate
 from smtpgate.content.callout import Probe, bounded
+from smtpgate.content.ldaplookup import Lookup, search_filter
 from smtpgate.content.recipients import MAX_FILE_BYTES, RecipientValidator
 from smtpgate.dns import DnsResolver
 from smtpgate.policy.explain import Facts, explain
@@ -25,6 +26,7 @@ from smtpgate.proto.replies import Reply
 from smtpgate.sink import SinkBehaviour, build_sink, parse_reply
 from smtpgate.snapshot import Snapshot
 from tests.conftest import base_config, free_port, merge
+from tests.slapd import MANAGER, PASSWORD, SUFFIX, Slapd, person, running_slapd
 
 
 class Clock:
@@ -274,7 +276,7 @@ async def test_a_server_down_is_451_and_not_cached(tmp_path: Path) -> None:
         assert reply is not None
         assert (reply.code, reply.status) == (451, "4.4.3")
     assert validator.probes == 2
-    assert validator.down == {"to-sink"}
+    assert validator.down == {"connector to-sink"}
 
 
 async def test_callouts_take_turns_per_connector(tmp_path: Path) -> None:
@@ -318,3 +320,84 @@ async def test_callouts_take_turns_per_connector(tmp_path: Path) -> None:
     assert await asyncio.gather(*tasks) == [None, None, None]
     assert most == 1
     server.close()
+
+
+# -- LDAP against a private slapd --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def directory() -> Iterator[Slapd]:
+    people = person("alice", "alice@example.com", "a.smith@example.com") + "\n"
+    people += person("star", "*@example.com") + "\n"  # a stored "*" is a value, not a wildcard
+    with running_slapd(people) as slapd:
+        yield slapd
+
+
+def _ldap(tmp_path: Path, url: str, **extra: Any) -> LdapSettings:
+    secret = tmp_path / "ldap.secret"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    return LdapSettings.model_validate(
+        {
+            "url": url,
+            "bind_dn": MANAGER,
+            "password_file": str(secret),
+            "base": f"ou=people,{SUFFIX}",
+            "filter": "(mail={address})",
+            "timeout": 3,
+            **extra,
+        }
+    )
+
+
+async def test_ldap_lookup(tmp_path: Path, directory: Slapd) -> None:
+    lookup = Lookup(_ldap(tmp_path, directory.url))
+    assert (await lookup.run("alice@example.com")).result == "valid"
+    assert (await lookup.run("A.Smith@example.com")).result == "valid"  # mail is case-blind
+    assert (await lookup.run("nobody@example.com")).result == "invalid"
+    # The address is escaped into the filter (RFC 4515 §3): no wildcard, no injection.
+    assert search_filter("(mail={address})", "*@example.com") == r"(mail=\2a@example.com)"
+    assert (await lookup.run("a*@example.com")).result == "invalid"
+    assert (await lookup.run("x)(mail=*@example.com")).result == "invalid"
+
+
+async def test_ldap_trouble_is_unknown(tmp_path: Path, directory: Slapd) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    bad_password = _ldap(wrong, directory.url)
+    assert bad_password.password_file is not None
+    bad_password.password_file.write_text("not the password\n")
+    refused = await Lookup(bad_password).run("alice@example.com")
+    assert (refused.result, refused.reached) == ("unknown", True)
+    assert "not the password" not in refused.detail  # secrets are never in a reason
+    assert "bind failed" in refused.detail
+    no_base = await Lookup(_ldap(tmp_path, directory.url, base="ou=gone," + SUFFIX)).run(
+        "alice@example.com"
+    )
+    assert no_base.result == "unknown"
+    down = await Lookup(_ldap(tmp_path, f"ldap://127.0.0.1:{free_port()}")).run("a@example.com")
+    assert (down.result, down.reached) == ("unknown", False)
+
+
+async def test_ldap_mode_in_the_validator(tmp_path: Path, directory: Slapd) -> None:
+    settings = _ldap(tmp_path, directory.url, negative_ttl=60)
+    snap = _snapshot(
+        tmp_path,
+        [{"domain": "example.com", "mode": "ldap", "ldap": settings.model_dump(mode="json")}],
+    )
+    validator = RecipientValidator()
+    resolver = DnsResolver(snap.config.gateway.dns)
+
+    async def answer(recipient: str) -> int:
+        found = validator.check(snap, resolver, recipient, None)
+        if found is not None and not isinstance(found, Reply):
+            found = await found
+        return 250 if found is None else found.code
+
+    assert [await answer("alice@example.com"), await answer("bob@example.com")] == [250, 550]
+    assert [await answer("alice@example.com"), await answer("bob@example.com")] == [250, 550]
+    assert validator.probes == 2  # the second answers came from the cache
+    text = explain(
+        snap.config, ProfileIndex(snap.config), {}, Facts("192.0.2.1", recipients=["x@example.com"])
+    ).as_text()
+    assert "validation: checked in the directory at RCPT" in text

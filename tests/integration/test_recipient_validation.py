@@ -5,8 +5,9 @@ test's loop) that knows some users and refuses the others with 550 5.1.1; it
 counts its connections, so a cached answer is seen as no new connection.
 ``example.com`` is validated by callout to it, ``example.org`` by a list
 (inline and a file) and ``example.net`` by callout to a port where nothing
-listens. What is asserted is what a client notices: the reply to each RCPT,
-in order, and what arrives at the internal server.
+listens; one test validates ``example.org`` in a private slapd instead.
+What is asserted is what a client notices: the reply to each RCPT, in
+order, and what arrives at the internal server (or the sink).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import GatewayProcess, SinkHandle, free_port
+from tests.slapd import MANAGER, PASSWORD, SUFFIX, person, running_slapd
 
 SENDER = "someone@sender.test"  # outside: hosted senders from outside are spoofing
 
@@ -233,7 +235,7 @@ async def test_callout_server_down_is_451_never_250(gateway: tuple[GatewayProces
         ]
     process.stop()
     _, err = process.process.communicate(timeout=30)
-    assert err.decode().count("callout destination down") == 1  # once per outage
+    assert err.decode().count("recipient check destination down") == 1  # once per outage
 
 
 async def test_list_domain_and_its_file_changing(gateway: tuple[GatewayProcess, Path]) -> None:
@@ -247,3 +249,46 @@ async def test_list_domain_and_its_file_changing(gateway: tuple[GatewayProcess, 
     listed.write_text("frank\n# carol left\n")
     replies = await rcpts(process.port, ["frank@example.org", "carol@example.org"])
     assert [code for code, _ in replies] == [250, 550]
+
+
+async def test_ldap_domain(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle, tmp_path: Path
+) -> None:
+    """``example.org`` validated in a private slapd: found → 250 and delivered, not
+    found → 550 5.1.1; the directory stopped → 451 for an address not cached."""
+    secret = tmp_path / "ldap.secret"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    with running_slapd(person("carol", "carol@example.org")) as directory:
+        ldap = {
+            "url": directory.url,
+            "bind_dn": MANAGER,
+            "password_file": str(secret),
+            "base": f"ou=people,{SUFFIX}",
+            "filter": "(|(mail={address})(uid={local}))",
+            "timeout": 3,
+        }
+        process = gateway_process(
+            sink.port,
+            recipient_validation=[{"domain": "example.org", "mode": "ldap", "ldap": ldap}],
+        )
+        replies = await rcpts(process.port, ["carol@example.org", "mallory@example.org"])
+        assert replies == [
+            (250, "2.1.5 Ok"),
+            (550, "5.1.1 <mallory@example.org>: Recipient address rejected: user unknown"),
+        ]
+
+        def send() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", process.port, timeout=30) as client:
+                return client.sendmail(
+                    SENDER, ["carol@example.org"], b"Subject: hi\r\n\r\nfor carol\r\n"
+                )
+
+        assert await asyncio.to_thread(send) == {}
+        [(envelope, _)] = await sink.wait_for(1)
+        assert envelope["recipients"] == ["carol@example.org"]
+    replies = await rcpts(process.port, ["carol@example.org", "dave@example.org"])
+    assert replies == [
+        (250, "2.1.5 Ok"),  # cached
+        (451, "4.4.3 <dave@example.org>: recipient verification temporarily unavailable"),
+    ]

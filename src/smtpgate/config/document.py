@@ -50,6 +50,7 @@ LABELS = {
     "admin": "admin",
     "virus": "virus scanning",
     "quarantine": "quarantine",
+    "recipient_validation": "recipient validation",
 }
 SECRET_FIELDS = frozenset({"password", "pin"})
 
@@ -65,6 +66,7 @@ LIVE = (
     "spam",
     "virus",
     "quarantine",
+    "recipient_validation",  # read per RCPT from the session's snapshot
     "tls.opportunistic",
     "queue.retry",
     "queue.delay_warning",

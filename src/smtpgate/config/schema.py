@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -625,7 +626,7 @@ class AdminSettings(Strict):
         return value
 
 
-RecipientMode = Literal["any", "list", "callout"]
+RecipientMode = Literal["any", "list", "callout", "ldap"]
 MAX_LISTED_RECIPIENTS = 100_000  # inline entries; a recipients_file is bounded in bytes
 
 
@@ -639,16 +640,56 @@ class CalloutSettings(Strict):
     concurrency: int = Field(default=4, ge=1, le=100)  # probes at once per send connector
 
 
+LDAP_FILTER_FIELDS = ("address", "local", "domain")
+
+
+class LdapSettings(Strict):
+    """A directory lookup: a recipient exists when ``filter`` finds an entry under
+    ``base`` (``docs/content-security.md``); cached like a callout's results."""
+
+    url: str = Field(pattern=r"^ldaps?://[^/?#\s]+/?$")  # ldap://host:389, ldaps://host:636
+    start_tls: bool = False  # ldap:// then StartTLS (RFC 4513 §3); never with ldaps://
+    bind_dn: str | None = Field(default=None, min_length=1)  # none: anonymous
+    password_file: FilePath | None = None  # the bind password (mode 0600)
+    base: str = Field(min_length=1)
+    filter: str = Field(default="(mail={address})", min_length=3, max_length=1000)
+    timeout: float = Field(default=5, gt=0, le=60)  # the whole lookup, queueing included
+    positive_ttl: Duration = 3600.0
+    negative_ttl: Duration = 600.0
+    cache_size: int = Field(default=10_000, ge=0)
+    concurrency: int = Field(default=4, ge=1, le=100)  # lookups at once per directory
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if not fields or not fields <= set(LDAP_FILTER_FIELDS):
+            raise ValueError("the filter uses {address}, {local} or {domain}, and only those")
+        if not (value.startswith("(") and value.endswith(")")):
+            raise ValueError("an LDAP filter is in parentheses (RFC 4515)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_and_bind(self) -> LdapSettings:
+        if self.start_tls and self.url.startswith("ldaps:"):
+            raise ValueError("start_tls is for ldap:// URLs; ldaps:// is TLS already")
+        if self.password_file is not None and self.bind_dn is None:
+            raise ValueError("a password_file needs a bind_dn")
+        return self
+
+
 class RecipientValidation(Strict):
     """How RCPT checks recipients at one hosted domain (``docs/content-security.md``):
     ``any`` accepts every local part, ``list`` the ones listed (inline and/or a
-    file, re-read when it changes), ``callout`` asks the internal server."""
+    file, re-read when it changes), ``callout`` asks the internal server,
+    ``ldap`` a directory."""
 
     domain: DomainName
     mode: RecipientMode = "any"
     recipients: list[str] = Field(default_factory=list, max_length=MAX_LISTED_RECIPIENTS)
     recipients_file: FilePath | None = None
     callout: CalloutSettings = Field(default_factory=CalloutSettings)
+    ldap: LdapSettings | None = None  # mode ldap
 
     @field_validator("recipients")
     @classmethod
@@ -662,6 +703,8 @@ class RecipientValidation(Strict):
     def _list_has_entries(self) -> RecipientValidation:
         if self.mode == "list" and not self.recipients and self.recipients_file is None:
             raise ValueError("mode list needs recipients or a recipients_file")
+        if self.mode == "ldap" and self.ldap is None:
+            raise ValueError("mode ldap needs ldap settings (url, base)")
         for entry in self.recipients:
             if "@" in entry and normalise_domain(entry.rpartition("@")[2]) != self.domain:
                 raise ValueError(f"{entry!r} is not an address at {self.domain}")

@@ -199,6 +199,11 @@ def secret_files(config: GatewayConfig) -> list[tuple[str, Path]]:
     if rspamd is not None and rspamd.password_file is not None:
         found.append(("spam.rspamd.password_file", rspamd.password_file))
     found += [
+        (f"recipient_validation[{i}].ldap.password_file", rule.ldap.password_file)
+        for i, rule in enumerate(config.recipient_validation)
+        if rule.ldap is not None and rule.ldap.password_file is not None
+    ]
+    found += [
         (f"certificates[{i}].pin_file", cert.pin_file)
         for i, cert in enumerate(config.certificates)
         if cert.pin_file is not None

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from smtpgate.config.schema import SendConnector
 from smtpgate.delivery.client import SmtpClient
@@ -186,7 +186,13 @@ def _names_ok(client: SmtpClient, policy: OutboundPolicy) -> bool:
     return der is not None and certificate_matches(der, policy.names)
 
 
-async def bounded(probe: Probe, address: str, timeout: float) -> CalloutResult:
+class Asker(Protocol):
+    """A probe or a directory lookup: whether ``address`` exists."""
+
+    async def run(self, address: str) -> CalloutResult: ...
+
+
+async def bounded(probe: Asker, address: str, timeout: float) -> CalloutResult:
     """``probe.run`` within ``timeout`` seconds; a timeout is *unknown*."""
     try:
         async with asyncio.timeout(timeout):

@@ -30,8 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smtpgate.config.schema import RecipientValidation, SendConnector
-from smtpgate.content.callout import CalloutResult, Probe, bounded
+from smtpgate.config.schema import (
+    CalloutSettings,
+    LdapSettings,
+    RecipientValidation,
+    SendConnector,
+)
+from smtpgate.content.callout import Asker, CalloutResult, Probe, bounded
 from smtpgate.dns import Resolver
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.recipients import entry_key, exempt, local_key, validation_rule
@@ -96,8 +101,8 @@ class RecipientValidator:
     file_trouble: dict[Path, str] = field(default_factory=dict)  # logged once per problem
     caches: dict[str, _Cache] = field(default_factory=dict)  # domain → its cache
     turns: dict[str, tuple[int, asyncio.Semaphore]] = field(default_factory=dict)  # per connector
-    down: set[str] = field(default_factory=set)  # connectors whose probes get no answer
-    probes: int = 0  # callouts made (for status and tests)
+    down: set[str] = field(default_factory=set)  # destinations that do not answer
+    probes: int = 0  # callouts and lookups made (for status and tests)
 
     def check(
         self,
@@ -114,14 +119,21 @@ class RecipientValidator:
         if rule.mode == "list":
             return self._listed(rule, recipient)
         key = recipient.casefold()
-        cache = self._cache(rule)
-        known = cache.get(key, self.clock())
+        settings = rule.ldap if rule.mode == "ldap" else rule.callout
+        assert settings is not None  # the schema demands ldap settings for mode ldap
+        known = self._cache(rule.domain, settings.cache_size).get(key, self.clock())
         if known is not None:
             return None if known else unknown_user(recipient)
+        if rule.ldap is not None and rule.mode == "ldap":
+            # ldap3 is imported when a directory is configured, not by every gateway
+            from smtpgate.content.ldaplookup import Lookup  # noqa: PLC0415
+
+            lookup = Lookup(rule.ldap, tuple(snapshot.config.tls.ca_files))
+            return self._ask(rule.domain, rule.ldap, f"ldap {rule.ldap.url}", lookup, recipient)
         if connector is None:  # routing refuses before this; never a 250 unchecked
             return unavailable(recipient)
         probe = Probe(snapshot, resolver, connector, snapshot.config.gateway.hostname)
-        return self._callout(rule, probe, recipient, key)
+        return self._ask(rule.domain, rule.callout, f"connector {connector.name}", probe, recipient)
 
     # -- lists -----------------------------------------------------------------------
 
@@ -166,60 +178,62 @@ class RecipientValidator:
                 using="the last good version" if kept else "none: RCPT answers 451",
             )
 
-    # -- callouts --------------------------------------------------------------------
+    # -- callouts and directory lookups ----------------------------------------------
 
-    def _cache(self, rule: RecipientValidation) -> _Cache:
-        cache = self.caches.get(rule.domain)
-        if cache is None or cache.size != rule.callout.cache_size:
-            cache = self.caches[rule.domain] = _Cache(rule.callout.cache_size)
+    def _cache(self, domain: str, size: int) -> _Cache:
+        cache = self.caches.get(domain)
+        if cache is None or cache.size != size:
+            cache = self.caches[domain] = _Cache(size)
         return cache
 
-    def _turns(self, rule: RecipientValidation, connector: str) -> asyncio.Semaphore:
-        """The connector's turns; a changed ``concurrency`` starts new ones (probes
+    def _turns(self, destination: str, limit: int) -> asyncio.Semaphore:
+        """The destination's turns; a changed ``concurrency`` starts new ones (asks
         holding the old turns finish on them)."""
-        limit = rule.callout.concurrency
-        found = self.turns.get(connector)
+        found = self.turns.get(destination)
         if found is None or found[0] != limit:
-            found = self.turns[connector] = (limit, asyncio.Semaphore(limit))
+            found = self.turns[destination] = (limit, asyncio.Semaphore(limit))
         return found[1]
 
-    async def _callout(
-        self, rule: RecipientValidation, probe: Probe, recipient: str, key: str
+    async def _ask(
+        self,
+        domain: str,
+        settings: CalloutSettings | LdapSettings,
+        destination: str,
+        asker: Asker,
+        recipient: str,
     ) -> Reply | None:
-        settings = rule.callout
         started = self.clock()
-        connector = probe.connector.name
         try:
             async with asyncio.timeout(settings.timeout):
-                async with self._turns(rule, connector):
+                async with self._turns(destination, settings.concurrency):
                     self.probes += 1
                     left = settings.timeout - (self.clock() - started)
-                    result = await bounded(probe, recipient, max(left, 0.001))
+                    result = await bounded(asker, recipient, max(left, 0.001))
         except TimeoutError:
-            result = CalloutResult("unknown", "no turn for a callout in time", reached=False)
+            result = CalloutResult("unknown", "no turn in time", reached=False)
         except Exception as exc:  # a Pending must never raise: 451, logged
-            log.error("callout failed", rcpt=recipient, connector=connector, error=repr(exc))
+            log.error("recipient check failed", rcpt=recipient, at=destination, error=repr(exc))
             result = CalloutResult("unknown", repr(exc))
-        self._note(connector, result)
-        now = self.clock()
+        self._note(destination, result)
+        now, key = self.clock(), recipient.casefold()
         if result.result == "valid":
-            self._cache(rule).put(key, True, now + settings.positive_ttl)
+            self._cache(domain, settings.cache_size).put(key, True, now + settings.positive_ttl)
             return None
         if result.result == "invalid":
-            self._cache(rule).put(key, False, now + settings.negative_ttl)
-            log.info("recipient unknown", rcpt=recipient, connector=connector, reply=result.detail)
+            self._cache(domain, settings.cache_size).put(key, False, now + settings.negative_ttl)
+            log.info("recipient unknown", rcpt=recipient, at=destination, reply=result.detail)
             return unknown_user(recipient)
-        log.info("callout inconclusive", rcpt=recipient, connector=connector, why=result.detail)
+        log.info("recipient check inconclusive", rcpt=recipient, at=destination, why=result.detail)
         return unavailable(recipient)
 
-    def _note(self, connector: str, result: CalloutResult) -> None:
+    def _note(self, destination: str, result: CalloutResult) -> None:
         """A destination that stops answering is logged once, and again once it is back."""
-        if not result.reached and connector not in self.down:
-            self.down.add(connector)
-            log.warning("callout destination down", connector=connector, why=result.detail)
-        elif result.reached and connector in self.down:
-            self.down.discard(connector)
-            log.warning("callout destination back", connector=connector)
+        if not result.reached and destination not in self.down:
+            self.down.add(destination)
+            log.warning("recipient check destination down", at=destination, why=result.detail)
+        elif result.reached and destination in self.down:
+            self.down.discard(destination)
+            log.warning("recipient check destination back", at=destination)
 
 
 def _read_list(path: Path, domain: str) -> frozenset[str]:

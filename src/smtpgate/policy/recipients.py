@@ -47,6 +47,11 @@ def describe(config: GatewayConfig, recipient: str) -> str:
         return "any recipient accepted (no recipient validation)"
     if exempt(recipient):
         return f"{rule.mode}: postmaster is always accepted (RFC 5321 §4.5.1)"
+    if rule.mode == "ldap" and rule.ldap is not None:
+        return (
+            f"checked in the directory at RCPT (LDAP search under {rule.ldap.base} at "
+            f"{rule.ldap.url}; not found: 550 5.1.1, unreachable: 451 4.4.3)"
+        )
     if rule.mode == "callout":
         return (
             "checked by callout at RCPT (RCPT probe to the internal server through the "
