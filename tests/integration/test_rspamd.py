@@ -23,6 +23,7 @@ import pytest
 from smtpgate.config import parse_config
 from smtpgate.config.schema import RspamdSettings
 from smtpgate.content.pipeline import MessageFacts
+from smtpgate.content.quarantine import QuarantineStore, quarantine_dir
 from smtpgate.content.rspamd import (
     RspamdError,
     RspamdScanner,
@@ -140,6 +141,21 @@ async def test_rspamd_down_fail_closed_defers_until_it_is_back(
     assert gw.process.stderr is not None
     log = gw.process.stderr.read().decode()
     assert log.count("rspamd unreachable") == 1, log  # once per outage, not per message
+
+
+async def test_score_over_quarantine_score_is_held_not_delivered(
+    gateway_process: Callable[..., GatewayProcess],
+    sink: SinkHandle,
+    rspamd: Rspamd,
+    tmp_path: Path,
+) -> None:
+    gw = start(gateway_process, sink, rspamd, quarantine_score=-100)
+    code, _ = await asyncio.to_thread(send, gw.port, message("held for review"))
+    assert code == 250  # the client hears 250: the message is kept, not refused
+    gw.stop()
+    assert sink.messages() == []
+    (held,) = QuarantineStore(quarantine_dir(tmp_path / "gwp")).entries()
+    assert "rspamd: quarantine" in held.summary
 
 
 # -- the scanner on its own: canned replies, headers sent, a confused server ------
@@ -294,3 +310,15 @@ def test_policy_explain_names_the_scanner_and_its_fail_mode(tmp_path: Path) -> N
     bare = parse_config(base_config(tmp_path, 25))
     unscanned = explain(bare, ProfileIndex(bare), {}, Facts("192.0.2.9", sender="a@x.test"))
     assert "none configured (spam.rspamd)" in unscanned.as_text()
+
+
+async def test_larger_than_max_size_is_not_scanned_and_says_so(tmp_path: Path) -> None:
+    body = SpooledBody(tmp_path, "Q1")
+    body.write(message("x" * 2000))
+    body.finish()
+    document = merge(base_config(tmp_path, 25), {"spam": {"rspamd": {"max_size": 1024}}})
+    scanner = RspamdScanner()  # nothing listens at its url: it is never asked
+    result = await scanner.scan(facts(), body, parse_config(document))
+    assert result.action == "accept"
+    assert result.headers == (("X-Spam-Status", "unchecked (larger than 1024 octets)"),)
+    assert not scanner.down
