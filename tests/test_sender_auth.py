@@ -43,6 +43,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.model.envelope import Envelope
 from smtpgate.policy.explain import Facts, explain
 from smtpgate.policy.profile import ProfileIndex
+from smtpgate.tls.certificates import Loaded
 from tests.conftest import SMTPGATE
 from tests.dnsserver import start_dns
 
@@ -342,3 +343,19 @@ def test_keygen_writes_a_private_key_once_and_a_parsable_record(tmp_path: Path) 
     again = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
     assert again.returncode == 1
     assert "cannot create" in again.stderr
+
+
+def test_a_certificate_key_signs_too() -> None:
+    pkcs8 = KEY.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    config = _config(
+        sender_auth={"dkim_signing": [{"domain": "org.test", "selector": "k", "certificate": "c"}]}
+    )
+    entry = config.sender_auth.dkim_signing[0]
+    key = dkimsign.private_key(entry, "here", {"c": Loaded("c", [], pkcs8)})
+    assert key == PEM  # PKCS#1, as dkimpy reads it
+    with pytest.raises(ConfigError, match=r"here\.certificate"):
+        dkimsign.private_key(entry, "here", {})

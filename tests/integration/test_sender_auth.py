@@ -30,6 +30,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from smtpgate.content.quarantine import QuarantineStore, quarantine_dir
 from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle
 from tests.dnsserver import DnsServer, start_dns
 
@@ -73,6 +74,8 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[DnsServer, int, Path]]:
     records = {
         ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
         ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
+        ("held.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+        ("_dmarc.held.test", "TXT"): ['"v=DMARC1; p=quarantine"'],
         ("signed.test", "TXT"): ['"v=spf1 -all"'],
         ("_dmarc.signed.test", "TXT"): ['"v=DMARC1; p=reject; adkim=s"'],
         ("s1._domainkey.signed.test", "TXT"): [_txt_value(INBOUND_KEY)],
@@ -211,3 +214,23 @@ async def test_outbound_mail_is_signed_and_verifies(
     assert b"d=example.com" in fields
     assert b"s=out1" in fields
     assert b"c=relaxed/relaxed" in fields
+
+
+async def test_dmarc_quarantine_holds_the_message(
+    tmp_path: Path, gateway: GatewayProcess, sink: SinkHandle
+) -> None:
+    code, _ = await asyncio.to_thread(
+        send, gateway.port, "127.0.0.1", "ceo@held.test", message("ceo@held.test")
+    )
+    assert code == 250  # held, as for any accepted message
+    [held] = QuarantineStore(quarantine_dir(tmp_path / "gwp")).entries()
+    assert held.envelope.sender == "ceo@held.test"
+    assert "quarantined by DMARC policy of held.test" in held.summary
+    # a later message arrives; the held one never does
+    code, _ = await asyncio.to_thread(
+        send, gateway.port, "127.0.0.9", "ceo@held.test", message("ceo@held.test")
+    )
+    assert code == 250
+    [(meta, _body)] = await sink.wait_for(1)
+    assert meta["sender"] == "ceo@held.test"
+    assert len(sink.messages()) == 1

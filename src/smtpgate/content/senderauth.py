@@ -75,6 +75,7 @@ class BoundedDns:
         self._timeout = settings.timeout
         self._deadline = time.monotonic() + budget
         self.lookups = 0
+        self.failures = 0  # lookups that timed out or failed (not NXDOMAIN)
 
     def resolve(self, name: str, rdtype: str) -> list[Any]:
         remaining = self._deadline - time.monotonic()
@@ -90,6 +91,7 @@ class BoundedDns:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except (dns.exception.DNSException, OSError) as exc:
+            self.failures += 1
             raise TempDnsError(f"{rdtype} {name}: {type(exc).__name__}") from None
         return list(answer)
 
@@ -362,7 +364,8 @@ def authenticate(
     dmarc_result = check_dmarc(
         resolver, header_from(head), spf_result, dkim_results, message is None and signed
     )
-    return Verdict(spf_result, dkim_results, dmarc_result, {"lookups": resolver.lookups})
+    extra = {"lookups": resolver.lookups, "dns_failures": resolver.failures}
+    return Verdict(spf_result, dkim_results, dmarc_result, extra)
 
 
 # -- the header ----------------------------------------------------------------
@@ -459,6 +462,9 @@ class SenderAuth:
 
     name = NAME
 
+    def __init__(self) -> None:
+        self._dns_down = False  # logged once per outage, not per message
+
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         return config.sender_auth.verify and not facts.internal
 
@@ -477,7 +483,20 @@ class SenderAuth:
                 (),
                 DmarcResult("temperror", enforceable=False, comment="check failed"),
             )
+        self._watch_dns(config, verdict)
         return self._decide(facts, config, verdict)
+
+    def _watch_dns(self, config: GatewayConfig, verdict: Verdict) -> None:
+        failed = verdict.extra.get("dns_failures", 0) > 0 or verdict.spf.result == "temperror"
+        if failed and not self._dns_down:
+            log.warning(
+                "sender authentication: DNS lookups failing (results are temperror, "
+                "DMARC not enforced)",
+                nameservers=config.gateway.dns.nameservers or "system",
+            )
+        elif not failed and self._dns_down:
+            log.info("sender authentication: DNS answering again")
+        self._dns_down = failed
 
     def _run(self, facts: MessageFacts, body: SpooledBody, config: GatewayConfig) -> Verdict:
         settings = config.sender_auth
