@@ -31,6 +31,7 @@ from smtpgate.content.rspamd import (
     subject_prefix,
     verdict,
 )
+from smtpgate.errors import ConfigError
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.policy.explain import Facts, explain
 from smtpgate.policy.profile import ProfileIndex
@@ -322,3 +323,16 @@ async def test_larger_than_max_size_is_not_scanned_and_says_so(tmp_path: Path) -
     assert result.action == "accept"
     assert result.headers == (("X-Spam-Status", "unchecked (larger than 1024 octets)"),)
     assert not scanner.down
+
+
+def test_config_check_wants_the_password_file_private(tmp_path: Path) -> None:
+    secret = tmp_path / "rspamd.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    document = merge(base_config(tmp_path, 25), {"spam": {"rspamd": {"password_file": secret}}})
+    with pytest.raises(ConfigError, match=r"spam\.rspamd\.password_file: .*chmod 600"):
+        parse_config(document)
+    secret.chmod(0o600)
+    assert parse_config(document).spam.rspamd is not None
+    with pytest.raises(ConfigError, match="http://HOST:PORT"):
+        parse_config(merge(document, {"spam": {"rspamd": {"url": "127.0.0.1:11333"}}}))
