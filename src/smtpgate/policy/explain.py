@@ -81,6 +81,7 @@ class Explanation:
     listener_step: Verdict | None = None  # at MAIL, before the profiles' TLS requirement
     spam_scanner: str = ""  # who scans when spam_check says yes (spam.rspamd)
     sender_auth: str = ""  # SPF/DKIM/DMARC verified and enforced, or DKIM-signed (sender_auth)
+    virus_check: str = ""  # clamd scans every message (virus.clamd), or none is configured
 
     def as_dict(self) -> dict[str, Any]:
         def verdict(v: Verdict | None) -> dict[str, Any] | None:
@@ -114,6 +115,7 @@ class Explanation:
                 "scanner": self.spam_scanner,
             },
             "sender_auth": self.sender_auth,
+            "virus_check": self.virus_check,
             "recipients": [
                 {
                     "recipient": d.recipient,
@@ -163,6 +165,8 @@ def explanation_text(result: dict[str, Any]) -> str:
         lines.append(f"  scanner:    {spam['scanner']}")
     if result.get("sender_auth"):
         lines.append(f"sender auth:  {result['sender_auth']}")
+    if result.get("virus_check"):
+        lines.append(f"virus check:  {result['virus_check']}")
     for d in result["recipients"]:
         lines.append(f"recipient {d['recipient']}: {_show(d)}")
         lines.append(f"  connector:  {d['connector'] or '-'} ({d['connector_reason']})")
@@ -247,11 +251,25 @@ def explain(
         listener_step=step.listener if listener is not None else None,
         spam_scanner=_spam_scanner(config),
         sender_auth=_sender_auth(config, session, facts.sender or ""),
+        virus_check=_virus_check(config),
     )
     for recipient in facts.recipients:
         decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
         result.recipients.append(decision)
     return result
+
+
+def _virus_check(config: GatewayConfig) -> str:
+    """Whether clamd scans the message (every one, both directions) and its decisions."""
+    virus = config.virus
+    if not virus.clamd:
+        return "no (virus.clamd not set)"
+    down = "accept unchecked" if virus.fail == "open" else "451"
+    return (
+        f"yes, clamd at {virus.clamd} (infected: {virus.infected}; over "
+        f"{virus.max_size} octets or its stream limit: {virus.over_limit}; "
+        f"fail {virus.fail}: {down} when it is down)"
+    )
 
 
 def _spam_scanner(config: GatewayConfig) -> str:
