@@ -354,7 +354,7 @@ def authenticate(
     resolver = BoundedDns(settings, budget)
     envelope = facts.envelope
     spf_result = check_spf(resolver, facts.client_ip, envelope.sender, envelope.helo)
-    signed = any(line.lower().startswith(b"dkim-signature:") for line in head.split(b"\r\n"))
+    signed = is_signed(head)
     if message is None:
         dkim_results: tuple[DkimResult, ...] = (
             (DkimResult("neutral", comment="message too large to verify"),) if signed else ()
@@ -366,6 +366,11 @@ def authenticate(
     )
     extra = {"lookups": resolver.lookups, "dns_failures": resolver.failures}
     return Verdict(spf_result, dkim_results, dmarc_result, extra)
+
+
+def is_signed(head: bytes) -> bool:
+    """Whether the header section has a DKIM-Signature field."""
+    return any(line.lower().startswith(b"dkim-signature:") for line in head.split(b"\r\n"))
 
 
 # -- the header ----------------------------------------------------------------
@@ -501,7 +506,8 @@ class SenderAuth:
     def _run(self, facts: MessageFacts, body: SpooledBody, config: GatewayConfig) -> Verdict:
         settings = config.sender_auth
         head = body.head()
-        message = read_bounded(body, settings.max_message_bytes)
+        # only a signed message is read whole (DKIM needs it in memory)
+        message = read_bounded(body, settings.max_message_bytes) if is_signed(head) else b""
         return authenticate(config.gateway.dns, settings.timeout, facts, head, message)
 
     def _decide(self, facts: MessageFacts, config: GatewayConfig, verdict: Verdict) -> ScanResult:
