@@ -401,3 +401,28 @@ async def test_ldap_mode_in_the_validator(tmp_path: Path, directory: Slapd) -> N
         snap.config, ProfileIndex(snap.config), {}, Facts("192.0.2.1", recipients=["x@example.com"])
     ).as_text()
     assert "validation: checked in the directory at RCPT" in text
+
+
+async def test_a_utf8_address_is_probed_only_with_smtputf8(
+    tmp_path: Path, servers: dict[str, int]
+) -> None:
+    """RFC 6531 §3.4: MAIL FROM:<> SMTPUTF8 where offered; without it, no answer (451)."""
+    offered = await bounded(_probe(tmp_path, servers["knows"]), "jörg@example.com", 5)
+    assert (offered.result, offered.reached) == ("invalid", True)  # asked, and answered
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 plain.test\r\n")
+        while line := await reader.readline():
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    try:
+        result = await bounded(
+            _probe(tmp_path, server.sockets[0].getsockname()[1]), "jörg@example.com", 5
+        )
+        assert result.result == "unknown"
+        assert "SMTPUTF8" in result.detail
+    finally:
+        server.close()

@@ -129,7 +129,10 @@ class Probe:
             return CalloutResult("unknown", f"{host} refused EHLO: {reply.text()}")
         await self._secure(client, host, policy, plaintext=plaintext)
         await self._authenticate(client, host)
-        client.core.command("MAIL", "MAIL FROM:<>")
+        utf8 = not address.isascii()  # RFC 6531 §3.4: only with SMTPUTF8
+        if utf8 and "SMTPUTF8" not in client.extensions:
+            return CalloutResult("unknown", f"{host} does not offer SMTPUTF8 for {address}")
+        client.core.command("MAIL", "MAIL FROM:<> SMTPUTF8" if utf8 else "MAIL FROM:<>")
         reply = (await client.answer()).reply
         if reply.code != 250:  # RFC 5321 §4.5.5: the null sender must be accepted
             return CalloutResult("unknown", f"{host} refused MAIL FROM:<>: {reply.text()}")
