@@ -18,8 +18,8 @@ from smtpgate.content.apply import write_verdicts
 from smtpgate.content.dkimsign import sign_outbound
 from smtpgate.content.pipeline import MessageFacts, Scanner, scan
 from smtpgate.content.quarantine import Quarantine
-from smtpgate.content.senderauth import forged_results
 from smtpgate.content.recipients import RecipientValidator
+from smtpgate.content.senderauth import forged_results
 from smtpgate.content.verdict import ACCEPTED, Outcome
 from smtpgate.dns import DnsResolver, Resolver, confirmed_names
 from smtpgate.errors import QueueError
