@@ -15,7 +15,12 @@ import smtplib
 from email import message_from_bytes
 from typing import Any
 
+import pytest
+
+from smtpgate.config import parse_config
+from smtpgate.config.validate import warnings
 from smtpgate.content.clamd import frames, parse_reply
+from smtpgate.errors import ConfigError
 from tests.clamd import EICAR, SIGNATURE, STREAM_MAX, Clamd, clamd_fixture  # noqa: F401 - the fixture
 from tests.conftest import GatewayFactory, SinkHandle
 
@@ -54,6 +59,32 @@ def test_instream_frames_and_replies() -> None:
     assert sent == b"zINSTREAM\0" + b"\0\0\0\3abc" + b"\0\0\0\1d" + b"\0\0\0\0"
     assert parse_reply("stream: OK") is None
     assert parse_reply("stream: Eicar-Signature FOUND") == "Eicar-Signature"
+
+
+def config_with(**virus: Any) -> dict[str, Any]:
+    return {
+        "gateway": {"hostname": "gw.test"},
+        "listeners": [{"name": "mx", "address": "127.0.0.1:2525", "security": "none"}],
+        "virus": virus,
+    }
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://localhost:3310", "tcp://127.0.0.1:0", "unix:relative", "127.0.0.1:3310"]
+)
+def test_a_bad_clamd_address_is_named(address: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_with(clamd=address))
+    assert [p.path for p in caught.value.problems] == ["virus.clamd"]
+
+
+def test_config_check_warns_of_mail_let_through_unchecked() -> None:
+    config = parse_config(config_with(clamd="unix:/run/clamav/clamd.ctl", fail="open"))
+    assert [w.path for w in warnings(config)] == ["virus.fail"]
+    config = parse_config(config_with(clamd="tcp://127.0.0.1:3310", max_size=1024 * 1024))
+    assert [w.path for w in warnings(config)] == ["virus.max_size"]
+    config = parse_config(config_with(clamd="tcp://127.0.0.1:3310"))
+    assert warnings(config) == []
 
 
 async def test_eicar_refused_naming_the_signature_clean_delivered(

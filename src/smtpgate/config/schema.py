@@ -567,7 +567,10 @@ def parse_clamd_address(value: str) -> tuple[str, int] | str:
             raise ValueError("a clamd unix socket is unix:/absolute/path")
         return path
     if value.startswith("tcp://"):
-        host, port = parse_listen_address(value.removeprefix("tcp://"))
+        try:
+            host, port = parse_listen_address(value.removeprefix("tcp://"))
+        except ValueError:
+            raise ValueError("clamd is tcp://IP:PORT (an IP address) or unix:/PATH") from None
         if port == 0:
             raise ValueError("name clamd's port: tcp://HOST:PORT")
         return host, port

@@ -400,6 +400,7 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
                 FieldProblem(f"connection_profiles[{i}].smtp_auth", "enabled without credentials")
             )
     found += _sender_domain_relay_warnings(config)
+    found += _virus_warnings(config)
     return name_objects(found + _admin_warnings(config), config)
 
 
@@ -421,6 +422,32 @@ def _sender_domain_relay_warnings(config: GatewayConfig) -> list[FieldProblem]:
                 f"connection_profiles[{i}].relay",
                 f"relay {profile.relay} is never granted by sender_domains, which only "
                 f"require inbound TLS; {reach}",
+            )
+        )
+    return found
+
+
+def _virus_warnings(config: GatewayConfig) -> list[FieldProblem]:
+    """Mail that virus scanning lets through unchecked (marked, never as clean)."""
+    virus = config.virus
+    if not virus.clamd:
+        return []
+    found = []
+    if virus.fail == "open":
+        found.append(
+            FieldProblem(
+                "virus.fail",
+                "while clamd is down, messages are accepted unchecked "
+                "(X-Virus-Status: unchecked); closed answers 451 instead",
+            )
+        )
+    if virus.over_limit == "accept" and virus.max_size < config.limits.max_message_size:
+        found.append(
+            FieldProblem(
+                "virus.max_size",
+                f"messages between {virus.max_size} and limits.max_message_size "
+                f"({config.limits.max_message_size}) octets are accepted unchecked "
+                "(over_limit: accept)",
             )
         )
     return found
