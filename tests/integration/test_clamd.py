@@ -129,7 +129,10 @@ async def test_clamd_down_fail_open_delivers_unchecked(
 
 
 async def test_clamd_down_fail_closed_defers_until_it_is_back(
-    gateway_factory: GatewayFactory, sink: SinkHandle, clamd: Clamd
+    gateway_factory: GatewayFactory,
+    sink: SinkHandle,
+    clamd: Clamd,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = await gateway_with(gateway_factory, clamd.address, fail="closed")
     data = message(b"deferred, then delivered")
@@ -143,6 +146,9 @@ async def test_clamd_down_fail_closed_defers_until_it_is_back(
     assert code == 250
     (_meta, body), *_ = await sink.wait_for(1)
     assert message_from_bytes(body)["X-Virus-Scanned"] == "clamd on gw.test: clean"
+    events = [line.split("] ", 1)[-1] for line in capsys.readouterr().out.splitlines()]
+    assert sum(e.startswith("clamd unavailable ") for e in events) == 1  # once per outage
+    assert sum(e.startswith("clamd reachable again ") for e in events) == 1
 
 
 BIG = message((b"y" * 76 + b"\r\n") * (STREAM_MAX // 70), "big")
