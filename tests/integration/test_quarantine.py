@@ -162,12 +162,13 @@ def service(tmp_path: Path) -> Iterator[ConfigService]:
     service.store.close()
 
 
-def hold(service: ConfigService, subject: str) -> str:
-    """A message held as the gateway holds one (the store's ``hold``)."""
+def hold(service: ConfigService, subject: str, lines: int = 1) -> str:
+    """A message held as the gateway holds one (the store's ``hold``); many
+    ``lines``: a body spilled to a spool file, moved into the quarantine."""
     spool = service.data_dir / "spool"
     spool.mkdir(parents=True, exist_ok=True)
     body = SpooledBody(spool, new_queue_id())
-    body.write(message(b"suspicious", subject))
+    body.write(message(b"suspicious\r\n" * lines, subject))
     body.finish()
     envelope = Envelope("alice@sender.test", (Recipient("bob@example.com"),), client_ip="192.0.2.9")
     verdict = ScanResult("clamd", "quarantine", reason="virus Test.Sig", detail={"signature": "T"})
@@ -201,7 +202,8 @@ def audited(service: ConfigService) -> list[tuple[str, str, str]]:
 
 
 def test_api_lists_shows_releases_and_deletes(service: ConfigService) -> None:
-    first, second = hold(service, "one"), hold(service, "two")
+    first, second = hold(service, "one", lines=20_000), hold(service, "two")
+    assert not list((service.data_dir / "spool").iterdir())  # moved, not copied
     token = create_token(service.store, "ops", "test")
     api = TestClient(create_app(service), headers={"Authorization": f"Bearer {token}"})
     listing: list[dict[str, Any]] = api.get("/api/v1/quarantine").json()
@@ -211,6 +213,13 @@ def test_api_lists_shows_releases_and_deletes(service: ConfigService) -> None:
     assert "Subject: one" in shown["headers"]
     assert api.post(f"/api/v1/quarantine/{first}/release").json()["result"] == "released"
     assert queued(service, first)
+    store = QueueStore(service.data_dir / "queue")
+    try:
+        released = store.body(first)
+        assert isinstance(released, Path)  # a large body stays a file, whole
+        assert released.read_bytes().count(b"suspicious") == 20_000
+    finally:
+        store.close()
     assert api.delete(f"/api/v1/quarantine/{second}").json()["result"] == "deleted"
     assert not queued(service, second)
     assert api.get("/api/v1/quarantine").json() == []
