@@ -93,3 +93,26 @@ def test_replace_head_keeps_the_body_octet_for_octet(tmp_path: Path, size: int) 
     assert body.size == len(whole)
     assert split_head(whole)[1] == rest
     assert [p.name for p in tmp_path.iterdir()] == (["Q1.tmp"] if size > 1000 else [])
+
+
+def test_a_verdict_field_the_sender_wrote_is_replaced_by_ours(tmp_path: Path) -> None:
+    from smtpgate.content.apply import write_verdicts  # noqa: PLC0415
+
+    body = SpooledBody(tmp_path, "Q2")
+    body.write(
+        b"X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-100\r\n"
+        b"Authentication-Results: mx.other.example; spf=pass\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    body.finish()
+    outcome = combine(
+        [
+            ScanResult("rspamd", headers=(("X-Spam-Status", "Yes, score=12"),)),
+            ScanResult("auth", headers=(("Authentication-Results", "gw.test; spf=fail"),)),
+        ]
+    )
+    write_verdicts(body, outcome)
+    text = b"".join(body.chunks())
+    assert b"score=-100" not in text
+    assert text.count(b"X-Spam-Status") == 1
+    assert b"X-Spam-Flag" not in text  # the whole X-Spam- family is ours once we write one
+    assert b"mx.other.example; spf=pass" in text  # another hop's result stays

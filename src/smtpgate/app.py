@@ -50,6 +50,8 @@ from smtpgate.config.schema import (
 from smtpgate.config.secret import load_key
 from smtpgate.config.store import ConfigStore
 from smtpgate.config.watch import RevisionWatcher
+from smtpgate.content import registry
+from smtpgate.content.pipeline import Scanner
 from smtpgate.content.quarantine import DAY, Quarantine, quarantine_dir
 from smtpgate.delivery.attempt import Deliverer
 from smtpgate.files import make_private, private_dir
@@ -166,6 +168,7 @@ class Gateway:
     reporting: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     reported_stop: bool = False
     quarantine: Quarantine | None = None  # held messages; expired in the background
+    scanners: list[Scanner] = dataclasses.field(default_factory=list)  # closed at stop
     quarantine_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -281,6 +284,7 @@ class Gateway:
             if task is not None:
                 task.cancel()
         await self.server.stop(grace)
+        await registry.close(self.scanners)  # no session scans any more
         await self.manager.stop(grace)
         if self.manager_task is not None:
             await self.manager_task
@@ -350,7 +354,7 @@ async def build_gateway(
     log.info("queue opened", **counts)
     nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
     gateway = Gateway(server, queue, manager, reloader, current, config, store)
-    gateway.quarantine = quarantine
+    gateway.quarantine, gateway.scanners = quarantine, state.scanners
     return gateway
 
 

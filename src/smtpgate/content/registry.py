@@ -1,6 +1,6 @@
-"""The gateway's scanners, in the order their results are combined and their
-header fields written (sender authentication first: its
-``Authentication-Results`` is what the spam scanner reads)."""
+"""The gateway's scanners. They run concurrently; this order is the order their
+results are combined in (the first of equally strict verdicts gives the reply)
+and their header fields are written (``Authentication-Results`` on top)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ def scanners() -> list[Scanner]:
         ClamdScanner(),
         RspamdScanner(),
     ]
+
+
+async def close(found: list[Scanner]) -> None:
+    """Release what scanners hold (connection pools) when the gateway stops."""
+    for scanner in found:
+        aclose = getattr(scanner, "aclose", None)
+        if aclose is not None:
+            await aclose()
