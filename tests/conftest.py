@@ -33,6 +33,9 @@ from smtpgate.inbound.server import InboundServer
 from smtpgate.sink import SinkBehaviour, build_sink
 
 SMTPGATE = str(Path(sys.executable).with_name("smtpgate"))
+# The tests run as root here: let `smtpgate serve` do so without gateway.user
+# (test_privilege_drop.py takes this away to see the refusal and the drop).
+os.environ.setdefault("SMTPGATE_ALLOW_ROOT", "1")
 
 
 def pytest_asyncio_loop_factories(

@@ -64,6 +64,7 @@ from smtpgate.inbound.server import (
     until_stop_signal,
 )
 from smtpgate.observe.log import get_logger, log_options
+from smtpgate.privileges import Drop
 from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
@@ -170,9 +171,14 @@ class Gateway:
     quarantine: Quarantine | None = None  # held messages; expired in the background
     scanners: list[Scanner] = dataclasses.field(default_factory=list)  # closed at stop
     quarantine_task: asyncio.Task[None] | None = None
+    # run once the listeners are bound, before any connection is handled (no await
+    # in between): the privilege drop
+    after_bind: Callable[[], None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.after_bind is not None:
+            self.after_bind()
         loop = asyncio.get_running_loop()
         if self.quarantine is not None:
             self.quarantine_task = loop.create_task(self.quarantine.expire_forever())
@@ -391,8 +397,11 @@ def bind_api_socket(listen: str) -> socket.socket:
         raise OSError(f"the admin API cannot listen on {listen} (admin.listen): {reason}") from exc
 
 
-async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
-    """The REST API on ``admin.listen`` in a child process, or None when it is off."""
+async def start_api(
+    config: GatewayConfig, drop: Drop | None = None
+) -> asyncio.subprocess.Process | None:
+    """The REST API on ``admin.listen`` in a child process, or None when it is off;
+    with ``drop``, the child becomes that user before it opens anything."""
     if not config.admin.listen:
         return None
     certificate = config.admin.certificate
@@ -407,6 +416,7 @@ async def start_api(config: GatewayConfig) -> asyncio.subprocess.Process | None:
         command += ["--data-dir", str(config.gateway.data_dir), "--listen", config.admin.listen]
         command += ["--fd", str(fd), *log_options()]
         command += ["--certificate", certificate] if certificate is not None else []
+        command += ["--run-as", f"{drop.uid}:{drop.gid}"] if drop is not None else []
         child = await asyncio.create_subprocess_exec(*command, pass_fds=(fd,))
     host, port = parse_listen_address(config.admin.listen)
     deadline = time.monotonic() + 30
@@ -446,15 +456,22 @@ async def serve(
     store: ConfigStore | None = None,
     revision: int | None = None,
     opener: Callable[[], ConfigStore] | None = None,
+    drop: Drop | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully. The API starts
     first, so a taken ``admin.listen`` stops the start before any SMTP socket.
     Without a ``store`` (it was unreachable), ``opener`` reaches it later; the
-    API, which works on the store, is not started then."""
-    api = await start_api(config) if store is not None else None
+    API, which works on the store, is not started then. With ``drop`` (started
+    as root), ``data_dir`` becomes that user's and the process becomes that user
+    once the listeners are bound."""
+    if drop is not None:  # the store the CLI just made, for the API child
+        drop.own(config.gateway.data_dir)
+    api = await start_api(config, drop) if store is not None else None
     try:
         gateway = await build_gateway(config, revision, store)
         gateway.opener = opener
+        if drop is not None:
+            gateway.after_bind = lambda: _drop_privileges(drop, config.gateway.data_dir)
         await gateway.start()
         await _run_until_stopped(gateway, config, revision, api)
     finally:
@@ -462,6 +479,14 @@ async def serve(
             api.terminate()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(api.wait(), 10)
+
+
+def _drop_privileges(drop: Drop, data_dir: Path) -> None:
+    """Give ``data_dir`` (the queue and quarantine opened meanwhile) to the user,
+    then become that user for good."""
+    changed = drop.own(data_dir)
+    drop.now()
+    log.info("privileges dropped", user=drop.user, uid=drop.uid, gid=drop.gid, chowned=changed)
 
 
 async def _run_until_stopped(
@@ -496,12 +521,13 @@ def run(
     revision: int | None = None,
     *,
     opener: Callable[[], ConfigStore] | None = None,
+    drop: Drop | None = None,
 ) -> None:
     """Run the gateway on uvloop when it is installed."""
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
     except ImportError:
-        asyncio.run(serve(config, store, revision, opener))
+        asyncio.run(serve(config, store, revision, opener, drop))
     else:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, store, revision, opener))
+            runner.run(serve(config, store, revision, opener, drop))

@@ -52,9 +52,15 @@ LIFECYCLE = {
 
 
 def where_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
-    """``--config`` | ``--data-dir`` | ``--api URL`` (with ``--token``), and ``--json``."""
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--config", type=Path, help="the configuration file (locates the store)")
+    """``--config`` | ``--data-dir`` | ``--api URL`` (with ``--token``), and ``--json``;
+    none of them: the default configuration file (``arg_types.default_config``)."""
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--config",
+        type=Path,
+        help="the configuration file (locates the store); default $SMTPGATE_CONFIG, "
+        "else /etc/smtpgate/gateway.yaml",
+    )
     target.add_argument(
         "--data-dir", type=arg_types.data_dir, help="an existing gateway's data directory"
     )
@@ -137,6 +143,9 @@ def add_admin_commands(commands: Commands) -> None:
     api.add_argument("--listen", type=arg_types.listen_address, required=True, metavar="HOST:PORT")
     api.add_argument("--fd", type=int, help="a listening socket to serve on (from smtpgate serve)")
     api.add_argument("--certificate", metavar="NAME", help="serve HTTPS with this certificate")
+    api.add_argument(
+        "--run-as", metavar="UID:GID", help="become this user first (smtpgate serve's gateway.user)"
+    )
     api.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     api.add_argument("--log-json", action="store_true")
     token = admin_commands.add_parser("token", help="API tokens (kept hashed in the store)")
@@ -148,7 +157,7 @@ def add_admin_commands(commands: Commands) -> None:
         sub.add_argument("name")
     users = _add_user_commands(admin_commands)
     for sub in (create, revoke, listing, *users):
-        target = sub.add_mutually_exclusive_group(required=True)
+        target = sub.add_mutually_exclusive_group()
         target.add_argument("--config", type=Path)
         target.add_argument("--data-dir", type=arg_types.data_dir)
 
@@ -352,6 +361,11 @@ def run_admin(args: argparse.Namespace) -> int:
         from smtpgate.admin.api import run_api  # noqa: PLC0415
         from smtpgate.observe.log import configure  # noqa: PLC0415
 
+        if args.run_as:  # before anything is opened
+            from smtpgate.privileges import Drop  # noqa: PLC0415
+
+            uid, _, gid = args.run_as.partition(":")
+            Drop(f"uid {uid}", int(uid), int(gid)).now()
         configure(args.log_level, json=args.log_json)
         run_api(args.data_dir, args.listen, args.fd, args.certificate)
         return 0

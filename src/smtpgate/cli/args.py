@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +22,34 @@ from smtpgate.config.schema import GatewayConfig, parse_duration, parse_listen_a
 from smtpgate.errors import ConfigError
 
 QUEUE_DIR = "queue"
+DEFAULT_CONFIG = Path("/etc/smtpgate/gateway.yaml")  # as /etc/postfix/main.cf
+CONFIG_VARIABLE = "SMTPGATE_CONFIG"
+
+
+class NoDefaultConfigError(Exception):
+    """No ``--config`` (nor ``--data-dir``/``--api``) given, and the default file is missing."""
+
+
+def default_config() -> Path:
+    """``$SMTPGATE_CONFIG``, else ``/etc/smtpgate/gateway.yaml``: the file a command
+    given no ``--config`` (nor ``--data-dir``, ``--api``) works on."""
+    return Path(os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG)
+
+
+def fill_default_config(args: argparse.Namespace) -> None:
+    """Give ``args.config`` its default when the command takes ``--config`` and was
+    told no other place to work on; NoDefaultConfigError when that file does not exist."""
+    if not hasattr(args, "config") or args.config is not None:
+        return
+    if getattr(args, "data_dir", None) is not None or getattr(args, "api", None):
+        return
+    path = default_config()
+    if not path.is_file():
+        raise NoDefaultConfigError(
+            f"no configuration file: {path} does not exist (the default is "
+            f"${CONFIG_VARIABLE}, else {DEFAULT_CONFIG}; or give --config FILE)"
+        )
+    args.config = path
 
 
 class FileConfigError(ConfigError):

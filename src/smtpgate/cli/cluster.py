@@ -48,7 +48,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--force", action="store_true", help="replace a different key (or not the cluster's)"
     )
     for parser in (export, install):
-        target = parser.add_mutually_exclusive_group(required=True)
+        target = parser.add_mutually_exclusive_group()
         target.add_argument("--config", type=Path, help="the configuration file")
         target.add_argument("--data-dir", type=arg_types.data_dir, help="the data directory")
 

@@ -28,13 +28,22 @@ from smtpgate.cli import dkim as dkim_cli
 from smtpgate.cli import quarantine as quarantine_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
-from smtpgate.cli.args import FileConfigError, listen_address, read_file
+from smtpgate.cli.args import (
+    FileConfigError,
+    NoDefaultConfigError,
+    fill_default_config,
+    listen_address,
+    read_file,
+)
 from smtpgate.config.load import notices, parse_config
 from smtpgate.config.schema import GatewayConfig, parse_listen_address
 from smtpgate.config.validate import warnings
 from smtpgate.errors import AdminError, ConfigError, QueueError
 from smtpgate.files import restrict_umask
 from smtpgate.observe.log import configure
+from smtpgate.privileges import PrivilegeError, unknown
+
+DEFAULT_HELP = "default $SMTPGATE_CONFIG, else /etc/smtpgate/gateway.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,14 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway in the foreground")
-    serve.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    serve.add_argument("--config", type=Path, help=f"YAML configuration file ({DEFAULT_HELP})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
 
     config = commands.add_parser("config", help="configuration: check, draft, diff, apply")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a configuration file")
-    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--config", type=Path, help=DEFAULT_HELP)
     admin_cli.add_config_commands(config_commands)
 
     tools.add_policy(commands)
@@ -65,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
-    reload.add_argument("--config", type=Path, required=True)
+    reload.add_argument("--config", type=Path, help=DEFAULT_HELP)
     return parser
 
 
@@ -80,7 +89,7 @@ def _add_certs(commands: Commands) -> None:
     certs = commands.add_parser("certs", help="certificates")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True)
     listing = certs_commands.add_parser("list", help="the configured certificates and expiry")
-    listing.add_argument("--config", type=Path, required=True)
+    listing.add_argument("--config", type=Path, help=DEFAULT_HELP)
     listing.add_argument("--json", action="store_true")
     selfsigned = certs_commands.add_parser("selfsigned", help="make a first certificate")
     selfsigned.add_argument("name")
@@ -149,6 +158,8 @@ def _check_certificates(path: Path, config: GatewayConfig, *, refuse_expired: bo
 def _config_check(path: Path) -> int:
     config = _load(path, announce=True)
     _check_certificates(path, config, refuse_expired=True)
+    for warning in unknown(config.gateway.user, config.gateway.group):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: configuration is valid")
     return 0
 
@@ -160,14 +171,20 @@ def _serve(args: argparse.Namespace) -> int:
     # so that a restart keeps mail flowing
     _check_certificates(args.config, config, refuse_expired=False)
     from smtpgate.app import run  # noqa: PLC0415 - keep the other commands light
+    from smtpgate.cli.serving import privileges_for  # noqa: PLC0415
 
+    try:
+        drop = privileges_for(config)
+    except PrivilegeError as exc:
+        print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
+        return 1
     try:
         store, number, document = _starting_revision(args.config, config)
     except LookupError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
     try:
-        run(parse_config(document), store, number, opener=lambda: _open_store(config))
+        run(parse_config(document), store, number, opener=lambda: _open_store(config), drop=drop)
     except OSError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -338,6 +355,11 @@ def _reader_may_leave() -> Iterator[None]:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        fill_default_config(args)
+    except NoDefaultConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 1
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -89,6 +89,9 @@ LOCAL = (
     "gateway.store",
     "gateway.store_password_file",
     "gateway.dns",
+    "gateway.user",
+    "gateway.group",
+    "gateway.allow_root",
     "listeners",
     "admin",
 )

@@ -109,6 +109,12 @@ class GatewaySettings(Strict):
     # comes from store_password_file (0600) or libpq's environment, never the URL.
     store: str = ""
     store_password_file: FilePath | None = None
+    # Started as root, `serve` binds its ports, gives data_dir to this user and
+    # drops to it (group: the user's own unless named); root without it is refused
+    # unless allow_root.
+    user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")
+    group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")
+    allow_root: bool = False
 
     @field_validator("hostname")
     @classmethod
