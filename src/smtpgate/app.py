@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from smtpgate import __version__
 from smtpgate.admin import nodes
@@ -68,10 +71,12 @@ from smtpgate.privileges import Drop
 from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
+from smtpgate.queue.states import MessageKind
 from smtpgate.snapshot import Current, Snapshot
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.certificates import Loaded
 from smtpgate.tls.context import require_client_identity, server_context
+from smtpgate.tls.expiry import STATE_FILE, ExpiryNotices, Notice, configured_leaves, notice_message
 from smtpgate.tls.reload import CertificateReloader
 
 log = get_logger("smtpgate.app")
@@ -174,6 +179,8 @@ class Gateway:
     # run once the listeners are bound, before any connection is handled (no await
     # in between): the privilege drop
     after_bind: Callable[[], None] | None = None
+    expiry: ExpiryNotices | None = None  # certificate expiry notices, at start and daily
+    expiry_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -183,6 +190,8 @@ class Gateway:
         if self.quarantine is not None:
             self.quarantine_task = loop.create_task(self.quarantine.expire_forever())
         self.manager_task = loop.create_task(self.manager.run())
+        if self.expiry is not None:
+            self.expiry_task = loop.create_task(self.expiry.run())
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
             await self.publish(self.store)
@@ -286,7 +295,7 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
-        for task in (self.watch_task, self.config_task, self.quarantine_task):
+        for task in (self.watch_task, self.config_task, self.quarantine_task, self.expiry_task):
             if task is not None:
                 task.cancel()
         await self.server.stop(grace)
@@ -361,7 +370,34 @@ async def build_gateway(
     nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
     gateway = Gateway(server, queue, manager, reloader, current, config, store)
     gateway.quarantine, gateway.scanners = quarantine, state.scanners
+    gateway.expiry = expiry_notices(gateway, data_dir)
     return gateway
+
+
+def expiry_notices(gateway: Gateway, data_dir: Path) -> ExpiryNotices:
+    """Notices of certificates about to expire, queued for ``gateway.admin_address``
+    (as it is when each is sent) like the gateway's own reports."""
+
+    async def notify(notice: Notice, now: dt.datetime) -> bool:
+        config = gateway.current().config
+        if config.gateway.admin_address is None:
+            return False
+        envelope, body = notice_message(notice, config, gateway.queue.directory, now)
+        queue_id = await gateway.queue.ingest(envelope, body, MessageKind.ADMIN_REPORT)
+        log.info(
+            "certificate expiry notice queued",
+            queue_id=queue_id,
+            certificate=notice.name,
+            days=notice.days,
+            to=config.gateway.admin_address,
+        )
+        return True
+
+    def leaves() -> list[tuple[str, x509.Certificate]]:
+        running = gateway.current()
+        return configured_leaves(running.config, running.certificates)
+
+    return ExpiryNotices(data_dir / STATE_FILE, leaves, notify)
 
 
 def status_of(gateway: Gateway) -> dict[str, Any]:
