@@ -250,7 +250,7 @@ def test_split_and_merge_are_inverse_and_keep_local_keys_apart() -> None:
     shared, local = split(whole)
     assert "listeners" not in shared
     assert "admin" not in shared
-    assert set(local) == {"gateway", "listeners", "admin"}
+    assert set(local) == {"gateway", "listeners", "admin", "logging"}
     assert set(local["gateway"]) == {
         "node", "hostname", "roles", "data_dir", "store", "store_password_file", "dns",
         "user", "group", "allow_root",

@@ -66,8 +66,14 @@ from smtpgate.inbound.server import (
     ServerLimits,
     until_stop_signal,
 )
-from smtpgate.observe.log import get_logger, log_options
+from smtpgate.observe import events
+from smtpgate.observe.health import Heartbeat
+from smtpgate.observe.log import get_logger, log_options, set_target
+from smtpgate.observe.maillog import MailLog
+from smtpgate.observe.metrics import Metrics
+from smtpgate.observe.tracking import TrackingWriter
 from smtpgate.privileges import Drop
+from smtpgate.proto.server import observe_replies
 from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
@@ -173,6 +179,12 @@ class Gateway:
     # its thread when the gateway stops must not overwrite that one
     reporting: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     reported_stop: bool = False
+    # observability (observe.*): outside the snapshot, so an apply keeps the counters
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    heartbeat: Heartbeat | None = None
+    heartbeat_task: asyncio.Task[None] | None = None
+    tracking: TrackingWriter | None = None
+    unsubscribe: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     quarantine: Quarantine | None = None  # held messages; expired in the background
     scanners: list[Scanner] = dataclasses.field(default_factory=list)  # closed at stop
     quarantine_task: asyncio.Task[None] | None = None
@@ -198,6 +210,9 @@ class Gateway:
             self.config_task = loop.create_task(self._follow_store(self.store))
         elif self.opener is not None:
             self.config_task = loop.create_task(self._reach_store(self.opener))
+        if self.heartbeat is not None:
+            await self.heartbeat.beat()  # ready as soon as the listeners are bound
+            self.heartbeat_task = loop.create_task(self.heartbeat.run())
 
     async def _reach_store(self, opener: Callable[[], ConfigStore]) -> None:
         """Started without the store (it was unreachable): try again every few
@@ -295,6 +310,10 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
+        if self.heartbeat_task is not None:  # not ready any more
+            self.heartbeat_task.cancel()
+        if self.heartbeat is not None:
+            self.heartbeat.stopped()
         for task in (self.watch_task, self.config_task, self.quarantine_task, self.expiry_task):
             if task is not None:
                 task.cancel()
@@ -305,6 +324,10 @@ class Gateway:
             await self.manager_task
         await self._report_stop()
         await self.queue.close()
+        for unsubscribe in self.unsubscribe:
+            unsubscribe()
+        if self.tracking is not None:
+            await asyncio.to_thread(self.tracking.stop)
 
 
 async def build_gateway(
@@ -371,7 +394,53 @@ async def build_gateway(
     gateway = Gateway(server, queue, manager, reloader, current, config, store)
     gateway.quarantine, gateway.scanners = quarantine, state.scanners
     gateway.expiry = expiry_notices(gateway, data_dir)
+    observe(gateway, config)
     return gateway
+
+
+def observe(gateway: Gateway, config: GatewayConfig) -> None:
+    """The mail log, the metrics, the tracking store and the heartbeat of ``gateway``."""
+    set_target(config.logging.target, config.logging.syslog_address)
+    data_dir, current = config.gateway.data_dir, gateway.current
+    tracking = TrackingWriter(data_dir, lambda: current().config.tracking.retention_days)
+    tracking.start()
+    gateway.tracking = tracking
+    for subscriber in (MailLog(), gateway.metrics, tracking):
+        gateway.unsubscribe.append(events.hub.subscribe(subscriber))
+    observe_replies(gateway.metrics.count_reply)
+
+    async def sample() -> dict[str, Any]:
+        queue, server = gateway.queue, gateway.server
+        counts = await queue.call(queue.store.counts)
+        oldest = await queue.call(
+            lambda: queue.store.db.execute("select min(arrival) from messages").fetchone()[0]
+        )
+        sessions: dict[str, int] = {spec.name: 0 for spec in server.specs}
+        for session in server.sessions:
+            sessions[session.listener] = sessions.get(session.listener, 0) + 1
+        try:
+            listeners = server.bound_ports()
+        except (ValueError, IndexError, OSError):  # not (or no longer) bound
+            listeners = {spec.name: 0 for spec in server.specs}
+        running = current()
+        expiry = {
+            name: loaded.chain[0].not_valid_after_utc.timestamp()
+            for name, loaded in running.certificates.items()
+            if loaded.chain
+        }
+        return {
+            "queue": counts,
+            "queue_oldest_age": max(0.0, time.time() - oldest) if oldest else 0.0,
+            "sessions": sessions,
+            "listeners": listeners,
+            "store_error": gateway.store_error,
+            "revision": running.revision,
+            "certificates": expiry,
+            "metrics_public": gateway.started.admin.metrics_public,
+            "tracking_dropped": tracking.dropped,
+        }
+
+    gateway.heartbeat = Heartbeat(data_dir, gateway.metrics, sample)
 
 
 def expiry_notices(gateway: Gateway, data_dir: Path) -> ExpiryNotices:

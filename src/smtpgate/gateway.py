@@ -27,6 +27,7 @@ from smtpgate.inbound.contract import Pending, SessionInfo
 from smtpgate.inbound.sasl import MECHANISMS
 from smtpgate.inbound.server import RefusalLog
 from smtpgate.model.envelope import Envelope
+from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.auth import (
     AUTHENTICATED,
@@ -46,6 +47,7 @@ from smtpgate.spool import SpooledBody
 
 log = get_logger("smtpgate.gateway")
 
+HEAD_FOR_MESSAGE_ID = 16 * 1024  # the Message-ID is read from this much of the head
 QUEUE_FAILED = Reply.of(451, "4.3.0", "Error: queue file write error, try again later")
 QUARANTINE_UNAVAILABLE = Reply.of(451, "4.3.0", "Message held for review, but no quarantine here")
 
@@ -86,6 +88,32 @@ class GatewayHandler:
     def match(self) -> ProfileMatch:
         return self.session.match
 
+    def client(self, info: SessionInfo) -> events.Client:
+        """The session's facts for the mail events."""
+        name = self.client_names[0] if self.client_names else "unknown"
+        return events.Client(
+            info.client_ip, name, info.listener, info.profile, info.helo, info.esmtp, info.tls
+        )
+
+    def refused(  # noqa: PLR0913 - the refusal and where it happened
+        self,
+        stage: events.Stage,
+        info: SessionInfo,
+        reply: Reply,
+        why: str,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+        queue_id: str = "",
+    ) -> None:
+        client = self.client(info)
+        sender = info.sender if sender is None and stage != "MAIL" else sender
+        found = events.Refused(
+            stage, client, reply.code, reply.status, reply.text(), why, sender, recipient,
+            queue_id,
+        )  # fmt: skip
+        events.publish(found)
+
     # -- connect -------------------------------------------------------------
 
     async def on_connect(self, info: SessionInfo) -> Reply | None:
@@ -110,8 +138,9 @@ class GatewayHandler:
                 f"{verdict.reason} ({self.match.reason()})",
                 listener=info.listener,
                 profile=self.match.profile.name,
-            )
+            )  # publishes the refusal (events.Refused, stage CONNECT)
             return verdict.reply
+        events.publish(events.Connected(self.client(info)))
         log.info(
             "connect",
             listener=info.listener,
@@ -141,6 +170,8 @@ class GatewayHandler:
         refusal = decision.refusal
         if refusal is not None:
             log.info("sender refused", client=info.client_ip, sender=sender, why=refusal.reason)
+            if refusal.reply is not None:
+                self.refused("MAIL", info, refusal.reply, refusal.reason, sender=sender)
             return refusal.reply
         info.spam_check = decision.spam_check[0]
         return None
@@ -150,6 +181,7 @@ class GatewayHandler:
         verdict = decision.verdict
         if verdict.reply is not None:  # a refused relay, or no route: never accepted and lost
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, why=verdict.reason)
+            self.refused("RCPT", info, verdict.reply, verdict.reason, recipient=recipient)
             return verdict.reply
         # Only what the relay decision accepted is validated (content.recipients).
         found = self.state.recipients.check(
@@ -164,10 +196,10 @@ class GatewayHandler:
     ) -> Reply | None:
         return self._validated(info, recipient, await callout)
 
-    @staticmethod
-    def _validated(info: SessionInfo, recipient: str, reply: Reply | None) -> Reply | None:
+    def _validated(self, info: SessionInfo, recipient: str, reply: Reply | None) -> Reply | None:
         if reply is not None:
             log.info("recipient refused", client=info.client_ip, rcpt=recipient, reply=reply.text())
+            self.refused("RCPT", info, reply, "unknown recipient", recipient=recipient)
         return reply
 
     # -- AUTH ----------------------------------------------------------------
@@ -203,6 +235,9 @@ class GatewayHandler:
                 reply=outcome.reply.text(),
                 why=outcome.summary(),
             )
+            self.refused(
+                "END-OF-MESSAGE", info, outcome.reply, outcome.summary(), queue_id=body.queue_id
+            )
             return outcome.reply
         if outcome.action == "quarantine":
             return await self._quarantine(info, envelope, body, outcome)
@@ -223,7 +258,10 @@ class GatewayHandler:
             client_name=self.client_names[0] if self.client_names else None,
             internal=self.session.internal(),
         )
-        return await scan(facts, body, self.policy.config, self.state.scanners)
+        outcome = await scan(facts, body, self.policy.config, self.state.scanners)
+        results = tuple((r.scanner, r.action) for r in outcome.results)
+        events.publish(events.ContentVerdict(body.queue_id, outcome.action, results))
+        return outcome
 
     async def _quarantine(
         self, info: SessionInfo, envelope: Envelope, body: SpooledBody, outcome: Outcome
@@ -245,9 +283,15 @@ class GatewayHandler:
             sender=envelope.sender,
             why=outcome.summary(),
         )
+        rcpts = tuple(r.address for r in envelope.recipients)
+        held = events.Quarantined(
+            body.queue_id, self.client(info), envelope.sender, rcpts, outcome.summary()
+        )
+        events.publish(held)
         return Reply.of(250, "2.0.0", f"Ok: queued as {body.queue_id}")
 
     async def _queue(self, info: SessionInfo, envelope: Envelope, body: SpooledBody) -> Reply:
+        message_id = events.message_id(body.head(HEAD_FOR_MESSAGE_ID))  # before ingest moves it
         try:
             queue_id = await self.queue.ingest(envelope, body)
         except (OSError, QueueError) as exc:
@@ -264,4 +308,24 @@ class GatewayHandler:
             client=info.client_ip,
             tls=info.tls,
         )
+        rcpts = tuple(r.address for r in envelope.recipients)
+        events.publish(
+            events.MessageAccepted(
+                queue_id,
+                self.client(info),
+                envelope.sender,
+                rcpts,
+                body.size,
+                message_id,
+                self._verdicts(envelope),
+            )
+        )
         return Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _verdicts(self, envelope: Envelope) -> tuple[tuple[str, str], ...]:
+        """The session's decisions for tracking: profile and why, relay, spam check."""
+        found = [("profile", f"{self.match.profile.name} ({self.match.reason()})")]
+        found.append(("spam_check", "yes" if envelope.spam_check else "no"))
+        if envelope.auth_user:
+            found.append(("auth", envelope.auth_user))
+        return tuple(found)

@@ -28,6 +28,7 @@ from smtpgate.cli import dkim as dkim_cli
 from smtpgate.cli import quarantine as quarantine_cli
 from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tools
+from smtpgate.cli import trace as trace_cli
 from smtpgate.cli.args import (
     FileConfigError,
     NoDefaultConfigError,
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.add_admin_commands(commands)
     cluster_cli.add_parser(commands)
     dkim_cli.add_parser(commands)
+    trace_cli.add_parser(commands)
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
@@ -328,6 +330,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "quarantine": quarantine_cli.run,
         "cluster": cluster_cli.run,
         "dkim": dkim_cli.run,
+        "trace": trace_cli.run,
         "certs": _certs,
         "reload": _reload,
         "sink": _sink,

@@ -51,6 +51,8 @@ LABELS = {
     "virus": "virus scanning",
     "quarantine": "quarantine",
     "recipient_validation": "recipient validation",
+    "tracking": "message tracking",
+    "logging": "logging",
 }
 SECRET_FIELDS = frozenset({"password", "pin"})
 
@@ -67,6 +69,7 @@ LIVE = (
     "virus",
     "quarantine",
     "recipient_validation",  # read per RCPT from the session's snapshot
+    "tracking",  # the retention is read at each expiry run
     "tls.opportunistic",
     "queue.retry",
     "queue.delay_warning",
@@ -94,6 +97,7 @@ LOCAL = (
     "gateway.allow_root",
     "listeners",
     "admin",
+    "logging",  # where this node's log goes
 )
 
 

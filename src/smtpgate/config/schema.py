@@ -590,6 +590,25 @@ class QuarantineSettings(Strict):
     retention_days: int = Field(default=30, ge=1, le=3650)
 
 
+class TrackingSettings(Strict):
+    """Message tracking records (``data_dir/tracking.db``, node-local), deleted
+    after ``retention_days`` by the running gateway."""
+
+    retention_days: int = Field(default=7, ge=1, le=3650)
+
+
+SYSLOG_ADDRESS = r"^(|/[^\x00]{1,200}|[A-Za-z0-9.:\[\]-]{1,200}:[0-9]{1,5})$"
+
+
+class LoggingSettings(Strict):
+    """Where the log goes: ``stderr``, ``syslog`` (facility mail, to
+    ``syslog_address``: a socket path, default /dev/log, or HOST:PORT over UDP)
+    or ``journald`` (its syslog socket, /dev/log)."""
+
+    target: Literal["stderr", "syslog", "journald"] = "stderr"
+    syslog_address: str = Field(default="", pattern=SYSLOG_ADDRESS)
+
+
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DKIM_SELECTOR = rf"^{_LABEL}(?:\.{_LABEL})*$"  # RFC 6376 §3.1: dot-separated labels
 
@@ -622,10 +641,13 @@ class SenderAuthSettings(Strict):
 
 class AdminSettings(Strict):
     """The REST API's and the console's listener; an empty ``listen`` turns them
-    off. ``certificate`` (a ``certificates`` entry) serves HTTPS; none: plain HTTP."""
+    off. ``certificate`` (a ``certificates`` entry) serves HTTPS; none: plain HTTP.
+    ``metrics_public``: ``/metrics`` answers anyone who reaches the listener
+    (else only loopback clients, or an API token)."""
 
     listen: str = "127.0.0.1:8025"
     certificate: str | None = None
+    metrics_public: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -741,3 +763,5 @@ class GatewayConfig(Strict):
     recipient_validation: list[RecipientValidation] = Field(default_factory=list)
     virus: VirusSettings = Field(default_factory=VirusSettings)
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)

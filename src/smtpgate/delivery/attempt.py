@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import SendConnector, Timeouts
@@ -63,6 +64,10 @@ class AttemptReport:
     connection_lost: bool = False  # no reply at all on an open connection
     verified: bool = False  # the next hop's certificate was validated (chain and name)
     reusable: bool = True  # the connection is back between transactions
+    relay: str | None = None  # "host[address]:port" of the server that answered
+    transmit: float = 0.0  # seconds of the mail transaction (MAIL to the end of data)
+    waited: float = 0.0  # seconds waiting for a delivery slot (set by the queue manager)
+    took: float = 0.0  # seconds of the whole attempt (set by the queue manager)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ def _names_ok(client: SmtpClient, policy: OutboundPolicy) -> bool:
 
 def _all(job: Job, code: int | None, text: str) -> list[Outcome]:
     return [Outcome(idx, code, text) for idx, _ in job.recipients]
+
+
+def _relay(client: SmtpClient, host: str) -> str:
+    """Postfix's ``relay=``: the name, the address and the port."""
+    return f"{host}[{client.peer_address}]:{client.peer_port}"
 
 
 @dataclass
@@ -206,7 +216,8 @@ class Deliverer:
                 refusal = await self._open(client, job, host, policy, plaintext=plaintext)
                 if refusal is not None:
                     await client.close()
-                    return refusal if refusal.reached else None
+                    relay = _relay(client, host)
+                    return dataclasses.replace(refusal, relay=relay) if refusal.reached else None
             report = await self._transaction(client, job, host)
         except _TlsFellThrough:
             await client.close()
@@ -214,7 +225,8 @@ class Deliverer:
         except DeliveryError as exc:
             await client.close()
             text = f"4.4.2 connection to {host} failed: {exc}"
-            return AttemptReport(_all(job, None, text), reached=True, connection_lost=True)
+            lost = AttemptReport(_all(job, None, text), reached=True, connection_lost=True)
+            return dataclasses.replace(lost, relay=_relay(client, host))
         if not report.reusable:
             await client.close()
             return report
@@ -303,6 +315,7 @@ class Deliverer:
 
     async def _transaction(self, client: SmtpClient, job: Job, host: str) -> AttemptReport:
         recipients = [r for _, r in job.recipients]
+        started = time.monotonic()
         done, dsn = await client.transaction(
             job.sender, job.params, recipients, job.body, self.timeouts.delivery_data_end
         )
@@ -318,6 +331,8 @@ class Deliverer:
             dsn,
             verified=client.verified,
             reusable=done.reusable,
+            relay=_relay(client, host),
+            transmit=time.monotonic() - started,
         )
 
     # -- connection cache ------------------------------------------------------

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.session import Session, wait_closed
+from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
 from smtpgate.proto.replies import Reply
 
@@ -87,17 +88,25 @@ class RefusalLog:
     _timer: asyncio.TimerHandle | None = None
 
     def refused(self, client: str, reply: Reply, why: str, **facts: str) -> None:
-        now = self.clock()
+        ip, now = client, self.clock()
         self.flush(now)
         entry = self._seen.get(client)
         if entry is None and len(self._seen) >= self.max_addresses:
             client, entry = "other", self._seen.setdefault("other", _Refused(now))
+        first = entry is None
         if entry is None:
             self._seen[client] = _Refused(now)
             log.info("connection refused", client=client, reply=reply.text(), why=why, **facts)
         else:
             entry.count += 1
         self._schedule()
+        who = events.Client(
+            ip, listener=facts.get("listener", ""), profile=facts.get("profile", "")
+        )
+        text = reply.text()
+        events.publish(
+            events.Refused("CONNECT", who, reply.code, reply.status, text, why, first=first)
+        )
 
     def flush(self, now: float | None = None) -> None:
         """Write the summaries of intervals that have ended."""

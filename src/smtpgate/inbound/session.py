@@ -58,6 +58,7 @@ from smtpgate.inbound.proxy import ProxyHeaderError, parse_proxy_header
 from smtpgate.inbound.sasl import SaslExchange, SaslStep
 from smtpgate.inbound.trace import TraceFacts, received_header
 from smtpgate.model.envelope import MailParams, Recipient
+from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
 from smtpgate.proto import events as ev
 from smtpgate.proto import replies as r
@@ -270,6 +271,7 @@ class Session(asyncio.Protocol):
                 self._auth_step(event)  # type: ignore[arg-type]
             elif kind is ev.MessageRejected:
                 log.info("message refused", client=self.info.client_ip, reply=event.reply.text())  # type: ignore[union-attr]
+                self._note_refused(event.reply)  # type: ignore[union-attr]
                 self._end_message()
             elif kind is not ev.AuthAborted:
                 answer = self._answer(event)
@@ -278,6 +280,20 @@ class Session(asyncio.Protocol):
                 else:
                     conn.reply(answer)
         self._after_pump()
+
+    def _note_refused(self, reply: Reply) -> None:
+        """The core refused the message (size, line length, ...): a mail event."""
+        info = self.info
+        who = events.Client(
+            info.client_ip, "unknown", info.listener, info.profile, info.helo, info.esmtp, info.tls
+        )
+        rcpt = info.recipients[0].address if info.recipients else None
+        why = "refused by the protocol core"
+        refusal = events.Refused(
+            "DATA", who, reply.code, reply.status, reply.text(), why, info.sender, rcpt,
+            self.spool.queue_id if self.spool is not None else "",
+        )  # fmt: skip
+        events.publish(refusal)
 
     def _after_pump(self) -> None:
         transport = self.transport

@@ -43,6 +43,8 @@ Rules kept here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from smtpgate.errors import ProtocolUsageError
 from smtpgate.proto import replies as r
 from smtpgate.proto.body import BodyChecker, ChunkFramer, DotFramer, Step
@@ -105,6 +107,16 @@ def _postmaster(text: str) -> tuple[str, str] | None:
     if ascii_upper(text[:12]) != "<POSTMASTER>" or text[12:13] not in ("", " "):
         return None
     return POSTMASTER, text[12:].strip(" ")
+
+
+_observer: Callable[[Reply], None] | None = None
+
+
+def observe_replies(observer: Callable[[Reply], None] | None) -> None:
+    """Tell ``observer`` of every reply any server connection writes, the core's
+    own included (the gateway counts them for its metrics); it must do no I/O."""
+    global _observer  # noqa: PLW0603 - one process-wide hook, set once at start-up
+    _observer = observer
 
 
 class ServerConnection:
@@ -580,6 +592,8 @@ class ServerConnection:
 
     def _write(self, reply: Reply) -> None:
         self._out += reply.to_bytes()
+        if _observer is not None:
+            _observer(reply)
 
     def _error(self, reply: Reply) -> None:
         self._write(reply)

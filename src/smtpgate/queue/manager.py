@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import QueueSettings, SendConnector
 from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
 from smtpgate.model.envelope import Envelope, Recipient
+from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
 from smtpgate.queue.clock import Clock
 from smtpgate.queue.dsn import (
@@ -325,8 +328,12 @@ class QueueManager:
             _domain(rcpts[0].address),
             self.current(),
         )
+        asked = time.monotonic()
         async with self._slots, limit:
-            return await self.deliverer.attempt(job)
+            started = time.monotonic()
+            report = await self.deliverer.attempt(job)
+        took = time.monotonic() - started
+        return dataclasses.replace(report, waited=started - asked, took=took)
 
     def _outcome(  # noqa: PLR0913, PLR0917 - one recipient's outcome and its context
         self,
@@ -356,6 +363,7 @@ class QueueManager:
         result.updates.append(
             RecipientUpdate(message.id, r.idx, state, reply, next_attempt, True, warned)
         )
+        self._publish(message, r, code, reply, report, state, connector)
         log.info(
             "delivery",
             queue_id=message.id,
@@ -368,6 +376,41 @@ class QueueManager:
             reply=reply,
             attempts=r.attempts + 1,
         )
+
+    def _publish(  # noqa: PLR0913, PLR0917 - one recipient's outcome and its context
+        self,
+        message: QueuedMessage,
+        r: QueuedRecipient,
+        code: int | None,
+        reply: str,
+        report: AttemptReport | None,
+        state: RecipientState,
+        connector: str,
+    ) -> None:
+        """The mail event of one recipient's attempt (log line, metrics, tracking)."""
+        delay = max(0.0, self.clock.now() - message.arrival)
+        dsn = enhanced_status(reply, code)
+        if code is not None and code < 300 and not dsn.startswith("2"):
+            dsn = "2.0.0"
+        waited = report.waited if report else 0.0
+        took = report.took if report else 0.0
+        transmit = min(report.transmit, took) if report else 0.0
+        before = max(0.0, delay - waited - took)
+        status: events.Status = (
+            "sent"
+            if state is RecipientState.DELIVERED
+            else "bounced"
+            if state in (RecipientState.BOUNCED, RecipientState.BOUNCE)
+            else "deferred"
+        )
+        events.publish(
+            events.DeliveryAttempt(
+                message.id, r.address, connector, (report.relay if report else None) or "none",
+                delay, (before, waited, took - transmit, transmit), dsn, status, reply,
+                report.tls if report and report.relay else None,
+                bool(report and report.verified), r.attempts + 1,
+            )
+        )  # fmt: skip
 
     # -- reports -----------------------------------------------------------------
 
@@ -418,3 +461,4 @@ class QueueManager:
         kind = MessageKind.ADMIN_REPORT if to_admin else MessageKind.REPORT
         queue_id = await self.queue.ingest(envelope, body, kind)
         log.info("report queued", queue_id=queue_id, about=message.id, action=action, to=recipient)
+        events.publish(events.DsnSent(queue_id, message.id, action, recipient))

@@ -1,0 +1,194 @@
+"""Prometheus metrics of the gateway process (prometheus-client).
+
+Counters come from the mail events (``observe.events``) and from every SMTP
+reply the server core writes; gauges (sessions, queue, revision, certificate
+expiry) are sampled by the gateway every :data:`INTERVAL` seconds. They live
+in this process, outside any configuration snapshot, so an apply never resets
+them. The admin API runs in another process: the gateway writes the whole
+exposition to ``data_dir/metrics.prom`` (0600, replaced atomically, only when
+it changed) after each sample, and the API's ``/metrics`` serves that file
+(node_exporter's "textfile" pattern; see docs/operations.md "Metrics" for why
+not prometheus-client's multiprocess mode). Label values are bounded: listener,
+profile and connector names come from the configuration, codes and TLS
+versions and ciphers from small fixed sets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from smtpgate.observe.events import (
+    Connected,
+    ContentVerdict,
+    DeliveryAttempt,
+    DsnSent,
+    Event,
+    MessageAccepted,
+    Quarantined,
+    Refused,
+)
+from smtpgate.proto.replies import Reply
+
+INTERVAL = 2.0  # seconds between samples (and writes of the exposition file)
+FILE = "metrics.prom"
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+
+
+def _tls_labels(tls: str | None) -> tuple[str, str]:
+    if not tls:
+        return "none", "none"
+    parts = tls.split()
+    return parts[0], parts[1] if len(parts) > 1 else "?"
+
+
+class Metrics:
+    """The gateway's metrics in a registry of their own; call with an event."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Counter(
+            "smtpgate_connections", "SMTP connections by listener and profile, refused included",
+            ["listener", "profile"], registry=r,
+        )  # fmt: skip
+        self.sessions = Gauge(
+            "smtpgate_sessions", "Open SMTP sessions by listener", ["listener"], registry=r
+        )
+        self.replies = Counter(
+            "smtpgate_smtp_replies", "SMTP replies sent, by code class and enhanced code",
+            ["code_class", "enhanced"], registry=r,
+        )  # fmt: skip
+        self.accepted = Counter(
+            "smtpgate_messages_accepted", "Messages accepted (queued)",
+            ["listener", "profile"], registry=r,
+        )  # fmt: skip
+        self.accepted_bytes = Counter(
+            "smtpgate_messages_accepted_bytes", "Size of the messages accepted", registry=r
+        )
+        self.refused = Counter(
+            "smtpgate_refusals", "Connections, commands and messages refused, by stage and code",
+            ["stage", "code"], registry=r,
+        )  # fmt: skip
+        self.quarantined = Counter(
+            "smtpgate_messages_quarantined", "Messages held in the quarantine", registry=r
+        )
+        self.verdicts = Counter(
+            "smtpgate_scanner_verdicts", "Content scanners' verdicts",
+            ["scanner", "action"], registry=r,
+        )  # fmt: skip
+        self.attempts = Counter(
+            "smtpgate_delivery_attempts", "Recipients' delivery attempts by connector and outcome",
+            ["connector", "status"], registry=r,
+        )  # fmt: skip
+        self.attempt_seconds = Histogram(
+            "smtpgate_delivery_attempt_seconds", "Time of one delivery attempt (connection"
+            " and transmission)", ["connector"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.delay_seconds = Histogram(
+            "smtpgate_delivery_delay_seconds", "Arrival to delivery of each sent recipient",
+            ["connector"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.tls = Counter(
+            "smtpgate_tls", "TLS in use: inbound per accepted message, outbound per attempt",
+            ["direction", "version", "cipher"], registry=r,
+        )  # fmt: skip
+        self.reports = Counter(
+            "smtpgate_reports", "Delivery status notifications queued", ["action"], registry=r
+        )
+        self.queue = Gauge(
+            "smtpgate_queue_recipients", "Recipients in the queue by state", ["state"], registry=r
+        )
+        self.queue_oldest = Gauge(
+            "smtpgate_queue_oldest_age_seconds", "Age of the oldest message in the queue",
+            registry=r,
+        )  # fmt: skip
+        self.revision = Gauge(
+            "smtpgate_running_revision", "The configuration revision in force (-1: a file)",
+            registry=r,
+        )  # fmt: skip
+        self.certificate_expiry = Gauge(
+            "smtpgate_certificate_expiry_timestamp_seconds", "When each configured certificate"
+            " expires (Unix time)", ["certificate"], registry=r,
+        )  # fmt: skip
+        self.tracking_dropped = Gauge(
+            "smtpgate_tracking_dropped_events", "Events the tracking store could not keep",
+            registry=r,
+        )  # fmt: skip
+        self.up = Gauge(
+            "smtpgate_metrics_timestamp_seconds", "When the gateway wrote these metrics",
+            registry=r,
+        )  # fmt: skip
+        self._written = b""
+
+    def count_reply(self, reply: Reply) -> None:
+        self.replies.labels(f"{reply.code // 100}xx", reply.status or "").inc()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Connected):
+            self.connections.labels(event.client.listener, event.client.profile).inc()
+        elif isinstance(event, MessageAccepted):
+            c = event.client
+            self.accepted.labels(c.listener, c.profile).inc()
+            self.accepted_bytes.inc(event.size)
+            self.tls.labels("inbound", *_tls_labels(c.tls)).inc()
+        elif isinstance(event, Refused):
+            if event.stage == "CONNECT":
+                self.connections.labels(event.client.listener, event.client.profile).inc()
+            self.refused.labels(event.stage, event.enhanced or str(event.code)).inc()
+        elif isinstance(event, DeliveryAttempt):
+            self.attempts.labels(event.connector, event.status).inc()
+            self.attempt_seconds.labels(event.connector).observe(sum(event.delays[2:]))
+            if event.status == "sent":
+                self.delay_seconds.labels(event.connector).observe(event.delay)
+            if event.relay != "none":
+                self.tls.labels("outbound", *_tls_labels(event.tls)).inc()
+        elif isinstance(event, ContentVerdict):
+            for scanner, action in event.results:
+                self.verdicts.labels(scanner, action).inc()
+        elif isinstance(event, DsnSent):
+            self.reports.labels(event.action).inc()
+        elif isinstance(event, Quarantined):
+            self.quarantined.inc()
+
+    def sample(self, facts: dict[str, Any]) -> None:
+        """Set the gauges from the gateway's facts (see ``app``'s sampler)."""
+        self.sessions.clear()
+        for listener, count in facts.get("sessions", {}).items():
+            self.sessions.labels(listener).set(count)
+        self.queue.clear()
+        for state, count in facts.get("queue", {}).items():
+            self.queue.labels(state).set(count)
+        self.queue_oldest.set(facts.get("queue_oldest_age", 0.0))
+        revision = facts.get("revision")
+        self.revision.set(-1 if revision is None else revision)
+        for name, expiry in facts.get("certificates", {}).items():
+            self.certificate_expiry.labels(name).set(expiry)
+        self.tracking_dropped.set(facts.get("tracking_dropped", 0))
+        self.up.set(facts.get("now", 0.0))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def write(self, data_dir: Path) -> None:
+        """Replace ``data_dir/metrics.prom`` with the exposition when it changed."""
+        text = self.exposition()
+        if text == self._written:
+            return
+        target = data_dir / FILE
+        partial = target.with_name(FILE + ".new")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(text)
+        os.replace(partial, target)
+        self._written = text
+
+
+def read_exposition(data_dir: Path) -> bytes | None:
+    """What the gateway last wrote (None: nothing yet)."""
+    try:
+        return (data_dir / FILE).read_bytes()
+    except FileNotFoundError:
+        return None
