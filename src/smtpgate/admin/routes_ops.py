@@ -1,4 +1,4 @@
-"""The operation routes: status, the queue, policy explain, connector verify,
+"""The operation routes: status, the queue, policy explain, connector verify and status,
 credentials and secret encryption."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from smtpgate.admin.operations import (
 from smtpgate.admin.services import ConfigService, node_status, record
 from smtpgate.config.load import parse_config
 from smtpgate.config.secret import encrypt
+from smtpgate.delivery.health import read_status, status_table
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
@@ -148,6 +149,8 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
         steps = await verify_connector(config, connector, password, domain)
         return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
 
+    status_routes(router, service)
+
     @router.post("/profiles/{name}/send-credentials", tags=["operations"])
     def credentials(name: str, who: Actor) -> dict[str, str]:
         config = applied_config()
@@ -158,3 +161,11 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
     @router.post("/secrets/encrypt", tags=["operations"])
     def encrypt_secret(body: Secret) -> dict[str, str]:
         return {"value": encrypt(encryption_key(service.store, service.data_dir), body.value)}
+
+
+def status_routes(router: APIRouter, service: ConfigService) -> None:
+    @router.get("/connectors/status", tags=["operations"])
+    def connector_status() -> list[dict[str, Any]]:
+        """Each send connector's health per destination, as the gateway last wrote it."""
+        names = [c.name for c in parse_config(service.applied().document).send_connectors]
+        return status_table(read_status(service.data_dir), names)

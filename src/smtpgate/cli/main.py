@@ -320,6 +320,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return tools.send_credentials(args)
     if command == "connector" and args.object_command == "verify":
         return tools.verify(args)
+    if command == "connector" and args.object_command == "status":
+        return tools.connector_status(args)
     if command in ("profile", "connector", "listener", "certificate", "domain"):
         return admin_cli.run_object(args)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -1,4 +1,4 @@
-"""``policy explain``, ``credentials encrypt|send`` and ``connector verify``:
+"""``policy explain``, ``credentials encrypt|send``, ``connector verify|status``:
 tools that act on the applied configuration, locally or through a running
 gateway's API (``--api URL``). Both ways print the same.
 """
@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from smtpgate.cli import args as arg_types
@@ -83,6 +84,44 @@ def add_connector_verify(commands: Commands) -> None:
     verify.add_argument("name")
     where_options(verify, json_output=False)
     verify.add_argument("--domain", help="recipient domain to look up (direct delivery)")
+    status = connector_commands.add_parser(
+        "status", help="each send connector's health per destination: up, failing or down"
+    )
+    where_options(status)
+
+
+def _when(value: object) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+
+
+def connector_status(args: argparse.Namespace) -> int:
+    """``connector status``: what the running gateway last wrote of its connectors'
+    health (``data_dir/connectors.json``), or the API's ``/connectors/status``."""
+    from smtpgate.delivery.health import read_status, status_table  # noqa: PLC0415
+
+    if args.api:
+        api = api_for(args)
+        try:
+            rows: list[dict[str, Any]] = api.call("GET", "/connectors/status")
+        finally:
+            api.close()
+    else:
+        config = applied_config(args)
+        names = [c.name for c in config.send_connectors]
+        rows = status_table(read_status(config.gateway.data_dir), names)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'CONNECTOR':<20} {'DESTINATION':<30} {'STATE':<8} FAILS LAST-SUCCESS         ERROR")
+    for row in rows:
+        print(
+            f"{row['connector']:<20} {row['destination']:<30} {row['state']:<8} "
+            f"{row.get('consecutive_failures', 0):>5} {_when(row.get('last_success')):<20} "
+            f"{row.get('last_error') or '-'}"
+        )
+    return 0 if all(row["state"] != "down" for row in rows) else 1
 
 
 def applied_config(args: argparse.Namespace) -> GatewayConfig:

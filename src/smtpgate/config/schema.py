@@ -371,12 +371,21 @@ class RetrySettings(Strict):
     lifetime: Duration = 5 * 86400.0
 
 
+class ConnectorHealthSettings(Strict):
+    """When a (send connector, destination) pair counts as down, and how often a
+    down pair lets one attempt through as the probe (``delivery/health.py``)."""
+
+    down_after: int = Field(default=3, ge=1, le=1000)  # consecutive failures
+    probe_interval: Duration = 30.0
+
+
 class QueueSettings(Strict):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     delay_warning: Duration | None = 4 * 3600.0  # None: no delay warnings
     max_deliveries: int = Field(default=100, ge=1)  # attempts at once
     destination_concurrency: int = Field(default=20, ge=1)  # per destination (Postfix: 20)
     connection_cache_time: Duration = 5.0  # keep an idle connection for reuse this long
+    connector_health: ConnectorHealthSettings = Field(default_factory=ConnectorHealthSettings)
 
 
 def normalise_client_host(value: str) -> str:

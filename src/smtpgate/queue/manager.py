@@ -7,7 +7,8 @@ Rules kept here:
   and a destination go in one attempt. A permanent failure bounces: no
   dearer connector is tried. Only a connector with
   ``failover_when_unreachable`` lets the next one try, and only when no
-  server could be reached at all.
+  server could be reached at all, or when the connector is known to be down
+  for the destination (``delivery/health.py``: skipped until a probe is due).
 * Outcomes: 2xx delivered, 4xx or no reply deferred (exponential backoff
   with jitter), 5xx bounced; past ``retry.lifetime`` a deferred recipient
   bounces (4.4.7). The pure :func:`~smtpgate.queue.schedule.decide` makes
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 
 from smtpgate.config.schema import QueueSettings, SendConnector
 from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
+from smtpgate.delivery.health import FILE as HEALTH_FILE
+from smtpgate.delivery.health import ConnectorHealth, failed, skipped
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
@@ -98,10 +101,15 @@ class QueueManager:
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._destinations: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._stopping = asyncio.Event()
+        self.health = ConnectorHealth(self._health_settings, queue.directory.parent / HEALTH_FILE)
 
     @property
     def settings(self) -> QueueSettings:
         return self.current().config.queue
+
+    def _health_settings(self) -> tuple[int, float]:
+        settings = self.settings.connector_health
+        return settings.down_after, settings.probe_interval
 
     @property
     def admin_address(self) -> str | None:
@@ -281,7 +289,7 @@ class QueueManager:
         tried: set[str] = set()
         while True:
             tried.add(connector.name)
-            report = await self._run(message, connector, rcpts, destination, body)
+            report = await self._try(message, connector, rcpts, destination, body)
             if report.reached or not connector.failover_when_unreachable:
                 break
             following = self.route(message.sender, rcpts[0].address, frozenset(tried))
@@ -306,6 +314,24 @@ class QueueManager:
                 result,
                 connector.name,
             )
+
+    async def _try(
+        self,
+        message: QueuedMessage,
+        connector: SendConnector,
+        rcpts: list[QueuedRecipient],
+        destination: str,
+        body: StoredBody,
+    ) -> AttemptReport:
+        """An attempt, recorded in the connector's health; a connector with failover
+        that is down for the destination is skipped until its probe is due."""
+        name = connector.name
+        if connector.failover_when_unreachable and not self.health.allow(name, destination):
+            return skipped(name, destination, self.health, [r.idx for r in rcpts])
+        report = await self._run(message, connector, rcpts, destination, body)
+        error = failed(report)
+        self.health.record(name, destination, ok=error is None, error=error or "")
+        return report
 
     async def _run(
         self,

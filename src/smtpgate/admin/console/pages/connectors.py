@@ -7,9 +7,12 @@ DNS MX, security, client identity, cost, gateway roles, failover, and the
 namespace editor (sender/recipient patterns with ``*`` and ``?``). *Verify*
 runs the same checks as ``smtpgate connector verify`` against the applied
 configuration. Edits go to the draft through the shared edit helpers.
+The list ends with *Connector status*: each connector's health per
+destination as the running gateway last wrote it (``delivery/health.py``).
 """
 
 import copy
+import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -23,6 +26,7 @@ from smtpgate.admin.console.sessions import Session
 from smtpgate.admin.keys import encryption_key
 from smtpgate.config.load import parse_config
 from smtpgate.config.secret import encrypt
+from smtpgate.delivery.health import read_status, status_table
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.errors import AdminError, ConfigError, Conflict, NotFound
 from smtpgate.snapshot import Snapshot
@@ -48,6 +52,25 @@ DEFAULT = {
 }
 
 
+def _health(console: Console) -> list[dict[str, Any]]:
+    """The status rows of the applied configuration's connectors."""
+    try:
+        config = parse_config(console.service.applied().document)
+    except (ConfigError, NotFound):
+        return []
+    names = [c.name for c in config.send_connectors]
+    rows = status_table(read_status(console.service.data_dir), names)
+    for row in rows:
+        for key in ("last_success", "last_error_at"):
+            value = row.get(key)
+            row[key] = (
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+                if isinstance(value, (int, float))
+                else "-"
+            )
+    return rows
+
+
 def routes(router: APIRouter, console: Console) -> None:
     """Register this page's routes."""
     see, change = viewer(console), changer(console)
@@ -60,6 +83,7 @@ def routes(router: APIRouter, console: Console) -> None:
             request, "connectors.html", session,
             connectors=sorted(connectors, key=lambda c: (c.get("cost", 10), c.get("name", ""))),
             flash=_flash(request),
+            health=_health(console),
         )  # fmt: skip
 
     @router.get("/connectors/new", response_class=HTMLResponse)
