@@ -28,8 +28,8 @@ import yaml
 from tests.conftest import SMTPGATE, base_config
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
-    reason="needs root, unshare and nsenter",
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")),
+    reason="needs root, unshare, nsenter (util-linux) and ip (iproute2)",
 )
 
 PREFIX = str(Path(sys.base_prefix).resolve())
