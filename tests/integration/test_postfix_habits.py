@@ -179,3 +179,14 @@ def test_missing_data_dir_is_an_error_and_creates_nothing(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "is not a gateway data directory" in done.stderr
     assert list(empty.iterdir()) == []
+    (empty / "queue").mkdir()  # a queue and no store: the store is not made up
+    for argv in (["config", "history"], ["admin", "token", "list"], ["cluster", "status"]):
+        done = subprocess.run(
+            [SMTPGATE, *argv, "--data-dir", str(empty)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 1, argv
+        assert "has no configuration store" in done.stderr
+    assert sorted(p.name for p in empty.iterdir()) == ["queue"]

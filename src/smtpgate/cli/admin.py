@@ -195,8 +195,21 @@ def store_of(args: argparse.Namespace) -> ConfigStore:
     from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
     if getattr(args, "data_dir", None) is not None:
-        return ConfigStore.open(Path(args.data_dir))
+        return existing_store(Path(args.data_dir))
     return ConfigStore.open_for(arg_types.load_file(args.config).gateway)
+
+
+def existing_store(data_dir: Path) -> ConfigStore:
+    """The store ``serve`` made or noted in ``data_dir`` (``--data-dir``); never a
+    new empty one (a data directory with a queue and no store: AdminError)."""
+    from smtpgate.config.store import ConfigStore, store_exists  # noqa: PLC0415
+
+    if not store_exists(data_dir):
+        raise AdminError(
+            f"{data_dir} has no configuration store (no config.db, no note of another): "
+            "use --config, or run `smtpgate serve` once"
+        )
+    return ConfigStore.open(data_dir)
 
 
 def api_for(args: argparse.Namespace) -> ApiBackend:

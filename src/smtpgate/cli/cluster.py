@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smtpgate.cli import args as arg_types
-from smtpgate.cli.admin import api_for, data_dir_of, where_options
+from smtpgate.cli.admin import api_for, data_dir_of, existing_store, where_options
 from smtpgate.errors import AdminError, ConfigError
 
 if TYPE_CHECKING:
@@ -80,7 +80,10 @@ def _local(args: argparse.Namespace) -> dict[str, Any]:
     from smtpgate.admin import nodes  # noqa: PLC0415
     from smtpgate.config.store import ConfigStore  # noqa: PLC0415
 
-    store = ConfigStore.open(data_dir_of(args))
+    if getattr(args, "data_dir", None) is not None:
+        store = existing_store(Path(args.data_dir))
+    else:
+        store = ConfigStore.open(data_dir_of(args))
     try:
         if args.cluster_command == "forget":
             nodes.forget(store, args.node, time.time(), force=args.force)
