@@ -48,7 +48,9 @@ def serve(tmp_path: Path, sink_port: int, *, json: bool = False, **overrides: An
     data_dir = tmp_path / "gw"
     document = merge(base_config(data_dir, sink_port), overrides)
     document["listeners"][0]["address"] = f"127.0.0.1:{port}"
-    document.setdefault("admin", {})["listen"] = f"127.0.0.1:{api_port}"
+    admin = document.setdefault("admin", {})
+    host = (admin.get("listen") or "127.0.0.1:0").rsplit(":", 1)[0]
+    admin["listen"] = f"{host}:{api_port}"
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(document))
     log = tmp_path / "gateway.log"

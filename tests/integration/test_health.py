@@ -1,0 +1,103 @@
+"""``/healthz`` and ``/readyz`` without a token, reflecting the gateway process
+(its heartbeat) and its queue database, which the API process probes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SinkHandle
+from tests.integration.observing import Served, serve
+
+
+@pytest.fixture
+async def served(tmp_path: Path, sink: SinkHandle) -> AsyncIterator[Served]:
+    handle = serve(tmp_path, sink.port)
+    yield handle
+    handle.stop()
+
+
+async def ready(served: Served) -> tuple[int, dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://127.0.0.1:{served.api_port}/readyz")
+    return response.status_code, response.json()
+
+
+async def until(served: Served, status: int, timeout: float = 20) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        code, body = await ready(served)
+        if code == status or asyncio.get_running_loop().time() > deadline:
+            assert code == status, body
+            return body
+        await asyncio.sleep(0.2)
+
+
+async def test_healthz_and_readyz_answer_without_a_token(served: Served) -> None:
+    async with httpx.AsyncClient() as client:
+        health = await client.get(f"http://127.0.0.1:{served.api_port}/healthz")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    body = await until(served, 200)
+    assert body == {
+        "ready": True,
+        "checks": {"gateway": "ok", "listeners": "ok", "store": "ok", "queue": "ok"},
+    }
+
+
+async def test_not_ready_while_the_queue_database_cannot_be_written(served: Served) -> None:
+    """Root ignores file modes, so the database is made unwritable the way that
+    stops root too: another process holds its write lock."""
+    await until(served, 200)
+    holder = sqlite3.connect(served.data_dir / "queue" / "queue.db", isolation_level=None)
+    try:
+        holder.execute("begin exclusive")
+        body = await until(served, 503)
+        assert body["ready"] is False
+        assert body["checks"]["queue"].startswith("the queue database is not writable")
+        assert body["checks"]["gateway"] == "ok"
+    finally:
+        holder.execute("rollback")
+        holder.close()
+    await until(served, 200)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the file mode says")
+async def test_not_ready_while_the_queue_database_is_read_only(served: Served) -> None:
+    await until(served, 200)
+    queue = served.data_dir / "queue"
+    files = [queue / name for name in ("queue.db", "queue.db-wal", "queue.db-shm")]
+    try:
+        for path in files:
+            path.chmod(0o400)
+        await until(served, 503)
+    finally:
+        for path in files:
+            path.chmod(0o600)
+    await until(served, 200)
+
+
+async def test_a_stuck_gateway_is_not_ready(served: Served) -> None:
+    """The API answers from its own process; a gateway that stopped beating (here:
+    stopped by SIGSTOP) makes it answer 503, and ready again once it runs."""
+    await until(served, 200)
+    served.process.send_signal(signal.SIGSTOP)
+    try:
+        body = await until(served, 503, timeout=25)
+        assert body["checks"]["gateway"].startswith("the heartbeat is older than")
+    finally:
+        served.process.send_signal(signal.SIGCONT)
+    await until(served, 200)
+
+
+async def test_a_stopped_gateway_is_not_ready_at_once(tmp_path: Path, served: Served) -> None:
+    await until(served, 200)
+    served.stop()
+    assert not (served.data_dir / "health.json").exists()
