@@ -28,15 +28,22 @@ import yaml
 from tests.conftest import SMTPGATE, base_config
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")),
-    reason="needs root, unshare, nsenter (util-linux) and ip (iproute2)",
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter")),
+    reason="needs root, unshare and nsenter (util-linux)",
 )
 
 PREFIX = str(Path(sys.base_prefix).resolve())
 NAMESPACE_SETUP = (
     "mount --make-rprivate / && mkdir -p {keep} && mount --bind {prefix} {keep} && "
     "mount -t tmpfs -o mode=0755 tmpfs /root && mkdir -p {prefix} && "
-    "mount --bind {keep} {prefix} && ip link set lo up && exec {command}"
+    "mount --bind {keep} {prefix} && {python} -c '{lo_up}' && exec {command}"
+)
+# `ip link set lo up` without iproute2: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP
+LO_UP = (
+    "import fcntl, socket, struct; s = socket.socket(); "
+    'got = fcntl.ioctl(s, 0x8913, struct.pack("16sH22x", b"lo", 0)); '
+    'flags = struct.unpack("16sH", got[:18])[1]; '
+    'fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", flags | 1))'
 )
 CLIENT = """
 import smtplib
@@ -71,7 +78,9 @@ def _config(directory: Path, **gateway: object) -> Path:
 
 def _start(config: Path, keep: Path) -> tuple[subprocess.Popen[str], list[str]]:
     command = f"{SMTPGATE} serve --config {config} --log-level info"
-    script = NAMESPACE_SETUP.format(keep=keep, prefix=PREFIX, command=command)
+    script = NAMESPACE_SETUP.format(
+        keep=keep, prefix=PREFIX, command=command, python=sys.executable, lo_up=LO_UP
+    )
     environment = {k: v for k, v in os.environ.items() if k != "SMTPGATE_ALLOW_ROOT"}
     process = subprocess.Popen(
         ["unshare", "-m", "-n", "sh", "-c", script],
