@@ -1,6 +1,10 @@
 """A tiny authoritative DNS server on 127.0.0.1 for tests (dnspython, UDP).
 
 Records are ``(name, type) -> [values]``; anything else is NXDOMAIN.
+
+DNSSEC, for DANE tests: answers for names at or under one of ``secure`` carry
+the AD bit, as a local validating resolver's would; the gateway trusts the AD
+bit of its configured resolver (there are no signatures to check here).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import dns.rrset
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+    def __init__(
+        self, records: dict[tuple[str, str], list[str]], secure: tuple[str, ...] = ()
+    ) -> None:
+        self.secure = tuple(s.lower().rstrip(".") + "." for s in secure)
         self.records = {
             (name.lower().rstrip(".") + ".", kind): v for (name, kind), v in records.items()
         }
@@ -35,6 +42,8 @@ class DnsServer(asyncio.DatagramProtocol):
             kind = dns.rdatatype.to_text(question.rdtype)
             self.queries.append((name, kind))
             values = self.records.get((name, kind))
+            if any(name == s or name.endswith("." + s) for s in self.secure):
+                response.flags |= dns.flags.AD
             if values:
                 response.answer.append(dns.rrset.from_text(name, 60, "IN", kind, *values))
             elif not any(n == name for n, _ in self.records):
@@ -43,9 +52,11 @@ class DnsServer(asyncio.DatagramProtocol):
         self.transport.sendto(response.to_wire(), addr)
 
 
-async def start_dns(records: dict[tuple[str, str], list[str]]) -> tuple[DnsServer, int]:
+async def start_dns(
+    records: dict[tuple[str, str], list[str]], secure: tuple[str, ...] = ()
+) -> tuple[DnsServer, int]:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: DnsServer(records), local_addr=("127.0.0.1", 0)
+        lambda: DnsServer(records, secure), local_addr=("127.0.0.1", 0)
     )
     return protocol, transport.get_extra_info("sockname")[1]

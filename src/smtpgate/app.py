@@ -78,6 +78,7 @@ from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.queue.states import MessageKind
+from smtpgate.queue.tlsreports import tls_report_submitter
 from smtpgate.snapshot import Current, Snapshot
 from smtpgate.spool import clean_orphans
 from smtpgate.tls.certificates import Loaded
@@ -387,6 +388,7 @@ async def build_gateway(
         state.resolver,
         config.queue.connection_cache_time,
     )
+    deliverer.report_submit = tls_report_submitter(queue)  # TLSRPT mailto: through the queue
     manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
     counts = await queue.call(queue.store.counts)
     log.info("queue opened", **counts)

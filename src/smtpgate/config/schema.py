@@ -520,6 +520,39 @@ class TlsSettings(Strict):
         return [TLS_ORDER[i] for i in chosen]
 
 
+StsMode = Literal["none", "testing", "enforce"]
+
+
+class DomainTransport(Strict):
+    """One recipient domain's MTA-STS mode, replacing what the domain publishes:
+    ``none`` ignores its policy, ``testing`` only reports, ``enforce`` enforces (with
+    no published policy: TLS with a WebPKI-valid certificate for the MX host)."""
+
+    domain: DomainName
+    mta_sts: StsMode
+
+
+class TlsRptSettings(Strict):
+    """TLS reporting (RFC 8460): daily aggregate reports to the ``rua`` of the
+    recipient domains that publish ``_smtp._tls`` records."""
+
+    enabled: bool = False
+    organization: str = Field(default="", pattern=r"^[ -~]{0,200}$")
+    contact: str = Field(default="", pattern=r"^[ -~]{0,200}$")  # contact-info in the report
+
+
+class OutboundSecurity(Strict):
+    """Transport security the recipient domains publish, for direct (MX) delivery:
+    MTA-STS (RFC 8461), DANE (RFC 7672; needs a local DNSSEC-validating resolver in
+    ``gateway.dns``, whose AD bit is trusted) and TLS reporting (RFC 8460)."""
+
+    mta_sts: bool = True
+    dane: bool = False
+    mta_sts_port: int = Field(default=443, gt=0, lt=65536)  # of mta-sts.DOMAIN; labs and tests
+    domains: list[DomainTransport] = Field(default_factory=list)
+    tlsrpt: TlsRptSettings = Field(default_factory=TlsRptSettings)
+
+
 class RspamdSettings(Strict):
     """Spam scanning by rspamd over its HTTP protocol (``POST /checkv2``) for the
     messages whose profile decided on a spam check (docs/content-security.md)."""
@@ -765,6 +798,7 @@ class GatewayConfig(Strict):
     default_profile: DefaultProfile = Field(default_factory=DefaultProfile)
     spoof_detection: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    outbound_security: OutboundSecurity = Field(default_factory=OutboundSecurity)
     spam: SpamSettings = Field(default_factory=SpamSettings)
     sender_auth: SenderAuthSettings = Field(default_factory=SenderAuthSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)

@@ -18,6 +18,10 @@ kept here:
 * The conversation itself (pipelining, DSN parameters, the body, each
   recipient's reply) is the sans-IO core's (``smtpgate.proto.client`` and
   ``smtpgate.proto.transaction``); this module drives it.
+* Direct delivery honours what the recipient domain publishes: DANE, then
+  MTA-STS (``published.py``, decided by ``policy/transport.py``); a host
+  that fails them defers (4.7.5), never plaintext; each session's outcome
+  is counted for TLS reporting.
 * Idle connections are kept ``connection_cache_time`` seconds for the next
   message to the same destination (checked with RSET before reuse).
 """
@@ -33,12 +37,15 @@ from dataclasses import dataclass, field
 
 from smtpgate.config.schema import SendConnector, Timeouts
 from smtpgate.delivery.client import SmtpClient
-from smtpgate.delivery.targets import NoTarget, resolve_targets
+from smtpgate.delivery.published import Published, check_session
+from smtpgate.delivery.targets import NoTarget, Target, resolve_targets
+from smtpgate.delivery.tlsrpt import Submit
 from smtpgate.dns import Resolver
 from smtpgate.errors import DeliveryError
 from smtpgate.model.envelope import MailParams, Recipient
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.tls import OutboundPolicy
+from smtpgate.policy.transport import DomainFacts, secure_policy
 from smtpgate.snapshot import Snapshot
 from smtpgate.spool import Body
 from smtpgate.tls.certificates import certificate_matches
@@ -63,6 +70,7 @@ class AttemptReport:
     dsn_passed_on: bool = False  # the next hop offered DSN and took the parameters
     connection_lost: bool = False  # no reply at all on an open connection
     verified: bool = False  # the next hop's certificate was validated (chain and name)
+    verified_by: str = ""  # "dane" or "mta-sts" when the recipient domain's policy did it
     reusable: bool = True  # the connection is back between transactions
     relay: str | None = None  # "host[address]:port" of the server that answered
     transmit: float = 0.0  # seconds of the mail transaction (MAIL to the end of data)
@@ -116,6 +124,9 @@ class Deliverer:
     cache_time: float = 5.0
     _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
+    report_submit: Submit | None = None  # queues TLS reports (set by the composition root)
+    _published: Published | None = None
+    _facts: dict[str, DomainFacts] = field(default_factory=dict)  # the last, by domain
 
     def _close_later(self, client: SmtpClient) -> None:
         task = asyncio.get_running_loop().create_task(client.close())
@@ -126,9 +137,16 @@ class Deliverer:
         targets = await self._targets(job)
         if isinstance(targets, AttemptReport):
             return targets
+        facts = await self._domain_facts(job, targets)
         last = "no address to connect to"
-        for host, address, port in targets:
-            policy = self.policy(job, host)
+        refused: str | None = None
+        for target in targets:
+            host, address, port = target.host, target.address, target.port
+            policy = self.policy(job, host, facts)
+            if policy.refusal is not None:
+                refused = last = policy.refusal
+                self._record(job, policy, host, address, "validation-failure", policy.refusal)
+                continue
             cached = await self._cached(job.connector.name, address, port)
             if cached is not None:
                 report = await self._on(cached, job, host, policy, fresh=False)
@@ -148,17 +166,49 @@ class Deliverer:
                 last = f"{host} did not greet with 220"
                 continue
             return report
+        if refused is not None and last == refused:
+            return AttemptReport(_all(job, None, refused), reached=False)
         return AttemptReport(_all(job, None, f"4.4.1 unreachable: {last}"), reached=False)
 
-    async def _targets(self, job: Job) -> list[tuple[str, str, int]] | AttemptReport:
+    async def _targets(self, job: Job) -> list[Target] | AttemptReport:
         found = await resolve_targets(self.resolver, job.connector.deliver, job.domain)
         if isinstance(found, NoTarget):
             return AttemptReport(_all(job, found.code, found.text), reached=found.reached)
-        return [(t.host, t.address, t.port) for t in found]
+        return found
+
+    async def _domain_facts(self, job: Job, targets: list[Target]) -> DomainFacts | None:
+        """What the recipient domain publishes (direct delivery only)."""
+        config = job.snapshot.config
+        wanted = config.outbound_security
+        if job.connector.deliver.dns is None or not (
+            wanted.mta_sts or wanted.dane or wanted.domains or wanted.tlsrpt.enabled
+        ):
+            return None
+        if self._published is None:
+            self._published = Published(self.resolver, config, self.report_submit)
+        facts = await self._published.facts(config, job.domain, targets)
+        self._facts[job.domain] = facts
+        return facts
+
+    def _record(  # noqa: PLR0913, PLR0917 - one session's outcome for TLS reporting
+        self,
+        job: Job,
+        policy: OutboundPolicy,
+        host: str,
+        address: str,
+        failure: str | None,
+        detail: str = "",
+    ) -> None:
+        facts = self._facts.get(job.domain) if job.connector.deliver.dns else None
+        if self._published is not None:
+            self._published.record(
+                job.snapshot.config, facts, policy, host, address, failure, detail
+            )
 
     @staticmethod
-    def policy(job: Job, host: str) -> OutboundPolicy:
-        return job.snapshot.outbound_tls(job.connector, host, job.domain)
+    def policy(job: Job, host: str, facts: DomainFacts | None = None) -> OutboundPolicy:
+        base = job.snapshot.outbound_tls(job.connector, host, job.domain)
+        return secure_policy(base, job.snapshot.config.outbound_security, facts, host)
 
     def context(self, job: Job, policy: OutboundPolicy) -> ssl.SSLContext:
         return client_context(
@@ -257,6 +307,9 @@ class Deliverer:
             refusal = await self._starttls(client, job, host, policy)
             if refusal is not None:
                 return refusal
+        refusal = self._published_check(client, job, host, policy)
+        if refusal is not None:
+            return refusal
         if client.tls is None and policy.mandatory:
             why = (
                 "offers no STARTTLS"
@@ -280,7 +333,7 @@ class Deliverer:
                 ),
                 True,
             )
-        client.verified = client.tls is not None and policy.validate  # chain and name passed
+        client.verified = client.verified or (client.tls is not None and policy.validate)
         return await self._authenticate(client, job, host)
 
     async def _starttls(
@@ -291,6 +344,10 @@ class Deliverer:
         try:
             await client.starttls(self.context(job, policy), server_hostname=host)
         except DeliveryError as exc:
+            failure = "certificate-not-trusted" if "CERTIFICATE_VERIFY" in str(exc) else None
+            self._record(
+                job, policy, host, client.peer_address, failure or "validation-failure", str(exc)
+            )
             if policy.mandatory:
                 return AttemptReport(_all(job, None, f"4.7.5 TLS with {host} failed: {exc}"), True)
             raise _TlsFellThrough(str(exc)) from exc
@@ -333,6 +390,7 @@ class Deliverer:
             reusable=done.reusable,
             relay=_relay(client, host),
             transmit=time.monotonic() - started,
+            verified_by=client.verified_by,
         )
 
     # -- connection cache ------------------------------------------------------
@@ -360,7 +418,28 @@ class Deliverer:
             idle.remove(entry)
             self._close_later(client)
 
+    def _published_check(
+        self, client: SmtpClient, job: Job, host: str, policy: OutboundPolicy
+    ) -> AttemptReport | None:
+        """DANE or MTA-STS on the open connection: a failure that defers, else None
+        (and the server authenticated by DANE or MTA-STS is noted)."""
+        if job.connector.deliver.dns is None or self._published is None:
+            return None
+        ssl_object = client.writer.get_extra_info("ssl_object") if client.tls else None
+        ca_files = tuple(str(p) for p in job.snapshot.config.tls.ca_files)
+        facts = self._facts.get(job.domain)
+        check = check_session(facts, policy, host, ssl_object, ca_files)
+        self._record(job, policy, host, client.peer_address, check.failure, check.text)
+        if check.failure is not None and check.enforced:
+            return AttemptReport(_all(job, None, check.text), True)
+        if check.verified_by:
+            client.verified, client.verified_by = True, check.verified_by
+        return None
+
     async def close(self) -> None:
+        if self._published is not None:
+            await self._published.close()
+            self._published = None
         for idle in self._cache.values():
             for entry in idle:
                 entry.handle.cancel()

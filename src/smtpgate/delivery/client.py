@@ -44,6 +44,7 @@ class SmtpClient:
         self.peer_address = ""
         self.peer_port = 0
         self.verified = False  # the peer's certificate passed chain and name checks
+        self.verified_by = ""  # "dane" or "mta-sts": what the recipient domain published
 
     @property
     def extensions(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ gateway's one resolver (``gateway.dns``).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class Target:
     host: str  # the name the certificate is checked against and logs show
     address: str
     port: int
+    secure: bool = False  # from an MX answer the resolver validated (DNSSEC): DANE applies
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ async def resolve_targets(
     targets = []
     for host in [name for _, name in answer.hosts] or [domain]:
         targets += await _addresses(resolver, host, deliver.dns.port)
+    if answer.secure and answer.hosts:
+        targets = [dataclasses.replace(t, secure=True) for t in targets]
     if not targets and answer.status == "nodata":
         return NoTarget(550, "5.1.2 the recipient domain has no mail host")
     return targets or NoTarget(None, f"4.4.3 no address for the mail hosts of {domain}")

@@ -45,6 +45,19 @@ _STRENGTH = {"any": 0, "medium": 1, "high": 2}
 
 
 @dataclass(frozen=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698 §2.1): usage, selector, matching type, data."""
+
+    usage: int
+    selector: int
+    matching: int
+    data: bytes
+
+    def text(self) -> str:
+        return f"{self.usage} {self.selector} {self.matching} {self.data.hex()}"
+
+
+@dataclass(frozen=True)
 class OutboundPolicy:
     """The effective TLS requirement for one delivery, and where each part came from."""
 
@@ -54,6 +67,11 @@ class OutboundPolicy:
     minimum: TlsVersion
     strength: str
     reasons: tuple[str, ...]
+    # Published by the recipient domain (policy/transport.py), direct delivery only:
+    tlsa: tuple[TlsaRecord, ...] = ()  # DANE: these authenticate the server, not the WebPKI
+    refusal: str | None = None  # this MX host must not be used (e.g. not in the MTA-STS policy)
+    published: str = "no-policy-found"  # the TLSRPT policy type: "tlsa", "sts", "no-policy-found"
+    testing: bool = False  # MTA-STS testing: failures are reported, mail goes anyway
 
 
 def outbound_tls_policy(  # noqa: PLR0913, PLR0917 - the facts the decision needs

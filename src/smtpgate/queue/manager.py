@@ -398,7 +398,7 @@ class QueueManager:
             connector=connector,
             relay=remote,
             tls=report.tls if report else None,
-            verified=report.verified if report else False,
+            verified=(report.verified_by or report.verified) if report else False,
             reply=reply,
             attempts=r.attempts + 1,
         )
