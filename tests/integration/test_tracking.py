@@ -13,12 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from smtpgate.admin.accounts import create_user
+from smtpgate.admin.api import create_app
+from smtpgate.admin.services import ConfigService
+from smtpgate.config.store import ConfigStore
 from smtpgate.observe.tracking import Query, search
 from smtpgate.proto.replies import Reply
 from tests.conftest import SMTPGATE, SinkHandle, run_tool
 from tests.integration.conftest import make_token
 from tests.integration.observing import Served, send, serve, wait_until
+from tests.integration.test_console_profiles import PASSWORD
 
 
 @pytest.fixture
@@ -131,3 +137,25 @@ async def test_trace_finds_delivered_bounced_and_refused_messages(served: Served
         assert [r["queue_id"] for r in response.json()] == [bounced["queue_id"]]
         wrong = await client.get(url, params={"since": "yesterday"}, headers=headers)
         assert wrong.status_code == 422
+
+
+async def test_the_console_tracking_page_shows_what_happened(served: Served) -> None:
+    await asyncio.to_thread(send, served.port, "ann@outside.test", ["gone@example.com"], "<c.1@t>")
+    record = await settled(served, Query(recipient="gone@example.com"), "bounced")
+    service = ConfigService(ConfigStore.open(served.data_dir), served.data_dir)
+    try:
+        create_user(service.store, "alice", PASSWORD, "auditor", "test")
+        client = TestClient(create_app(service))
+        login = client.post("/login", data={"username": "alice", "password": PASSWORD})
+        assert login.status_code == 200
+        page = client.get("/tracking", params={"recipient": "gone@example.com"})
+        assert page.status_code == 200
+        html = page.text
+        assert f"<code>{record['queue_id']}</code>" in html
+        assert "bounced" in html
+        assert "550 5.1.1 no such user here" in html
+        assert 'href="/tracking"' in client.get("/").text  # in the navigation
+        wrong = client.get("/tracking", params={"since": "last week"})
+        assert wrong.status_code == 422
+    finally:
+        service.store.close()

@@ -305,20 +305,20 @@ def records_text(records: list[dict[str, Any]]) -> Iterator[str]:
     """``smtpgate trace``'s text: a header line per message, an indented line
     per event."""
     for record in records:
-        first = _time(record["first"])
+        first = time_text(record["first"])
         yield f"{record['queue_id']}  {record['status']}  {first}"
         for e in record["events"]:
-            yield f"  {_time(e['at'])}  {_event_text(e)}"
+            yield f"  {time_text(e['at'])}  {event_text(e)}"
         yield ""
 
 
-def _time(at: float | None) -> str:
+def time_text(at: float | None) -> str:
     if at is None:
         return "-"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
-def _event_text(e: dict[str, Any]) -> str:
+def event_text(e: dict[str, Any]) -> str:
     kind = e["kind"]
     if kind == "accepted":
         c = e["client"]

@@ -49,6 +49,7 @@ NAVIGATION = [
     ("Certificates", "/certificates"),
     ("Queue", "/queue"),
     ("Quarantine", "/quarantine"),
+    ("Tracking", "/tracking"),
     ("Policy explain", "/explain"),
     ("Peers", "/peers"),
     ("History", "/history"),

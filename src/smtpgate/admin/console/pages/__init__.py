@@ -19,6 +19,7 @@ from smtpgate.admin.console.pages import (
     quarantine,
     queue,
     tls,
+    tracking,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ ALL: list[Register] = [
     certificates.routes,
     queue.routes,
     quarantine.routes,
+    tracking.routes,
     explain.routes,
     peers.routes,
     history.routes,
