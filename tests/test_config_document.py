@@ -269,3 +269,21 @@ def test_an_export_marks_node_local_settings_and_reads_back() -> None:
     assert "hosted_domains:" in text
     assert "hosted_domains:" + LOCAL_MARK not in text
     assert normalise(yaml.safe_load(text)) == normalise(BASE)
+
+
+@pytest.mark.parametrize(
+    ("listen", "public", "warned"),
+    [
+        ("127.0.0.1:8025", True, False),
+        ("0.0.0.0:8025", False, False),
+        ("0.0.0.0:8025", True, True),
+    ],
+)
+def test_public_metrics_off_loopback_are_warned_about(
+    listen: str, public: bool, warned: bool
+) -> None:
+    from smtpgate.config.validate import warnings  # noqa: PLC0415
+
+    admin = {"listen": listen, "metrics_public": public}
+    found = [w.path for w in warnings(parse_config({**BASE, "admin": admin}))]
+    assert ("admin.metrics_public" in found) == warned

@@ -208,6 +208,7 @@ class GatewayHandler:
         throttle, ip = self.state.throttle, info.client_ip
         if throttle.locked(ip, self.state.now()):
             log.info("auth refused", client=ip, user=username, why="locked out")
+            self.refused("AUTH", info, LOCKED_OUT, "locked out after failed logins")
             return LOCKED_OUT
         owner = self.policy.credentials.verify(username, password)
         decision = self.session.authenticate(owner)
@@ -215,6 +216,7 @@ class GatewayHandler:
         if profile is None:
             delay = throttle.record_failure(ip, self.state.now())
             log.info("auth failed", client=ip, user=username, delay=delay, why=decision.reason)
+            self.refused("AUTH", info, BAD_CREDENTIALS, f"authentication failed: {decision.reason}")
             await asyncio.sleep(delay)
             return LOCKED_OUT if throttle.locked(ip, self.state.now()) else BAD_CREDENTIALS
         throttle.record_success(ip)

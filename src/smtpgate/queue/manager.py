@@ -247,6 +247,7 @@ class QueueManager:
             result.updates.append(
                 RecipientUpdate(message.id, r.idx, RecipientState.BOUNCED, text, now, False)
             )
+            self._publish(message, r, None, text, None, RecipientState.BOUNCED, "-")
             result.reported.append(
                 ReportedRecipient(
                     r.address, r.params.orcpt, "failed", EXPIRED_STATUS, r.last_reply, None, now
