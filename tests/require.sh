@@ -35,6 +35,8 @@ need_command chromium chromium  # the console's browser tests
 need_command rspamd rspamd  # the spam scanning tests start a private rspamd
 need_command slapd slapd  # the recipient validation tests start a private LDAP directory
 [ -x /usr/sbin/clamd ] || need_command clamd clamav-daemon  # the virus scanning tests start a private clamd
+[ -x /usr/lib/dovecot/pop3 ] ||
+    missing="$missing dovecot-pop3d"  # the POP3 fetch tests start a private Dovecot
 
 root=""
 [ "$(id -u 2>/dev/null)" = 0 ] || root="root (the tests run a private Postfix)"

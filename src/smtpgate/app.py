@@ -57,6 +57,8 @@ from smtpgate.content import registry
 from smtpgate.content.pipeline import Scanner
 from smtpgate.content.quarantine import DAY, Quarantine, quarantine_dir
 from smtpgate.delivery.attempt import Deliverer
+from smtpgate.fetch.fetcher import Fetcher
+from smtpgate.fetch.state import FetchState, FileState, StoreState
 from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayState
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
@@ -194,6 +196,8 @@ class Gateway:
     after_bind: Callable[[], None] | None = None
     expiry: ExpiryNotices | None = None  # certificate expiry notices, at start and daily
     expiry_task: asyncio.Task[None] | None = None
+    fetcher: Fetcher | None = None  # the POP3 receive connectors (fetch/)
+    fetch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -203,6 +207,8 @@ class Gateway:
         if self.quarantine is not None:
             self.quarantine_task = loop.create_task(self.quarantine.expire_forever())
         self.manager_task = loop.create_task(self.manager.run())
+        if self.fetcher is not None:
+            self.fetch_task = loop.create_task(self.fetcher.run())
         if self.expiry is not None:
             self.expiry_task = loop.create_task(self.expiry.run())
         self.watch_task = loop.create_task(self.reloader.watch())
@@ -319,6 +325,11 @@ class Gateway:
             if task is not None:
                 task.cancel()
         await self.server.stop(grace)
+        if self.fetcher is not None and self.fetch_task is not None:  # ends between messages
+            await self.fetcher.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.fetch_task), grace)
+            self.fetch_task.cancel()
         await registry.close(self.scanners)  # no session scans any more
         await self.manager.stop(grace)
         if self.manager_task is not None:
@@ -396,6 +407,7 @@ async def build_gateway(
     gateway = Gateway(server, queue, manager, reloader, current, config, store)
     gateway.quarantine, gateway.scanners = quarantine, state.scanners
     gateway.expiry = expiry_notices(gateway, data_dir)
+    gateway.fetcher = Fetcher(current, state, queue, spool_dir, lambda: fetch_state(gateway))
     observe(gateway, config)
     return gateway
 
@@ -443,6 +455,13 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
         }
 
     gateway.heartbeat = Heartbeat(data_dir, gateway.metrics, sample)
+
+
+def fetch_state(gateway: Gateway) -> FetchState:
+    """Where the POP3 connectors keep their ids and leases: the store when there is one."""
+    if gateway.store is not None:
+        return StoreState(gateway.store)
+    return FileState(gateway.current().config.gateway.data_dir)
 
 
 def expiry_notices(gateway: Gateway, data_dir: Path) -> ExpiryNotices:

@@ -3,6 +3,7 @@ credentials and secret encryption."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from smtpgate.admin.services import ConfigService, node_status, record
 from smtpgate.config.load import parse_config
 from smtpgate.config.secret import encrypt
 from smtpgate.delivery.health import read_status, status_table
+from smtpgate.delivery.pop3 import verify_pop3
+from smtpgate.delivery.published import lookup_published
 from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
@@ -132,6 +135,8 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
         if request.lookup:  # from the gateway, with gateway.dns: what a session would see
             resolver = DnsResolver(config.gateway.dns)
             asked["confirmed_names"] += await confirmed_names(resolver, request.client_ip)
+            domains = [r.rpartition("@")[2] for r in request.recipients]
+            asked["published"] = await lookup_published(config, domains)
         try:
             result: dict[str, Any] = explain_policy(config, Facts(**asked)).as_dict()
         except UnknownListenerError as exc:  # 422, naming the field, as for the others
@@ -139,17 +144,7 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
             raise RequestValidationError([{**error, "input": request.listener}]) from None
         return result
 
-    @router.post("/connectors/{name}/verify", tags=["operations"])
-    async def verify(name: str, domain: str | None = None) -> list[dict[str, Any]]:
-        config = applied_config()
-        connector = next((c for c in config.send_connectors if c.name == name), None)
-        if connector is None:
-            raise NotFound(f"no send connector named {name!r}")
-        password = Snapshot.compile(config, certificates=False).smarthost_password(connector)
-        steps = await verify_connector(config, connector, password, domain)
-        return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
-
-    status_routes(router, service)
+    connector_routes(router, service)
 
     @router.post("/profiles/{name}/send-credentials", tags=["operations"])
     def credentials(name: str, who: Actor) -> dict[str, str]:
@@ -163,7 +158,26 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
         return {"value": encrypt(encryption_key(service.store, service.data_dir), body.value)}
 
 
-def status_routes(router: APIRouter, service: ConfigService) -> None:
+def connector_routes(router: APIRouter, service: ConfigService) -> None:
+    """``connector verify`` (send and POP3 connectors) and ``connector status``."""
+
+    def applied_config() -> Any:
+        return parse_config(service.applied().document)
+
+    @router.post("/connectors/{name}/verify", tags=["operations"])
+    async def verify(name: str, domain: str | None = None) -> list[dict[str, Any]]:
+        config = applied_config()
+        connector = next((c for c in config.send_connectors if c.name == name), None)
+        fetching = next((c for c in config.receive_connectors.pop3 if c.name == name), None)
+        if connector is None and fetching is not None:
+            found = await asyncio.to_thread(verify_pop3, config, fetching)
+            return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in found]
+        if connector is None:
+            raise NotFound(f"no send or POP3 connector named {name!r}")
+        password = Snapshot.compile(config, certificates=False).smarthost_password(connector)
+        steps = await verify_connector(config, connector, password, domain)
+        return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]
+
     @router.get("/connectors/status", tags=["operations"])
     def connector_status() -> list[dict[str, Any]]:
         """Each send connector's health per destination, as the gateway last wrote it."""

@@ -40,7 +40,10 @@ def add_policy(commands: Commands) -> None:
         help="a forward-confirmed host name of the client (no DNS lookup)",
     )
     explain.add_argument(
-        "--lookup", action="store_true", help="find confirmed host names with DNS (gateway.dns)"
+        "--lookup",
+        action="store_true",
+        help="find confirmed host names with DNS (gateway.dns), and the recipient"
+        " domains' DANE and MTA-STS policies",
     )
     explain.add_argument("--helo")
     explain.add_argument("--sender")
@@ -79,7 +82,9 @@ def add_connector_verify(commands: Commands) -> None:
         a for a in connector._actions if isinstance(a, argparse._SubParsersAction)
     )
     verify = connector_commands.add_parser(
-        "verify", help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step"
+        "verify",
+        help="connect, EHLO, STARTTLS and AUTH as the connector would, step by step "
+        "(a POP3 connector: connect, STLS, certificate, login to each mailbox)",
     )
     verify.add_argument("name")
     where_options(verify, json_output=False)
@@ -198,8 +203,12 @@ def _explain_locally(args: argparse.Namespace, facts: dict[str, Any]) -> dict[st
 
     config = applied_config(args)
     if args.lookup:
+        from smtpgate.delivery.published import lookup_published  # noqa: PLC0415
+
         resolver = DnsResolver(config.gateway.dns)
         facts["confirmed_names"] += asyncio.run(confirmed_names(resolver, args.client_ip))
+        domains = [r.rpartition("@")[2] for r in facts["recipients"]]
+        facts["published"] = asyncio.run(lookup_published(config, domains))
     return explain_policy(config, Facts(**facts)).as_dict()
 
 
@@ -281,8 +290,14 @@ def _verify_locally(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     config = applied_config(args)
     connector = next((c for c in config.send_connectors if c.name == args.name), None)
+    fetching = next((c for c in config.receive_connectors.pop3 if c.name == args.name), None)
+    if connector is None and fetching is not None:
+        from smtpgate.delivery.pop3 import verify_pop3  # noqa: PLC0415
+
+        found = asyncio.run(asyncio.to_thread(verify_pop3, config, fetching))
+        return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in found]
     if connector is None:
-        raise NotFound(f"no send connector named {args.name!r}")
+        raise NotFound(f"no send or POP3 connector named {args.name!r}")
     password = Snapshot.compile(config, certificates=False).smarthost_password(connector)
     steps = asyncio.run(verify_connector(config, connector, password, args.domain))
     return [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in steps]

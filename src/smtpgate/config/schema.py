@@ -363,6 +363,50 @@ class SendConnector(Strict):
     client_certificate: str | None = None  # client identity presented to next hops
 
 
+class Pop3Mailbox(Strict):
+    """One mailbox a POP3 connector empties; its mail goes to ``deliver_to``."""
+
+    username: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
+    password: EncryptedSecret | None = None  # encrypted: enc:v1:...
+    password_file: FilePath | None = None
+    deliver_to: list[str] = Field(min_length=1, max_length=100)  # envelope recipients
+
+    @model_validator(mode="after")
+    def _secret(self) -> Pop3Mailbox:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("set either password (encrypted) or password_file")
+        if self.password is not None and not self.password.get_secret_value().startswith("enc:"):
+            raise ValueError("password must be encrypted: use `smtpgate credentials encrypt`")
+        if any("@" not in a or any(c in a for c in " <>\r\n") for a in self.deliver_to):
+            raise ValueError("deliver_to takes mail addresses (local@domain)")
+        return self
+
+
+class Pop3Connector(Strict):
+    """A receive connector that fetches mail from POP3 mailboxes (``fetch/``)."""
+
+    name: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, gt=0, lt=65536)  # None: 995 implicit TLS, else 110
+    security: Security = "require-starttls"
+    validate_certificate: bool = True  # chain (system store and tls.ca_files) and host name
+    mailboxes: list[Pop3Mailbox] = Field(min_length=1, max_length=100)
+    interval: Duration = 300.0  # seconds between polls
+    roles: list[str] = Field(default_factory=list)  # nodes with one of these roles fetch
+    profile: str | None = None  # the connection profile its mail is taken under
+    max_messages: int = Field(default=200, ge=1, le=10_000)  # fetched per mailbox and poll
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 995 if self.security == "implicit-tls" else 110
+
+
+class ReceiveConnectors(Strict):
+    pop3: list[Pop3Connector] = Field(default_factory=list)
+
+
 class RetrySettings(Strict):
     """Postfix: minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime."""
 
@@ -794,6 +838,7 @@ class GatewayConfig(Strict):
     limits: Limits = Field(default_factory=Limits)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     send_connectors: list[SendConnector] = Field(default_factory=list)
+    receive_connectors: ReceiveConnectors = Field(default_factory=ReceiveConnectors)
     connection_profiles: list[ConnectionProfile] = Field(default_factory=list)
     default_profile: DefaultProfile = Field(default_factory=DefaultProfile)
     spoof_detection: bool = True

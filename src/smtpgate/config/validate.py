@@ -193,6 +193,12 @@ def secret_files(config: GatewayConfig) -> list[tuple[str, Path]]:
             found.append(
                 (f"send_connectors[{i}].deliver.smarthost.password_file", target.password_file)
             )
+    found += [
+        (f"receive_connectors.pop3[{i}].mailboxes[{j}].password_file", box.password_file)
+        for i, connector in enumerate(config.receive_connectors.pop3)
+        for j, box in enumerate(connector.mailboxes)
+        if box.password_file is not None
+    ]
     if config.gateway.store_password_file is not None:
         found.append(("gateway.store_password_file", config.gateway.store_password_file))
     rspamd = config.spam.rspamd
@@ -343,6 +349,51 @@ def recipient_validation_domains(config: GatewayConfig) -> list[FieldProblem]:
     return problems
 
 
+def pop3_connectors(config: GatewayConfig) -> list[FieldProblem]:
+    """Unique names (also among the send connectors: ``connector verify`` takes
+    either), an existing profile, and one mailbox user name once per connector."""
+    send = {c.name for c in config.send_connectors}
+    profiles = {p.name for p in config.connection_profiles}
+    problems = _duplicates(
+        "receive_connectors.pop3", (c.name for c in config.receive_connectors.pop3)
+    )
+    for i, connector in enumerate(config.receive_connectors.pop3):
+        here = f"receive_connectors.pop3[{i}]"
+        if connector.name in send:
+            problems.append(FieldProblem(f"{here}.name", "a send connector has this name"))
+        if connector.profile is not None and connector.profile not in profiles:
+            problems.append(
+                FieldProblem(f"{here}.profile", f"no connection profile {connector.profile!r}")
+            )
+        users = [box.username for box in connector.mailboxes]
+        for j, user in enumerate(users):
+            if user in users[:j]:
+                problems.append(FieldProblem(f"{here}.mailboxes[{j}]", f"{user!r} twice"))
+    return problems
+
+
+def _pop3_warnings(config: GatewayConfig) -> list[FieldProblem]:
+    found = []
+    for i, connector in enumerate(config.receive_connectors.pop3):
+        here = f"receive_connectors.pop3[{i}]"
+        if connector.security == "none":
+            found.append(
+                FieldProblem(
+                    f"{here}.security",
+                    "the mailbox passwords and the mail would travel unencrypted; use "
+                    "implicit-tls (POP3S) or require-starttls",
+                )
+            )
+        elif not connector.validate_certificate:
+            found.append(
+                FieldProblem(
+                    f"{here}.validate_certificate",
+                    "off: anyone on the path can pose as the server and collect the passwords",
+                )
+            )
+    return found
+
+
 CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     something_to_listen_on,
     unique_names,
@@ -357,6 +408,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     admin_certificate_exists,
     dkim_keys_usable,
     recipient_validation_domains,
+    pop3_connectors,
 )
 
 
@@ -401,6 +453,7 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
             )
     found += _sender_domain_relay_warnings(config)
     found += _virus_warnings(config)
+    found += _pop3_warnings(config)
     return name_objects(found + _admin_warnings(config), config)
 
 

@@ -27,7 +27,7 @@ from typing import Literal
 from smtpgate.config.schema import GatewayConfig, RelayMode
 from smtpgate.config.validate import client_network
 
-Step = Literal["client-ip", "host-name", "sender-domain", "default"]
+Step = Literal["client-ip", "host-name", "sender-domain", "connector", "default"]
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -58,6 +58,8 @@ class ProfileMatch:
             return f"{self.profile.label}: client IP matches {self.entry}"
         if self.step == "host-name":
             return f"{self.profile.label}: confirmed host name {self.entry}"
+        if self.step == "connector":
+            return f"{self.profile.label}: chosen by receive connector {self.entry}"
         if self.step == "sender-domain":
             return f"{self.profile.label}: sender domain {self.entry} (inbound TLS only)"
         return f"{self.profile.label}: no profile matches the client IP or host name"
