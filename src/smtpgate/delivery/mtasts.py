@@ -104,12 +104,14 @@ class StsCache:
     def __init__(
         self,
         resolver: Resolver,
-        directory: Path,
+        directory: Path | None,  # None: in memory only (``policy explain``)
         *,
         port: int = 443,
         ca_files: tuple[str, ...] = (),
+        quiet: bool = False,  # no log lines (the CLI's --json output stays clean)
     ) -> None:
         self.resolver = resolver
+        self.quiet = quiet
         self.directory = directory
         self.port = port
         self.ca_files = ca_files
@@ -142,12 +144,14 @@ class StsCache:
         try:
             fact = await self.fetch(domain, ident)
         except StsError as exc:
-            log.info("MTA-STS policy unusable", domain=domain, kind=exc.kind, error=str(exc))
+            if not self.quiet:
+                log.info("MTA-STS policy unusable", domain=domain, kind=exc.kind, error=str(exc))
             self._failed[domain] = (now, exc.kind)
             return (cached.fact if cached else None), (None if cached else exc.kind)
         self._failed.pop(domain, None)
         self._store(domain, _Entry(fact, now))
-        log.info("MTA-STS policy fetched", domain=domain, id=ident, mode=fact.mode)
+        if not self.quiet:
+            log.info("MTA-STS policy fetched", domain=domain, id=ident, mode=fact.mode)
         return fact, None
 
     def _context(self) -> ssl.SSLContext:
@@ -206,7 +210,9 @@ class StsCache:
     # -- the cache -------------------------------------------------------------------
 
     def _path(self, domain: str) -> Path | None:
-        return self.directory / f"{domain}.json" if _FILE_NAME.match(domain) else None
+        if self.directory is None or not _FILE_NAME.match(domain):
+            return None
+        return self.directory / f"{domain}.json"
 
     def _cached(self, domain: str, now: float) -> _Entry | None:
         entry = self._entries.get(domain) or self._read(domain)
@@ -232,7 +238,7 @@ class StsCache:
             del self._entries[oldest]
         self._entries[domain] = entry
         path = self._path(domain)
-        if path is None:
+        if path is None or self.directory is None:
             return
         saved = {"id": entry.fact.id, "text": list(entry.fact.text), "fetched": entry.fetched}
         try:
@@ -246,7 +252,7 @@ class StsCache:
 
     def domains(self) -> list[str]:
         """The domains with a saved policy."""
-        if not self.directory.is_dir():
+        if self.directory is None or not self.directory.is_dir():
             return []
         return sorted(p.stem for p in self.directory.glob("*.json"))
 

@@ -35,7 +35,8 @@ from smtpgate.delivery.dane import peer_chain, tlsa_fact, verify_dane
 from smtpgate.delivery.mtasts import StsCache
 from smtpgate.delivery.targets import Target
 from smtpgate.delivery.tlsrpt import KEEP_DAYS, SessionRecorder, Submit, send_reports, utc_day
-from smtpgate.dns import Resolver
+from smtpgate.dns import DnsResolver, Resolver
+from smtpgate.model.domain import normalise_domain
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.tls import OutboundPolicy
 from smtpgate.policy.transport import DaneFact, DomainFacts, mx_matches
@@ -201,7 +202,7 @@ class Published:
                 *(tlsa_fact(self.resolver, secure, host, port) for host, port, secure in hosts)
             )
             dane = {host: fact for (host, _, _), fact in zip(hosts, found, strict=True)}
-        return DomainFacts(domain, sts, error, dane)
+        return DomainFacts(domain, sts, error, dane, tuple(dict.fromkeys(t.host for t in targets)))
 
     def record(  # noqa: PLR0913, PLR0917 - one session's outcome and where it belongs
         self,
@@ -226,3 +227,34 @@ class Published:
                     await task
         self._refresh = self._daily = None
         self.recorder.close()
+
+
+async def lookup_published(config: GatewayConfig, domains: Sequence[str]) -> dict[str, DomainFacts]:
+    """The facts of ``domains`` for ``policy explain --lookup`` and ``connector verify``:
+    looked up now with ``gateway.dns``, nothing cached or written."""
+    settings = config.outbound_security
+    resolver = DnsResolver(config.gateway.dns)
+    sts = StsCache(
+        resolver,
+        None,
+        port=settings.mta_sts_port,
+        ca_files=tuple(str(p) for p in config.tls.ca_files),
+        quiet=True,
+    )
+    port = next((c.deliver.dns.port for c in config.send_connectors if c.deliver.dns), 25)
+    found: dict[str, DomainFacts] = {}
+    for domain in dict.fromkeys(domains):
+        try:
+            domain = normalise_domain(domain)  # noqa: PLW2901 - the normal form is the key
+        except ValueError:
+            continue
+        answer = await resolver.mx(domain)
+        hosts = tuple(host for _, host in answer.hosts)
+        wants_sts = settings.mta_sts or any(d.domain == domain for d in settings.domains)
+        policy, error = (await sts.lookup(domain)) if wants_sts else (None, None)
+        dane: dict[str, DaneFact] = {}
+        if settings.dane:
+            for host in hosts:
+                dane[host] = await tlsa_fact(resolver, answer.secure, host, port)
+        found[domain] = DomainFacts(domain, policy, error, dane, hosts)
+    return found

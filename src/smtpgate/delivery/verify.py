@@ -4,6 +4,9 @@ Connects as the connector would (the smarthost, or the first reachable MX
 of ``--domain``), reads the greeting, says EHLO, does STARTTLS as its
 security demands, authenticates when it has credentials, and says QUIT;
 every step is reported, and the first failure ends the run. No mail is sent.
+For direct delivery, the ``outbound TLS`` step says what the policy table
+(``policy.transport``: connector, profile, DANE, MTA-STS) requires of each MX
+host and why, from the domain's records looked up now.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from dataclasses import dataclass
 
 from smtpgate.config.schema import GatewayConfig, SendConnector
 from smtpgate.delivery.client import SmtpClient
+from smtpgate.delivery.published import lookup_published
 from smtpgate.delivery.targets import NoTarget, Target, resolve_targets
 from smtpgate.dns import DnsResolver
 from smtpgate.errors import DeliveryError
+from smtpgate.policy.transport import describe, secure_policy
+from smtpgate.snapshot import Snapshot
 from smtpgate.tls.context import client_context
 
 
@@ -39,6 +45,21 @@ async def _targets(
     return found, Step("target", True, f"{where} {shown}")
 
 
+async def _outbound_tls(
+    config: GatewayConfig, connector: SendConnector, domain: str, targets: list[Target]
+) -> Step:
+    """The policy table's answer for each MX host of ``domain``."""
+    facts = (await lookup_published(config, [domain])).get(domain)
+    snapshot = Snapshot.compile(config, certificates=False)
+    lines, usable = [], False
+    for host in dict.fromkeys(t.host for t in targets):
+        base = snapshot.outbound_tls(connector, host, domain)
+        policy = secure_policy(base, config.outbound_security, facts, host)
+        usable = usable or policy.refusal is None
+        lines.append(f"{host}: {describe(policy)} ({'; '.join(policy.reasons)})")
+    return Step("outbound TLS", usable, "; ".join(lines))
+
+
 async def verify_connector(
     config: GatewayConfig, connector: SendConnector, password: str | None, domain: str | None
 ) -> list[Step]:
@@ -46,6 +67,8 @@ async def verify_connector(
     steps = [first]
     if not first.ok:
         return steps
+    if connector.deliver.dns is not None and domain:
+        steps.append(await _outbound_tls(config, connector, domain, targets))
     for target in targets:
         host, port = target.host, target.port
         try:

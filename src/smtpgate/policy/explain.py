@@ -6,6 +6,9 @@ would do: which profile matched and why,
 whether the client may connect, the TLS requirement (the listener's own, when
 a listener is named, and the profiles'), the relay rights (after AUTH too),
 the sender check, and per recipient the relay verdict and the send connector.
+For direct delivery, the outbound TLS table (``policy.transport``) per MX host:
+with ``--lookup`` the domain's DANE and MTA-STS facts are looked up first
+(``Facts.published``); without, the configured overrides alone apply.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from smtpgate.policy.tls import (
     OutboundPolicy,
     destination_tls,
 )
+from smtpgate.policy.transport import DomainFacts, secure_policy
 from smtpgate.policy.verdict import Verdict
 
 
@@ -40,6 +44,7 @@ class Facts:
     auth_user: str | None = None
     client_certificate: str | None = None  # as the listener verified it
     listener: str | None = None  # a configured listener's name: its security applies
+    published: Mapping[str, DomainFacts] = field(default_factory=dict)  # by recipient domain
 
 
 class UnknownListenerError(ValueError):
@@ -62,6 +67,7 @@ class RecipientDecision:
     connector_reason: str
     outbound_tls: OutboundPolicy | None = None
     validation: str | None = None  # recipient validation at RCPT (policy.recipients)
+    mx_tls: tuple[tuple[str, OutboundPolicy], ...] = ()  # direct delivery: per MX host
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ class Explanation:
                     "connector_reason": d.connector_reason,
                     "outbound_tls": _outbound(d.outbound_tls),
                     "validation": d.validation,
+                    "mx_tls": [{"host": h, **(_outbound(p) or {})} for h, p in d.mx_tls],
                 }
                 for d in self.recipients
             ],
@@ -181,6 +188,7 @@ def explanation_text(result: dict[str, Any]) -> str:
                 + (f", certificate must match {names}" if tls["validate"] else "")
                 + f" ({'; '.join(tls['reasons'])})"
             )
+        lines += _mx_lines(d)
     return "\n".join(lines)
 
 
@@ -208,7 +216,31 @@ def _outbound(tls: OutboundPolicy | None) -> dict[str, Any] | None:
         "minimum": tls.minimum,
         "cipher_strength": tls.strength,
         "reasons": list(tls.reasons),
+        "tlsa": [r.text() for r in tls.tlsa],
+        "refusal": tls.refusal,
+        "published": tls.published,
+        "testing": tls.testing,
     }
+
+
+def _mx_lines(decision: dict[str, Any]) -> list[str]:
+    return [
+        f"  MX {mx['host']}: {_requirement(mx)} ({'; '.join(mx['reasons'])})"
+        for mx in decision.get("mx_tls", [])
+    ]
+
+
+def _requirement(tls: dict[str, Any]) -> str:
+    """One line: what the table requires of one MX host."""
+    if tls.get("refusal"):
+        return f"not used: {tls['refusal']}"
+    if tls.get("tlsa"):
+        return f"TLS, authenticated by DANE ({len(tls['tlsa'])} TLSA record(s))"
+    if tls["validate"]:
+        return f"TLS from {tls['minimum']}, certificate must match {', '.join(tls['names'])}"
+    if tls.get("testing"):
+        return "opportunistic TLS, failures reported (MTA-STS testing)"
+    return "mandatory TLS" if tls["mandatory"] else "opportunistic TLS"
 
 
 def explain(
@@ -254,7 +286,9 @@ def explain(
         virus_check=_virus_check(config),
     )
     for recipient in facts.recipients:
-        decision = _recipient(session, connect.verdict, facts.sender or "", recipient)
+        decision = _recipient(
+            session, connect.verdict, facts.sender or "", recipient, facts.published
+        )
         result.recipients.append(decision)
     return result
 
@@ -313,7 +347,11 @@ def _sender_auth(config: GatewayConfig, session: SessionPolicy, sender: str) -> 
 
 
 def _recipient(
-    session: SessionPolicy, connect: Verdict, sender: str, recipient: str
+    session: SessionPolicy,
+    connect: Verdict,
+    sender: str,
+    recipient: str,
+    published: Mapping[str, DomainFacts],
 ) -> RecipientDecision:
     """One RCPT replayed, with the send connector and its outbound TLS policy."""
     if not connect.accepted:  # the server never gets as far as RCPT
@@ -325,6 +363,22 @@ def _recipient(
     domain = split_address(decision.recipient)[1]
     smarthost = connector.deliver.smarthost
     host = smarthost.host if smarthost else f"MX of {domain}"
+    mx_tls: tuple[tuple[str, OutboundPolicy], ...] = ()
+    if smarthost is None:
+        facts = published.get(domain, DomainFacts(domain))
+        settings = session.config.outbound_security
+        mx_tls = tuple(
+            (
+                mx,
+                secure_policy(
+                    destination_tls(session.config, session.index, connector, mx, domain),
+                    settings,
+                    facts,
+                    mx,
+                ),
+            )
+            for mx in facts.mx_hosts or (host,)
+        )
     return RecipientDecision(
         recipient,
         decision.verdict,
@@ -333,4 +387,5 @@ def _recipient(
         + (f", delivered to {decision.recipient}" if decision.recipient != recipient else ""),
         destination_tls(session.config, session.index, connector, host, domain),
         describe_validation(session.config, decision.recipient),
+        mx_tls,
     )

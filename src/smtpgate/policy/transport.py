@@ -64,6 +64,7 @@ class DomainFacts:
     sts: StsFact | None = None
     sts_error: str | None = None  # why no policy could be used (TLSRPT failure type)
     dane: dict[str, DaneFact] = field(default_factory=dict)  # by MX host
+    mx_hosts: tuple[str, ...] = ()  # as looked up (for ``policy explain``)
 
 
 def mx_matches(pattern: str, host: str) -> bool:
@@ -155,3 +156,16 @@ def secure_policy(
         why = f"MTA-STS ignored for {facts.domain} (outbound_security.domains)"
         return dataclasses.replace(base, reasons=(*base.reasons, why))
     return base
+
+
+def describe(policy: OutboundPolicy) -> str:
+    """What ``policy`` requires of one MX host, in a few words."""
+    if policy.refusal is not None:
+        return f"not used: {policy.refusal}"
+    if policy.tlsa:
+        return f"TLS, authenticated by DANE ({len(policy.tlsa)} TLSA record(s))"
+    if policy.validate:
+        return f"TLS from {policy.minimum}, certificate must match {', '.join(policy.names)}"
+    if policy.testing:
+        return "opportunistic TLS, failures reported (MTA-STS testing)"
+    return "mandatory TLS" if policy.mandatory else "opportunistic TLS"
