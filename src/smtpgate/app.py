@@ -217,6 +217,8 @@ class Gateway:
             self.config_task = loop.create_task(self._follow_store(self.store))
         elif self.opener is not None:
             self.config_task = loop.create_task(self._reach_store(self.opener))
+        if self.tracking is not None:  # after a privilege drop: its files are the user's
+            self.tracking.start()
         if self.heartbeat is not None:
             await self.heartbeat.beat()  # ready as soon as the listeners are bound
             self.heartbeat_task = loop.create_task(self.heartbeat.run())
@@ -417,7 +419,6 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
     set_target(config.logging.target, config.logging.syslog_address)
     data_dir, current = config.gateway.data_dir, gateway.current
     tracking = TrackingWriter(data_dir, lambda: current().config.tracking.retention_days)
-    tracking.start()
     gateway.tracking = tracking
     for subscriber in (MailLog(), gateway.metrics, tracking):
         gateway.unsubscribe.append(events.hub.subscribe(subscriber))

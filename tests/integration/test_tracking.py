@@ -71,8 +71,10 @@ async def test_trace_finds_delivered_bounced_and_refused_messages(served: Served
     # delivered: by Message-ID, with the session's facts and the attempt
     [sent] = await trace(served, "--message-id", "ok.1@t")
     kinds = [e["kind"] for e in sent["events"]]
-    assert kinds == ["accepted", "attempt"]
-    accepted, attempt = sent["events"]
+    assert kinds == ["verdict", "accepted", "attempt"]
+    verdict, accepted, attempt = sent["events"]
+    assert verdict["action"] == "accept"
+    assert ["dmarc", "accept"] in verdict["results"]  # the scanners before the 250
     assert accepted["client"]["ip"] == "127.0.0.1"
     assert accepted["client"]["listener"] == "mx"
     assert accepted["client"]["profile"] == "default"

@@ -27,6 +27,7 @@ from typing import Any
 
 from smtpgate.files import private_file
 from smtpgate.observe.events import (
+    ContentVerdict,
     DeliveryAttempt,
     DsnSent,
     Event,
@@ -107,6 +108,8 @@ def row(event: Event) -> tuple[float, str, str, str, str | None, str, str, str] 
         return (event.when, event.queue_id, "attempt", "", None, rcpt, "", data)
     if isinstance(event, DsnSent):
         return (event.when, event.about, "dsn", "", None, "", "", data)
+    if isinstance(event, ContentVerdict):
+        return (event.when, event.queue_id, "verdict", "", None, "", "", data)
     if isinstance(event, Quarantined):
         rcpts = "\n" + "\n".join(r.lower() for r in event.recipients) + "\n"
         return (
@@ -344,6 +347,9 @@ def event_text(e: dict[str, Any]) -> str:
         return f"report ({e['action']}) to=<{e['to']}> queued as {e['queue_id']}"
     if kind == "quarantined":
         return f"quarantined: {e['reason']}"
+    if kind == "verdict":
+        results = ", ".join(f"{scanner}: {action}" for scanner, action in e["results"])
+        return f"content {e['action']} ({results or 'no scanner'})"
     return str(kind)
 
 
