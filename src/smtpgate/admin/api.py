@@ -42,6 +42,7 @@ from smtpgate.admin.http import ERRORS, bearer, problems
 from smtpgate.admin.routes_config import config_routes
 from smtpgate.admin.routes_ops import operation_routes
 from smtpgate.admin.routes_quarantine import quarantine_routes
+from smtpgate.admin.routes_tlsrpt import tlsrpt_routes
 from smtpgate.admin.routes_trace import health_routes, trace_routes
 from smtpgate.admin.services import ConfigService, authenticate
 from smtpgate.config import parse_config
@@ -160,6 +161,7 @@ def create_app(service: ConfigService, clock: Callable[[], float] = time.time) -
     operation_routes(router, service)
     quarantine_routes(router, service)
     trace_routes(router, service)
+    tlsrpt_routes(router, service)
     app.include_router(router)
     health_routes(app, service, lambda token: _token_name(service, token))
     install_handlers(app)

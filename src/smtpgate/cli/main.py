@@ -27,6 +27,7 @@ from smtpgate.cli import cluster as cluster_cli
 from smtpgate.cli import dkim as dkim_cli
 from smtpgate.cli import quarantine as quarantine_cli
 from smtpgate.cli import queue as queue_cli
+from smtpgate.cli import tlsrpt as tlsrpt_cli
 from smtpgate.cli import tools
 from smtpgate.cli import trace as trace_cli
 from smtpgate.cli.args import (
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     cluster_cli.add_parser(commands)
     dkim_cli.add_parser(commands)
     trace_cli.add_parser(commands)
+    tlsrpt_cli.add_parser(commands)
     _add_certs(commands)
     _add_sink(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
@@ -333,6 +335,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "cluster": cluster_cli.run,
         "dkim": dkim_cli.run,
         "trace": trace_cli.run,
+        "tlsrpt": tlsrpt_cli.run,
         "certs": _certs,
         "reload": _reload,
         "sink": _sink,
