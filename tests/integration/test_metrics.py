@@ -85,6 +85,7 @@ async def test_counters_move_with_the_traffic_and_survive_an_apply(served: Serve
     assert delta("smtpgate_delivery_delay_seconds_count", connector="to-sink") == 1
     assert delta("smtpgate_tls_total", direction="inbound", version="none", cipher="none") == 2
     assert delta("smtpgate_reports_total", action="failed") == 1
+    assert delta("smtpgate_scanner_verdicts_total", scanner="dmarc", action="accept") == 2
     assert delta("smtpgate_messages_accepted_bytes_total") > 300
     assert value(after, "smtpgate_running_revision") == 1
     assert value(after, "smtpgate_sessions", listener="mx") == 0
