@@ -10,7 +10,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from smtpgate.config.schema import OutboundSecurity, SendConnector
+from smtpgate.config.schema import GatewayConfig, OutboundSecurity, SendConnector
+from smtpgate.config.validate import validate, warnings
 from smtpgate.delivery.dane import parse_tlsa, verify_dane
 from smtpgate.delivery.mtasts import StsError, parse_policy, parse_record
 from smtpgate.policy.tls import OutboundPolicy, TlsaRecord
@@ -163,3 +164,28 @@ def test_tlsa_text() -> None:
     assert record.text() == "3 1 1 ab12cd34"
     assert parse_tlsa("3 1 1 zz") is None
     assert parse_tlsa("3 1") is None
+
+
+# -- config check -------------------------------------------------------------------------
+
+
+def test_config_check_refuses_a_domain_twice_and_warns_about_a_remote_validating_resolver() -> None:
+    parse_config = GatewayConfig.model_validate
+
+    overrides = [{"domain": "Example.NET", "mta_sts": "enforce"}]
+    config = parse_config(
+        {
+            "gateway": {"dns": {"nameservers": ["192.0.2.53"]}},
+            "outbound_security": {"dane": True, "mta_sts": False, "domains": overrides * 2},
+        }
+    )
+    assert [(p.path, p.message) for p in validate(config) if "outbound" in p.path] == [
+        ("outbound_security.domains[1].domain", "example.net is listed twice")
+    ]
+    found = {p.path: p.message for p in warnings(config)}
+    assert "local DNSSEC-validating resolver" in found["outbound_security.dane"]
+    assert "can be downgraded" in found["outbound_security.mta_sts"]
+    local = parse_config(
+        {"gateway": {"dns": {"nameservers": ["127.0.0.1"]}}, "outbound_security": {"dane": True}}
+    )
+    assert not [p for p in warnings(local) if p.path.startswith("outbound_security")]

@@ -394,6 +394,46 @@ def _pop3_warnings(config: GatewayConfig) -> list[FieldProblem]:
     return found
 
 
+def outbound_security_domains(config: GatewayConfig) -> list[FieldProblem]:
+    """One MTA-STS override per recipient domain."""
+    seen: set[str] = set()
+    found = []
+    for i, override in enumerate(config.outbound_security.domains):
+        if override.domain in seen:
+            found.append(
+                FieldProblem(
+                    f"outbound_security.domains[{i}].domain", f"{override.domain} is listed twice"
+                )
+            )
+        seen.add(override.domain)
+    return found
+
+
+def _outbound_security_warnings(config: GatewayConfig) -> list[FieldProblem]:
+    """DANE on a resolver whose AD bit cannot be trusted; MTA-STS switched off."""
+    settings, found = config.outbound_security, []
+    servers = config.gateway.dns.nameservers
+    local = bool(servers) and all(ipaddress.ip_address(s).is_loopback for s in servers)
+    if settings.dane and not local:
+        found.append(
+            FieldProblem(
+                "outbound_security.dane",
+                "DANE trusts the AD bit of gateway.dns: name a local DNSSEC-validating "
+                "resolver (e.g. unbound on 127.0.0.1); the bit is not protected on the way "
+                "from a remote one",
+            )
+        )
+    if not settings.mta_sts:
+        found.append(
+            FieldProblem(
+                "outbound_security.mta_sts",
+                "off: the MTA-STS policies of recipient domains are ignored, and mail to "
+                "them can be downgraded to plaintext or sent to an impostor's MX",
+            )
+        )
+    return found
+
+
 CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     something_to_listen_on,
     unique_names,
@@ -409,6 +449,7 @@ CHECKS: tuple[Callable[[GatewayConfig], list[FieldProblem]], ...] = (
     dkim_keys_usable,
     recipient_validation_domains,
     pop3_connectors,
+    outbound_security_domains,
 )
 
 
@@ -454,6 +495,7 @@ def warnings(config: GatewayConfig) -> list[FieldProblem]:
     found += _sender_domain_relay_warnings(config)
     found += _virus_warnings(config)
     found += _pop3_warnings(config)
+    found += _outbound_security_warnings(config)
     return name_objects(found + _admin_warnings(config), config)
 
 
