@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from tests.integration.observing import (
 def served(tmp_path: Path, sink: SinkHandle) -> Iterator[Served]:
     sink.behaviour.refuse["bounce@example.com"] = Reply.of(550, "5.1.1", "no such user here")
     sink.behaviour.refuse["later@example.com"] = Reply.of(451, "4.3.0", "try again later")
-    handle = serve(tmp_path, sink.port)
+    blocked = {"name": "blocked", "client_hosts": ["127.0.0.3"], "relay": "blocked"}
+    handle = serve(tmp_path, sink.port, connection_profiles=[blocked])
     yield handle
     handle.stop()
 
@@ -120,3 +122,19 @@ async def test_json_lines_carry_the_same_text_and_the_facts(
         assert (event["recipient"], event["status"]) == ("bob@example.com", "sent")
     finally:
         served.stop()
+
+
+def _greeting_from(port: int, source: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as c:
+        return c.recv(512)
+
+
+async def test_a_blocked_client_leaves_a_connect_reject_line(served: Served) -> None:
+    greeting = await asyncio.to_thread(_greeting_from, served.port, "127.0.0.3")
+    assert greeting.startswith(b"554 ")
+    found = await wait_until(lambda: _matching(served, "reject", stage="CONNECT"))
+    assert found, "\n".join(served.lines()[-30:])
+    refused = found[0]
+    assert (refused["queue_id"], refused["client"]) == ("NOQUEUE", "unknown[127.0.0.3]")
+    assert refused["reply"].startswith("554 ")
+    assert refused["facts"] == "listener=mx profile=blocked"
