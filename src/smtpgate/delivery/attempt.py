@@ -52,6 +52,7 @@ from smtpgate.tls.certificates import certificate_matches
 from smtpgate.tls.context import client_context
 
 log = get_logger("smtpgate.delivery")
+MAX_DOMAIN_FACTS = 1000
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ class Deliverer:
         if self._published is None:
             self._published = Published(self.resolver, config, self.report_submit)
         facts = await self._published.facts(config, job.domain, targets)
+        self._facts.pop(job.domain, None)
+        if len(self._facts) >= MAX_DOMAIN_FACTS:  # only running attempts need theirs
+            self._facts.pop(next(iter(self._facts)))
         self._facts[job.domain] = facts
         return facts
 

@@ -108,7 +108,12 @@ class SessionRecorder:
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
             private_file(self.path)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=5
+            )
+            # counters on the event loop: no fsync per session (a crash may lose the last few)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         return self._db
 
