@@ -121,6 +121,7 @@ class DeliveryAttempt:
     verified: bool = False  # the next hop's certificate was validated
     attempt: int = 1
     when: float = field(default_factory=_now)
+    verified_by: str = ""  # "dane" or "mta-sts" when the domain's policy asked for it
 
 
 @dataclass(frozen=True)

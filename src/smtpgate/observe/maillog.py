@@ -88,9 +88,15 @@ def delivery_line(event: DeliveryAttempt) -> str:
         f"{event.queue_id}: to=<{clean(event.recipient)}>, relay={clean(event.relay)},"
         f" connector={event.connector}, delay={seconds(event.delay)}, delays={a}/{b}/{c}/{d},"
         f" dsn={event.dsn}, tls={tls_short(event.tls)},"
-        f" verified={'yes' if event.verified else 'no'},"
+        f" verified={_verified(event)},"
         f" status={event.status} ({clean(event.reply)})"
     )
+
+
+def _verified(event: DeliveryAttempt) -> str:
+    if not event.verified:
+        return "no"
+    return event.verified_by or "yes"
 
 
 def refused_line(event: Refused) -> str:

@@ -436,6 +436,7 @@ class QueueManager:
                 delay, (before, waited, took - transmit, transmit), dsn, status, reply,
                 report.tls if report and report.relay else None,
                 bool(report and report.verified), r.attempts + 1,
+                verified_by=report.verified_by if report else "",
             )
         )  # fmt: skip
 
