@@ -96,3 +96,11 @@ def test_iso_times_are_utc() -> None:
     assert tracking.parse_when("2026-01-01T00:00:00Z") == tracking.parse_when("2026-01-01")
     with pytest.raises(ValueError, match="Invalid"):
         tracking.parse_when("yesterday")
+
+
+def test_a_flood_of_refused_connections_is_not_stored_whole() -> None:
+    client = Client("192.0.2.7", listener="mx", profile="blocked")
+    first = Refused("CONNECT", client, 554, "5.7.1", "554 5.7.1 no", "blocked")
+    again = Refused("CONNECT", client, 554, "5.7.1", "554 5.7.1 no", "blocked", first=False)
+    assert tracking.row(first) is not None
+    assert tracking.row(again) is None

@@ -99,6 +99,8 @@ def row(event: Event) -> tuple[float, str, str, str, str | None, str, str, str] 
             rcpts, event.client.ip, data,
         )  # fmt: skip
     if isinstance(event, Refused):
+        if not event.first:  # a flood of refused connections: summarised, as in the log
+            return None
         rcpt = f"\n{event.recipient.lower()}\n" if event.recipient else ""
         sender = event.sender.lower() if event.sender is not None else None
         qid = event.queue_id or NOQUEUE
