@@ -155,14 +155,20 @@ async def start_pair(
     dns_port: int,
     hop_cert: tuple[Path, Path],
     outbound_security: dict[str, Any],
+    *,
+    hop_extra: dict[str, Any] | None = None,
+    mx_domains: tuple[str, ...] = ("example.com",),
+    **sender_extra: Any,
 ) -> tuple[GatewayHandle, GatewayHandle, Path]:
-    """The next hop (gw0, STARTTLS with ``hop_cert``) and the sender (gw1)."""
+    """The next hop (gw0, STARTTLS with ``hop_cert``) and the sender (gw1), which
+    delivers to ``mx_domains`` by MX."""
     hop = await factory(
         spoof_detection=False,
         listeners=[
             {"name": "mx", "address": "127.0.0.1:0", "security": "starttls", "certificate": "mx"}
         ],
         certificates=[{"name": "mx", "cert": str(hop_cert[0]), "key": str(hop_cert[1])}],
+        **(hop_extra or {}),
     )
     sender = await factory(
         spoof_detection=False,
@@ -174,7 +180,7 @@ async def start_pair(
                 "name": "mx",
                 "security": "starttls",
                 "deliver": {"dns": {"port": hop.port}},
-                "namespaces": [{"sender": "*", "recipient": "example.com"}],
+                "namespaces": [{"sender": "*", "recipient": d} for d in mx_domains],
             },
             {
                 "name": "to-sink",
@@ -183,5 +189,6 @@ async def start_pair(
                 "namespaces": [{"sender": "*", "recipient": "example.org"}],
             },
         ],
+        **sender_extra,
     )
     return hop, sender, tmp_path / "gw1"

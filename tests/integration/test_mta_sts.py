@@ -19,6 +19,7 @@ from smtpgate.config.schema import DnsSettings
 from smtpgate.delivery.mtasts import StsCache
 from smtpgate.delivery.tlsrpt import SessionRecorder, utc_day
 from smtpgate.dns import DnsResolver
+from smtpgate.queue.store import Filters, QueueStore
 from tests.conftest import Certs, GatewayFactory, SinkHandle
 from tests.dnsserver import DnsServer
 from tests.integration.outbound_security import (
@@ -192,6 +193,43 @@ async def test_an_override_to_enforce_without_a_policy_needs_a_valid_certificate
     state, reply = await wait_state(data_dir, "deferred")
     assert (state, reply[:5]) == ("deferred", "4.7.5")
     assert world.https.requests == []
+
+
+async def test_a_cached_connection_never_carries_mail_an_enforce_policy_protects(
+    world: World, gateway_factory: GatewayFactory, sink: SinkHandle, tmp_path: Path
+) -> None:
+    """The same MX serves a domain without a policy first: its connection, kept for
+    reuse, was never checked against example.com's policy and must not be used."""
+    world.https.responses[POLICY_PATH] = policy_response(policy_text("enforce", "mx.example.com"))
+    world.dns.records["plain.example.", "MX"] = ["10 mx.example.com."]
+    hop_cert = issue(world.certs.ca, world.directory, "other.example.net")
+    hop = {
+        "hosted_domains": ["example.com", "example.org", "plain.example"],
+        "send_connectors": [
+            {
+                "name": "to-sink",
+                "security": "none",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
+            }
+        ],
+    }
+    _, sender, data_dir = await start_pair(
+        gateway_factory, sink, world.certs, tmp_path, world.dns_port, hop_cert,
+        {"mta_sts_port": world.https.port}, hop_extra=hop,
+        mx_domains=("example.com", "plain.example"),
+        queue={"connection_cache_time": 30}, hosted_domains=hop["hosted_domains"],
+    )  # fmt: skip
+    await asyncio.to_thread(send, sender.port, "bob@plain.example")
+    assert len(await sink.wait_for(1)) == 1
+    await asyncio.to_thread(send, sender.port, "alice@example.com")
+    await asyncio.sleep(1)
+    assert len(sink.messages()) == 1
+    store = QueueStore(data_dir / "queue")
+    try:
+        [waiting] = [m for m in store.list(Filters()) if m.recipients[0].state == "deferred"]
+    finally:
+        store.close()
+    assert (waiting.recipients[0].last_reply or "").startswith("4.7.5")
 
 
 # -- the fetch and the cache, against the same real servers -------------------------------

@@ -148,7 +148,12 @@ class Deliverer:
                 refused = last = policy.refusal
                 self._record(job, policy, host, address, "validation-failure", policy.refusal)
                 continue
-            cached = await self._cached(job.connector.name, address, port)
+            # a kept connection was checked against another domain's policy, if any: never
+            # for mail that this domain's DANE or MTA-STS enforce protects
+            protected = policy.published == "tlsa" or (
+                policy.published == "sts" and not policy.testing
+            )
+            cached = None if protected else await self._cached(job.connector.name, address, port)
             if cached is not None:
                 report = await self._on(cached, job, host, policy, fresh=False)
                 if report is not None and not report.connection_lost:
