@@ -423,6 +423,17 @@ class ConnectorHealthSettings(Strict):
     probe_interval: Duration = 30.0
 
 
+class ShapingRule(Strict):
+    """Limits for the (send connector, destination) pairs both patterns match; the
+    first matching rule applies (``queue/shaping.py``)."""
+
+    connector: str = Field(default="*", min_length=1, max_length=255)
+    destination: str = Field(default="*", min_length=1, max_length=255)  # domain or host:port
+    concurrency: int | None = Field(default=None, ge=1, le=1000)
+    messages_per_connection: int | None = Field(default=None, ge=1, le=100_000)
+    rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+
+
 class QueueSettings(Strict):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     delay_warning: Duration | None = 4 * 3600.0  # None: no delay warnings
@@ -430,6 +441,8 @@ class QueueSettings(Strict):
     destination_concurrency: int = Field(default=20, ge=1)  # per destination (Postfix: 20)
     connection_cache_time: Duration = 5.0  # keep an idle connection for reuse this long
     connector_health: ConnectorHealthSettings = Field(default_factory=ConnectorHealthSettings)
+    shaping: list[ShapingRule] = Field(default_factory=list, max_length=1000)
+    shaping_feedback_hold: Duration = 300.0  # a "too many connections" lowers for this long
 
 
 def normalise_client_host(value: str) -> str:

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpgate.config.schema import SendConnector, Timeouts
@@ -123,6 +124,8 @@ class Deliverer:
     timeouts: Timeouts
     resolver: Resolver
     cache_time: float = 5.0
+    # transactions on one connection before it is closed (0: no limit; queue/shaping.py)
+    per_connection: Callable[[Job], int] = lambda _job: 0
     _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     report_submit: Submit | None = None  # queues TLS reports (set by the composition root)
@@ -168,8 +171,9 @@ class Deliverer:
             except _TlsFellThrough as failed:
                 log.info("opportunistic TLS failed, retrying without", host=host, error=str(failed))
                 report = await self._plaintext(job, host, address, port, policy)
-            if report is None:
-                last = f"{host} did not greet with 220"
+            if report is None or not report.reached:
+                greeted = f" ({report.remote})" if report and report.remote else ""
+                last = f"{host} did not greet with 220{greeted}"
                 continue
             return report
         if refused is not None and last == refused:
@@ -276,7 +280,7 @@ class Deliverer:
                 if refusal is not None:
                     await client.close()
                     relay = _relay(client, host)
-                    return dataclasses.replace(refusal, relay=relay) if refusal.reached else None
+                    return dataclasses.replace(refusal, relay=relay) if refusal.reached else refusal
             report = await self._transaction(client, job, host)
         except _TlsFellThrough:
             await client.close()
@@ -288,6 +292,10 @@ class Deliverer:
             return dataclasses.replace(lost, relay=_relay(client, host))
         if not report.reusable:
             await client.close()
+            return report
+        client.transactions += 1
+        if 0 < self.per_connection(job) <= client.transactions:
+            await client.close()  # the destination's messages_per_connection
             return report
         if any(o.code == 421 for o in report.outcomes):
             # The server is closing the channel (RFC 5321 §3.8), e.g. an idle timeout on a
@@ -307,8 +315,8 @@ class Deliverer:
         plaintext: bool = False,
     ) -> AttemptReport | None:
         greeting = await client.greeting()
-        if greeting.code != 220:
-            return AttemptReport([], reached=False)
+        if greeting.code != 220:  # e.g. 421 "too many connections": kept for the reason
+            return AttemptReport([], reached=False, remote=greeting.text())
         reply = await client.hello(self.hostname)
         if reply.code != 250:
             return AttemptReport(_all(job, reply.code, reply.text()), reached=True)

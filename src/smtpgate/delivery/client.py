@@ -45,6 +45,7 @@ class SmtpClient:
         self.peer_port = 0
         self.verified = False  # the peer's certificate passed chain and name checks
         self.verified_by = ""  # "dane" or "mta-sts": what the recipient domain published
+        self.transactions = 0  # mail transactions done on this connection
 
     @property
     def extensions(self) -> dict[str, str]:

@@ -18,8 +18,10 @@ Rules kept here:
 * Reports (RFC 3464) go to the sender as NOTIFY asks; a report that cannot
   be delivered goes to ``gateway.admin_address``; one to the administrator
   that fails is logged and dropped. Reports re-enter through ingest.
-* Attempts run under a global limit and a per-destination limit, off the
-  inbound path: a slow destination never slows the listeners.
+* Attempts run under a global limit and the destination's shaping
+  (``queue/shaping.py``: concurrency with feedback, messages per
+  connection, rate), off the inbound path: a slow destination never slows
+  the listeners.
 * Time comes from the queue's :class:`~smtpgate.queue.clock.Clock`.
 """
 
@@ -57,6 +59,7 @@ from smtpgate.queue.schedule import (
     enhanced_status,
     expired,
 )
+from smtpgate.queue.shaping import Shaper
 from smtpgate.queue.states import ATTEMPTABLE, MessageKind, RecipientState
 from smtpgate.queue.store import QueuedMessage, QueuedRecipient, RecipientUpdate
 from smtpgate.snapshot import Snapshot
@@ -99,7 +102,10 @@ class QueueManager:
         self._resting: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_deliveries)
-        self._destinations: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self.shaper = Shaper(lambda: self.settings)  # per destination (queue/shaping.py)
+        deliverer.per_connection = lambda job: self.shaper.per_connection(
+            job.connector.name, self._destination(job.connector, f"x@{job.domain}")
+        )
         self._stopping = asyncio.Event()
         self.health = ConnectorHealth(self._health_settings, queue.directory.parent / HEALTH_FILE)
 
@@ -342,10 +348,6 @@ class QueueManager:
         destination: str,
         body: StoredBody,
     ) -> AttemptReport:
-        key = (connector.name, destination)
-        limit = self._destinations.setdefault(
-            key, asyncio.Semaphore(self.settings.destination_concurrency)
-        )
         job = Job(
             connector,
             message.sender,
@@ -356,10 +358,12 @@ class QueueManager:
             self.current(),
         )
         asked = time.monotonic()
-        async with self._slots, limit:
+        # the destination's slot (and rate) first: waiting for it holds no global slot
+        async with self.shaper.slot(connector.name, destination), self._slots:
             started = time.monotonic()
             report = await self.deliverer.attempt(job)
         took = time.monotonic() - started
+        await self.shaper.feedback(connector.name, destination, report)
         return dataclasses.replace(report, waited=started - asked, took=took)
 
     def _outcome(  # noqa: PLR0913, PLR0917 - one recipient's outcome and its context
