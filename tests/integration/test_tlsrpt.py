@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from smtpgate.delivery.tlsrpt import RESULT_TYPES, build_report, utc_day
@@ -160,9 +161,12 @@ def _check_report(report: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.parametrize("by", ["cli", "gateway"])
 async def test_a_days_report_is_valid_and_reaches_both_rua(
-    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path, by: str
 ) -> None:
+    """``by``: ``smtpgate tlsrpt send`` (the queue store), or the gateway's own daily
+    run (its queue)."""
     directory = tmp_path / "certs"
     directory.mkdir()
     cert, key = issue(certs.ca, directory, "mta-sts.example.com", "127.0.0.1")
@@ -205,10 +209,15 @@ async def test_a_days_report_is_valid_and_reaches_both_rua(
         config = tmp_path / "sender.yaml"
         config.write_text(yaml.safe_dump(document))
         day = utc_day()
-        code, out = await run_tool(
-            SMTPGATE, "tlsrpt", "send", "--config", str(config), "--day", day
-        )
-        assert code == 0, out
+        if by == "cli":
+            code, out = await run_tool(
+                SMTPGATE, "tlsrpt", "send", "--config", str(config), "--day", day
+            )
+            assert code == 0, out
+        else:
+            published = sender.gateway.manager.deliverer._published  # its daily run, now
+            assert published is not None
+            out = "\n".join(await published.send_reports(day))
         assert "example.com: queued" in out
         assert f"example.com: posted to https://127.0.0.1:{https.port}/tlsrpt" in out
 
