@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from smtpgate.config.secret import encrypt, load_key
+from smtpgate.config.store import ConfigStore
 from tests.clock import empty, wait_queue
 from tests.conftest import (
     SMTPGATE,
@@ -279,3 +280,38 @@ async def test_a_crash_between_fetch_and_delete_loses_nothing_and_delivers_once(
     )
     assert subjects == [f"Subject: fetched {n}".encode() for n in range(4)], found
     assert again.stop() == 0
+    # `serve` keeps the ids and the lease in its configuration store (shared by a cluster)
+    store = ConfigStore.open(tmp_path / "gwp")
+    try:
+        kept = store.metas("pop3:")
+    finally:
+        store.close()
+    assert sorted(k.split(":")[1] for k in kept) == ["lease", "seen"]
+    assert not (tmp_path / "gwp" / "pop3-state.json").exists()
+
+
+async def test_the_connectors_profile_decides_and_a_refused_message_stays(
+    gateway_factory: GatewayFactory,
+    sink: SinkHandle,
+    dovecot: Dovecot,
+    certs: Certs,
+    tmp_path: Path,
+) -> None:
+    dovecot.deliver("inbox", message(1))
+    secret = {"password_file": password_file(tmp_path / "secrets")}
+    blocked = {"name": "fetched", "client_hosts": ["192.0.2.1"], "relay": "blocked"}
+    gw = await gateway_factory(
+        **tls(certs),
+        connection_profiles=[blocked],
+        **pop3(dovecot.pop3s, "implicit-tls", secret, profile="fetched"),
+    )
+    fetcher = gw.gateway.fetcher
+    assert fetcher is not None
+    deadline = time.monotonic() + 10
+    while fetcher.polls < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert sink.messages() == []
+    assert dovecot.count("inbox") == 1  # refused: left where the operator finds it
+    state = (gw.gateway.current().config.gateway.data_dir / "pop3-state.json").read_text()
+    assert '"refused"' in state  # and not fetched again at every poll
