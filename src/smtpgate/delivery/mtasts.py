@@ -148,6 +148,8 @@ class StsCache:
                 log.info("MTA-STS policy unusable", domain=domain, kind=exc.kind, error=str(exc))
             if len(self._failed) >= MAX_DOMAINS:
                 self._failed = {d: f for d, f in self._failed.items() if now - f[0] < FAILED_RETRY}
+                if len(self._failed) >= MAX_DOMAINS:
+                    self._failed.clear()
             self._failed[domain] = (now, exc.kind)
             return (cached.fact if cached else None), (None if cached else exc.kind)
         self._failed.pop(domain, None)
