@@ -32,6 +32,8 @@ for initdb in /usr/lib/postgresql/*/bin/initdb; do
 done
 [ -n "$postgres" ] || missing="$missing postgresql"
 need_command chromium chromium  # the console's browser tests
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] ||
+    missing="$missing fonts-dejavu-core"  # readable text in the console's screenshots
 need_command rspamd rspamd  # the spam scanning tests start a private rspamd
 need_command slapd slapd  # the recipient validation tests start a private LDAP directory
 [ -x /usr/sbin/clamd ] || need_command clamd clamav-daemon  # the virus scanning tests start a private clamd

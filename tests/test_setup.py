@@ -40,10 +40,19 @@ def test_the_requirement_check_says_what_is_missing_in_one_line(tmp_path: Path) 
         check=False,
     )
     sasl = "" if list(Path("/usr/lib").glob("*/sasl2/libplain.so")) else " libsasl2-modules"
+    # found by path, not by PATH: listed only where this machine lacks them
+    postgres = "" if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else " postgresql"
+    font = (
+        ""
+        if Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists()
+        else " fonts-dejavu-core"
+    )
+    clamd = "" if Path("/usr/sbin/clamd").exists() else " clamav-daemon"
+    dovecot = "" if Path("/usr/lib/dovecot/pop3").exists() else " dovecot-pop3d"
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
         "make test needs root (the tests run a private Postfix) and: swaks libnet-ssleay-perl "
-        f"libio-socket-ssl-perl postfix sasl2-bin{sasl} testssl.sh; "
-        "sudo .ci/run installs them and runs the tests"
+        f"libio-socket-ssl-perl postfix sasl2-bin{sasl} testssl.sh{postgres} chromium{font} "
+        f"rspamd slapd{clamd}{dovecot}; sudo .ci/run installs them and runs the tests"
     ]
