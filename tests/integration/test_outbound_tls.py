@@ -153,3 +153,63 @@ async def test_mandatory_tls_without_a_common_version_defers_once_and_backs_off(
     assert (state, attempts) == ("deferred", 1)
     assert "4.7.5 TLS with 127.0.0.1 failed" in reply
     assert sink.messages() == []
+
+
+async def test_a_kept_connection_never_carries_mail_its_certificate_was_not_checked_for(
+    gateway_factory: GatewayFactory, sink: SinkHandle, certs: Certs, tmp_path: Path
+) -> None:
+    """The hop's certificate names localhost, not example.com. A connection kept after
+    delivering to alice@localhost (checked against "localhost") must not carry the
+    next message to example.com, whose check would fail: a fresh one is opened and
+    its certificate refused."""
+    domains = ["example.com", "localhost"]
+    hop = await gateway_factory(
+        spoof_detection=False,
+        hosted_domains=domains,
+        listeners=[
+            {"name": "mx", "address": "127.0.0.1:0", "security": "starttls", "certificate": "gw"}
+        ],
+        certificates=[{"name": "gw", "cert": str(certs.cert_file), "key": str(certs.key_file)}],
+        send_connectors=[
+            {
+                "name": "to-sink",
+                "deliver": {"smarthost": {"host": "127.0.0.1", "port": sink.port}},
+                "security": "none",
+            }
+        ],
+    )
+    port = await _sender(
+        gateway_factory,
+        hop.port,
+        {"mandatory": True, "validate_certificate": True, "match": ["recipient_domain"]},
+        tls={"ca_files": [str(certs.ca_file)]},
+        hosted_domains=domains,
+        queue={"connection_cache_time": 30},
+    )
+
+    def send(to: str) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("bob@example.org", [to], b"Subject: t\r\n\r\nx\r\n")
+
+    await asyncio.to_thread(send, "alice@localhost")
+    await sink.wait_for(1)
+    await asyncio.to_thread(send, "alice@example.com")
+    for _ in range(50):
+        states = [_recipient_state(tmp_path, "alice@example.com")]
+        if states[0] == "deferred":
+            break
+        await asyncio.sleep(0.1)
+    assert states == ["deferred"]
+    assert len(sink.messages()) == 1  # only the message to localhost went out
+
+
+def _recipient_state(tmp_path: Path, address: str) -> str | None:
+    store = QueueStore(tmp_path / "gw1" / "queue")
+    try:
+        for message in store.list(Filters()):
+            for recipient in message.recipients:
+                if recipient.address == address:
+                    return str(recipient.state)
+    finally:
+        store.close()
+    return None

@@ -116,6 +116,19 @@ class _Cached:
     handle: asyncio.TimerHandle
 
 
+# A kept connection serves only mail with the same TLS requirement to the same host
+# name: one opened for opportunistic TLS (or verified for another name) must never
+# carry mail whose profile demands a validated certificate.
+CacheKey = tuple[str, str, int, str, tuple[object, ...]]
+
+
+def cache_key(
+    connector: str, address: str, port: int, host: str, policy: OutboundPolicy
+) -> CacheKey:
+    requirement = (policy.mandatory, policy.validate, policy.names, policy.minimum)
+    return (connector, address, port, host, (*requirement, policy.strength))
+
+
 @dataclass
 class Deliverer:
     """Runs attempts; owns the cache of idle connections."""
@@ -126,7 +139,7 @@ class Deliverer:
     cache_time: float = 5.0
     # transactions on one connection before it is closed (0: no limit; queue/shaping.py)
     per_connection: Callable[[Job], int] = lambda _job: 0
-    _cache: dict[tuple[str, str, int], list[_Cached]] = field(default_factory=dict)
+    _cache: dict[CacheKey, list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     report_submit: Submit | None = None  # queues TLS reports (set by the composition root)
     _published: Published | None = None
@@ -156,7 +169,8 @@ class Deliverer:
             protected = policy.published == "tlsa" or (
                 policy.published == "sts" and not policy.testing
             )
-            cached = None if protected else await self._cached(job.connector.name, address, port)
+            key = cache_key(job.connector.name, address, port, host, policy)
+            cached = None if protected else await self._cached(key)
             if cached is not None:
                 report = await self._on(cached, job, host, policy, fresh=False)
                 if report is not None and not report.connection_lost:
@@ -273,7 +287,7 @@ class Deliverer:
         plaintext: bool = False,
     ) -> AttemptReport | None:
         """The conversation on one connection; None when the server did not greet."""
-        key = (job.connector.name, client.peer_address, client.peer_port)
+        key = cache_key(job.connector.name, client.peer_address, client.peer_port, host, policy)
         try:
             if fresh:
                 refusal = await self._open(client, job, host, policy, plaintext=plaintext)
@@ -412,24 +426,24 @@ class Deliverer:
 
     # -- connection cache ------------------------------------------------------
 
-    async def _cached(self, connector: str, address: str, port: int) -> SmtpClient | None:
+    async def _cached(self, key: CacheKey) -> SmtpClient | None:
         """An idle connection to reuse (Postfix's connection cache); no probe round trip:
         a connection that turns out dead is replaced by a fresh one (see attempt)."""
-        idle = self._cache.get((connector, address, port))
+        idle = self._cache.get(key)
         if idle:
             entry = idle.pop()
             entry.handle.cancel()
             return entry.client
         return None
 
-    def _keep(self, key: tuple[str, str, int], client: SmtpClient) -> None:
+    def _keep(self, key: CacheKey, client: SmtpClient) -> None:
         if self.cache_time <= 0:
             self._close_later(client)
             return
         handle = asyncio.get_running_loop().call_later(self.cache_time, self._expire, key, client)
         self._cache.setdefault(key, []).append(_Cached(client, handle))
 
-    def _expire(self, key: tuple[str, str, int], client: SmtpClient) -> None:
+    def _expire(self, key: CacheKey, client: SmtpClient) -> None:
         idle = self._cache.get(key, [])
         for entry in [e for e in idle if e.client is client]:
             idle.remove(entry)
