@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -66,21 +65,6 @@ async def test_not_ready_while_the_queue_database_cannot_be_written(served: Serv
     finally:
         holder.execute("rollback")
         holder.close()
-    await until(served, 200)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the file mode says")
-async def test_not_ready_while_the_queue_database_is_read_only(served: Served) -> None:
-    await until(served, 200)
-    queue = served.data_dir / "queue"
-    files = [queue / name for name in ("queue.db", "queue.db-wal", "queue.db-shm")]
-    try:
-        for path in files:
-            path.chmod(0o400)
-        await until(served, 503)
-    finally:
-        for path in files:
-            path.chmod(0o600)
     await until(served, 200)
 
 
