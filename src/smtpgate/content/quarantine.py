@@ -54,25 +54,10 @@ _ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 
 def envelope_dict(envelope: Envelope) -> dict[str, Any]:
-    p = envelope.mail_params
     return {
         "sender": envelope.sender,
-        "recipients": [
-            {
-                "address": r.address,
-                "notify": sorted(r.params.notify) if r.params.notify is not None else None,
-                "orcpt": list(r.params.orcpt) if r.params.orcpt else None,
-            }
-            for r in envelope.recipients
-        ],
-        "params": {
-            "size": p.size,
-            "body": p.body,
-            "smtputf8": p.smtputf8,
-            "ret": p.ret,
-            "envid": p.envid,
-            "auth": p.auth,
-        },
+        "recipients": [{"address": r.address, **r.params.as_dict()} for r in envelope.recipients],
+        "params": envelope.mail_params.as_dict(),
         "helo": envelope.helo,
         "client_ip": envelope.client_ip,
         "client_port": envelope.client_port,
@@ -84,28 +69,11 @@ def envelope_dict(envelope: Envelope) -> dict[str, Any]:
 
 
 def envelope_of(raw: dict[str, Any]) -> Envelope:
-    p = raw.get("params", {})
-    recipients = tuple(
-        Recipient(
-            r["address"],
-            RcptParams(
-                notify=frozenset(r["notify"]) if r.get("notify") is not None else None,
-                orcpt=(r["orcpt"][0], r["orcpt"][1]) if r.get("orcpt") else None,
-            ),
-        )
-        for r in raw["recipients"]
-    )
+    recipients = tuple(Recipient(r["address"], RcptParams.from_dict(r)) for r in raw["recipients"])
     return Envelope(
         raw["sender"],
         recipients,
-        MailParams(
-            size=p.get("size"),
-            body=p.get("body"),
-            smtputf8=bool(p.get("smtputf8")),
-            ret=p.get("ret"),
-            envid=p.get("envid"),
-            auth=p.get("auth"),
-        ),
+        MailParams.from_dict(raw.get("params", {})),
         helo=raw.get("helo", ""),
         client_ip=raw.get("client_ip", ""),
         client_port=raw.get("client_port", 0),

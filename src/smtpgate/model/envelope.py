@@ -8,7 +8,7 @@ RFC 6531 (SMTPUTF8), RFC 3461 (DSN) and RFC 4954 §5 (AUTH=).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Notify = Literal["SUCCESS", "FAILURE", "DELAY"]
 
@@ -24,6 +24,28 @@ class MailParams:
     envid: str | None = None  # RFC 3461 §4.4, xtext-decoded
     auth: str | None = None  # RFC 4954 §5, xtext-decoded; "<>" when unknown
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the queue's and the quarantine's records."""
+        return {
+            "size": self.size,
+            "body": self.body,
+            "smtputf8": self.smtputf8,
+            "ret": self.ret,
+            "envid": self.envid,
+            "auth": self.auth,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MailParams:
+        return cls(
+            size=raw.get("size"),
+            body=raw.get("body"),
+            smtputf8=bool(raw.get("smtputf8")),
+            ret=raw.get("ret"),
+            envid=raw.get("envid"),
+            auth=raw.get("auth"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RcptParams:
@@ -31,6 +53,21 @@ class RcptParams:
 
     notify: frozenset[Notify] | None = None  # empty set means NEVER
     orcpt: tuple[str, str] | None = None  # (address type, decoded address)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the queue's and the quarantine's records."""
+        return {
+            "notify": sorted(self.notify) if self.notify is not None else None,
+            "orcpt": list(self.orcpt) if self.orcpt else None,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RcptParams:
+        notify, orcpt = raw.get("notify"), raw.get("orcpt")
+        return cls(
+            notify=frozenset(notify) if notify is not None else None,
+            orcpt=(orcpt[0], orcpt[1]) if orcpt else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,7 +120,7 @@ class QueuedMessage:
 
     @property
     def mail_params(self) -> MailParams:
-        return _mail_params(self.meta.get("params", {}))
+        return MailParams.from_dict(self.meta.get("params", {}))
 
 
 @dataclass(frozen=True)
@@ -134,38 +134,10 @@ class RecipientUpdate:
     warned: bool | None = None
 
 
-def _mail_params(raw: dict[str, Any]) -> MailParams:
-    return MailParams(
-        size=raw.get("size"),
-        body=raw.get("body"),
-        smtputf8=bool(raw.get("smtputf8")),
-        ret=raw.get("ret"),
-        envid=raw.get("envid"),
-        auth=raw.get("auth"),
-    )
-
-
-def _rcpt_params(raw: dict[str, Any]) -> RcptParams:
-    notify = raw.get("notify")
-    orcpt = raw.get("orcpt")
-    return RcptParams(
-        notify=frozenset(notify) if notify is not None else None,
-        orcpt=(orcpt[0], orcpt[1]) if orcpt else None,
-    )
-
-
 def _meta(envelope: Envelope) -> str:
-    p = envelope.mail_params
     return json.dumps(
         {
-            "params": {
-                "size": p.size,
-                "body": p.body,
-                "smtputf8": p.smtputf8,
-                "ret": p.ret,
-                "envid": p.envid,
-                "auth": p.auth,
-            },
+            "params": envelope.mail_params.as_dict(),
             "helo": envelope.helo,
             "client_ip": envelope.client_ip,
             "tls": envelope.tls,
@@ -177,13 +149,7 @@ def _meta(envelope: Envelope) -> str:
 
 
 def _params(recipient: Recipient) -> str:
-    p = recipient.params
-    return json.dumps(
-        {
-            "notify": sorted(p.notify) if p.notify is not None else None,
-            "orcpt": list(p.orcpt) if p.orcpt else None,
-        }
-    )
+    return json.dumps(recipient.params.as_dict())
 
 
 class QueueStore:
@@ -295,7 +261,7 @@ class QueueStore:
                 QueuedRecipient(
                     r[0],
                     r[1],
-                    _rcpt_params(json.loads(r[2])),
+                    RcptParams.from_dict(json.loads(r[2])),
                     RecipientState(r[3]),
                     r[4],
                     r[5],
