@@ -34,6 +34,7 @@ from smtpgate.delivery.verify import verify_connector
 from smtpgate.dns import DnsResolver, confirmed_names
 from smtpgate.errors import NotFound
 from smtpgate.policy.explain import Facts, UnknownListenerError
+from smtpgate.queue.states import PendingState
 from smtpgate.queue.store import QueueStore
 from smtpgate.snapshot import Snapshot
 
@@ -88,7 +89,7 @@ def operation_routes(router: APIRouter, service: ConfigService) -> None:
 
     @router.get("/queue", tags=["queue"])
     def listing(
-        state: Literal["queued", "deferred", "held", "bounce"] | None = None,
+        state: PendingState | None = None,
         sender: str | None = None,
         recipient: str | None = None,
         domain: str | None = None,

@@ -18,6 +18,7 @@ A recipient's life::
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Literal, get_args
 
 
 class RecipientState(StrEnum):
@@ -36,6 +37,9 @@ PENDING = (
     RecipientState.HELD,
     RecipientState.BOUNCE,
 )
+# The same names as a type, for the API's filters (its OpenAPI schema lists them).
+PendingState = Literal["queued", "deferred", "held", "bounce"]
+assert set(get_args(PendingState)) == {str(state) for state in PENDING}
 # The manager picks these up once their next attempt has come.
 DUE = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.BOUNCE)
 # A run attempts delivery to these (a BOUNCE recipient is bounced, not attempted).
