@@ -508,6 +508,7 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
         "roles": list(running.roles),
         "version": __version__,
         "admin": gateway.started.admin.listen,
+        "scanners": registry.states(gateway.scanners),
     }
 
 

@@ -180,3 +180,21 @@ async def test_over_the_limit_refused_or_deferred_by_setting(
     code, text = await refused(port, over_max_size)
     assert (code, text[:6]) == (451, b"4.7.1 ")
     assert sink.messages() == []
+
+
+async def test_a_scanner_that_is_down_shows_in_the_gateways_status(
+    gateway_factory: GatewayFactory, sink: SinkHandle, clamd: Clamd
+) -> None:
+    """What the gateway publishes for /api/v1/status and cluster status."""
+    from smtpgate.app import status_of  # noqa: PLC0415
+
+    handle = await gateway_factory(virus={"clamd": clamd.address, "timeout": 10, "fail": "open"})
+    assert status_of(handle.gateway)["scanners"]["clamd"] == "up"
+    clamd.stop()
+    code, _ = await asyncio.to_thread(send, handle.port, message(b"while clamd is away"))
+    assert code == 250
+    assert status_of(handle.gateway)["scanners"]["clamd"].startswith("down: ")
+    await clamd.start()
+    code, _ = await asyncio.to_thread(send, handle.port, message(b"and back"))
+    assert code == 250
+    assert status_of(handle.gateway)["scanners"]["clamd"] == "up"

@@ -154,6 +154,7 @@ def cluster(store: ConfigStore, now: float) -> dict[str, Any]:
                 "hostname": report.get("hostname"),
                 "pid": report.get("pid"),
                 "queue": report.get("queue", {}),
+                "scanners": report.get("scanners", {}),
             }
         )
     return {"applied_revision": applied, "nodes": found}

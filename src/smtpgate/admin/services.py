@@ -436,5 +436,6 @@ def node_status(store: ConfigStore, data_dir: Path, node: str) -> dict[str, Any]
         "restart_required": published.get("restart_required", []),
         "listeners": published.get("listeners", []),
         "pid": published.get("pid"),
+        "scanners": published.get("scanners", {}),
         "queue": counts,
     }

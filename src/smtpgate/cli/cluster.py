@@ -132,6 +132,11 @@ def status_text(found: dict[str, Any]) -> str:
             line += f", roles {', '.join(node['roles'])}"
         if node["error"]:
             line += f"; error: {node['error']}"
+        down = [
+            f"{name} {state}" for name, state in node.get("scanners", {}).items() if state != "up"
+        ]
+        if down:
+            line += "; scanner " + ", ".join(down)
         lines.append(line)
     key = found.get("secret_key")
     if key is not None:

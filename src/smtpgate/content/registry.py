@@ -26,3 +26,13 @@ async def close(found: list[Scanner]) -> None:
         aclose = getattr(scanner, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def states(found: list[Scanner]) -> dict[str, str]:
+    """Each scanner's state for ``/status`` and ``cluster status``: ``up``, or
+    ``down: why`` during an outage (the scanner keeps that as ``down``)."""
+    out = {}
+    for scanner in found:
+        down = getattr(scanner, "down", None) or getattr(scanner, "_dns_down", None)
+        out[scanner.name] = f"down: {down}" if isinstance(down, str) else "down" if down else "up"
+    return out
