@@ -121,3 +121,25 @@ def test_the_default_profile_is_edited_like_a_profile(
     assert "default profile: relay none → blocked" in admin.get("/changes").text
     assert 'action="/default-profile/relay"' not in auditor.get("/default-profile").text
     assert post(auditor, "/default-profile/relay", {"relay": "none"}).status_code == 403
+
+
+def test_every_other_shared_section_is_edited_as_yaml_and_checked(
+    service: ConfigService, admin: TestClient, auditor: TestClient
+) -> None:
+    page = admin.get("/settings").text
+    for section in ("spam", "virus", "sender_auth", "outbound_security", "receive_connectors"):
+        assert f'id="{section}"' in page
+    assert 'id="listeners"' not in page  # node-local: each node's file
+    bad = post(admin, "/settings/virus", {"text": "clamd: nowhere\ninfected: shrug\n"})
+    assert bad.status_code == 422
+    assert "virus.infected" in bad.text
+    assert "shrug" in bad.text  # what was typed stays in the box
+    broken = post(admin, "/settings/spam", {"text": "check_outbound: [\n"})
+    assert broken.status_code == 422
+    assert "YAML syntax error" in broken.text
+    good = post(admin, "/settings/spam", {"text": "check_outbound: true\n"})
+    assert good.status_code == 303
+    assert service.working()[0]["spam"]["check_outbound"] is True
+    assert "spam: check_outbound false → true" in admin.get("/changes").text
+    assert 'action="/settings/spam"' not in auditor.get("/settings").text
+    assert post(auditor, "/settings/spam", {"text": "check_outbound: false\n"}).status_code == 403

@@ -23,12 +23,16 @@ from smtpgate.config.schema import (
     Limits,
     Listener,
     Namespace,
+    OutboundSecurity,
     QuarantineSettings,
     QueueSettings,
+    ReceiveConnectors,
     SendConnector,
+    SenderAuthSettings,
     SpamSettings,
     Timeouts,
     TlsSettings,
+    TrackingSettings,
     VirusSettings,
 )
 from smtpgate.errors import Conflict, NotFound
@@ -50,6 +54,10 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "admin": AdminSettings,
     "virus": VirusSettings,
     "quarantine": QuarantineSettings,
+    "sender_auth": SenderAuthSettings,
+    "outbound_security": OutboundSecurity,
+    "receive_connectors": ReceiveConnectors,
+    "tracking": TrackingSettings,
 }
 
 

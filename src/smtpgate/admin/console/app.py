@@ -46,6 +46,7 @@ NAVIGATION = [
     ("Hosted domains", "/domains"),
     ("Listeners", "/listeners"),
     ("TLS", "/tls"),
+    ("Settings", "/settings"),
     ("Certificates", "/certificates"),
     ("Queue", "/queue"),
     ("Quarantine", "/quarantine"),

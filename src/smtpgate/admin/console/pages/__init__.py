@@ -18,6 +18,7 @@ from smtpgate.admin.console.pages import (
     profiles,
     quarantine,
     queue,
+    settings,
     tls,
     tracking,
 )
@@ -36,6 +37,7 @@ ALL: list[Register] = [
     domains.routes,
     listeners.routes,
     tls.routes,
+    settings.routes,
     certificates.routes,
     queue.routes,
     quarantine.routes,
