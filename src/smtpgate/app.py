@@ -329,8 +329,10 @@ class Gateway:
         await self.server.stop(grace)
         if self.fetcher is not None and self.fetch_task is not None:  # ends between messages
             await self.fetcher.stop()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.shield(self.fetch_task), grace)
+            except TimeoutError:
+                self.fetcher.abort()  # its thread returns now, not at the socket timeout
             self.fetch_task.cancel()
         await registry.close(self.scanners)  # no session scans any more
         await self.manager.stop(grace)

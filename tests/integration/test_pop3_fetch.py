@@ -315,3 +315,32 @@ async def test_the_connectors_profile_decides_and_a_refused_message_stays(
     assert dovecot.count("inbox") == 1  # refused: left where the operator finds it
     state = (gw.gateway.current().config.gateway.data_dir / "pop3-state.json").read_text()
     assert '"refused"' in state  # and not fetched again at every poll
+
+
+async def test_a_stop_does_not_wait_for_a_silent_pop3_server(
+    gateway_process: Any, sink: SinkHandle, tmp_path: Path
+) -> None:
+    """A server that greets and then never answers holds the fetch thread in a read
+    for the socket timeout (60 s); a stop ends that connection after the grace
+    instead of waiting it out."""
+    commands: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK ready\r\n")
+        await writer.drain()
+        commands.append(await reader.readline())  # USER, CAPA ...: never answered
+        await reader.read()  # until the client goes away
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    secret = {"password_file": password_file(tmp_path / "secrets")}
+    overrides = {**NO_SPOOF, **pop3(port, "none", secret), "timeouts": {"shutdown_grace": 1}}
+    gateway = await asyncio.to_thread(gateway_process, sink.port, **overrides)
+    try:
+        deadline = time.monotonic() + 20
+        while not commands:  # the fetch thread now waits for an answer
+            assert time.monotonic() < deadline, "the gateway never spoke to the server"
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(gateway.stop, signal.SIGTERM, 20) == 0
+    finally:
+        server.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import poplib
+import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -184,6 +185,13 @@ class Pop3Session:
         """Close without QUIT: nothing marked is deleted."""
         with contextlib.suppress(OSError):
             self.client.close()
+
+    def interrupt(self) -> None:
+        """From another thread: end the connection now, without QUIT (nothing marked
+        is deleted), so a command blocked on a slow server returns at once."""
+        sock = self.client.sock
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _text(value: bytes | str) -> str:
