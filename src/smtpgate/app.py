@@ -94,6 +94,9 @@ STORE_POLL = 0.25  # seconds between looks at the store's applied revision
 # ... while a LISTEN connection pushes each apply (PostgreSQL): the poll is only
 # the safety net for a lost notification
 STORE_POLL_LISTENING = 2.0
+# seconds a stopping gateway waits for the POP3 fetch to finish its message: aborting
+# is always safe (no QUIT, nothing deleted; a queued message's UIDL is kept)
+FETCH_GRACE = 5.0
 STORE_RETRY = 5.0  # seconds between attempts to reach a store that was down at start
 
 
@@ -329,8 +332,8 @@ class Gateway:
         await self.server.stop(grace)
         if self.fetcher is not None and self.fetch_task is not None:  # ends between messages
             await self.fetcher.stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(self.fetch_task), grace)
+            try:  # a message being fetched gets a moment; the mailbox keeps the rest
+                await asyncio.wait_for(asyncio.shield(self.fetch_task), min(grace, FETCH_GRACE))
             except TimeoutError:
                 self.fetcher.abort()  # its thread returns now, not at the socket timeout
             self.fetch_task.cancel()

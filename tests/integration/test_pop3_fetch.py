@@ -321,8 +321,8 @@ async def test_a_stop_does_not_wait_for_a_silent_pop3_server(
     gateway_process: Any, sink: SinkHandle, tmp_path: Path
 ) -> None:
     """A server that greets and then never answers holds the fetch thread in a read
-    for the socket timeout (60 s); a stop ends that connection after the grace
-    instead of waiting it out."""
+    for the socket timeout (60 s); a stop gives the fetch a few seconds, then ends
+    that connection instead of waiting it out (or the 30 s shutdown grace)."""
     commands: list[bytes] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -334,7 +334,7 @@ async def test_a_stop_does_not_wait_for_a_silent_pop3_server(
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     secret = {"password_file": password_file(tmp_path / "secrets")}
-    overrides = {**NO_SPOOF, **pop3(port, "none", secret), "timeouts": {"shutdown_grace": 1}}
+    overrides = {**NO_SPOOF, **pop3(port, "none", secret)}  # the default 30 s grace
     gateway = await asyncio.to_thread(gateway_process, sink.port, **overrides)
     try:
         deadline = time.monotonic() + 20
