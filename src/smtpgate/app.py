@@ -66,7 +66,7 @@ from smtpgate.inbound.server import (
     InboundServer,
     ListenerSpec,
     ServerLimits,
-    until_stop_signal,
+    stop_requested,
 )
 from smtpgate.observe import events
 from smtpgate.observe.health import Heartbeat
@@ -597,6 +597,7 @@ async def serve(
     API, which works on the store, is not started then. With ``drop`` (started
     as root), ``data_dir`` becomes that user's and the process becomes that user
     once the listeners are bound."""
+    stop = stop_requested()  # before anything starts: a stop during the start waits for it
     if drop is not None:  # the store the CLI just made, for the API child
         drop.own(config.gateway.data_dir)
     api = await start_api(config, drop) if store is not None else None
@@ -606,7 +607,7 @@ async def serve(
         if drop is not None:
             gateway.after_bind = lambda: _drop_privileges(drop, config.gateway.data_dir)
         await gateway.start()
-        await _run_until_stopped(gateway, config, revision, api)
+        await _run_until_stopped(gateway, config, (revision, stop), api)
     finally:
         if api is not None and api.returncode is None:
             api.terminate()
@@ -625,9 +626,10 @@ def _drop_privileges(drop: Drop, data_dir: Path) -> None:
 async def _run_until_stopped(
     gateway: Gateway,
     config: GatewayConfig,
-    revision: int | None,
+    running: tuple[int | None, asyncio.Event],
     api: asyncio.subprocess.Process | None,
 ) -> None:
+    revision, stop = running
     pid_file = config.gateway.data_dir / "smtpgate.pid"
     pid_file.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
@@ -639,7 +641,7 @@ async def _run_until_stopped(
         revision=revision,
     )
     try:
-        await until_stop_signal()
+        await stop.wait()
         log.info("shutting down", grace=config.timeouts.shutdown_grace)
         if api is not None:
             api.terminate()  # no admin changes while the gateway winds down

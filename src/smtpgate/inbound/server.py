@@ -243,11 +243,18 @@ class InboundServer:
         self.refusals.close()
 
 
-async def until_stop_signal() -> None:
-    """Return when SIGTERM or SIGINT arrives (the graceful-shutdown request)."""
+def stop_requested() -> asyncio.Event:
+    """An event set when SIGTERM or SIGINT arrives (the graceful-shutdown request).
+    Installed first thing, so a stop that comes while the gateway is still
+    starting is a graceful stop once it has started, not the default death."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def until_stop_signal() -> None:
+    """Return when SIGTERM or SIGINT arrives."""
+    await stop_requested().wait()
