@@ -143,3 +143,15 @@ def test_every_other_shared_section_is_edited_as_yaml_and_checked(
     assert "spam: check_outbound false → true" in admin.get("/changes").text
     assert 'action="/settings/spam"' not in auditor.get("/settings").text
     assert post(auditor, "/settings/spam", {"text": "check_outbound: false\n"}).status_code == 403
+
+
+def test_dmarc_enforcement_is_set_per_profile_and_for_the_default(
+    service: ConfigService, admin: TestClient
+) -> None:
+    assert 'action="/profiles/partner/dmarc"' in admin.get("/profiles/partner").text
+    assert post(admin, "/profiles/partner/dmarc", {"dmarc_policy": "report"}).status_code == 303
+    assert post(admin, "/default-profile/dmarc", {"dmarc_policy": "report"}).status_code == 303
+    assert post(admin, "/default-profile/dmarc", {"dmarc_policy": "maybe"}).status_code == 422
+    document = service.working()[0]
+    assert document["connection_profiles"][0]["dmarc_policy"] == "report"
+    assert document["default_profile"]["dmarc_policy"] == "report"

@@ -68,6 +68,14 @@ def routes(router: APIRouter, console: Console) -> None:
     ) -> Response:
         return save(request, session, "relay", {"relay": relay})
 
+    @router.post(PATH + "/dmarc", response_class=HTMLResponse)
+    def dmarc(
+        request: Request,
+        session: Annotated[Session, Depends(change)],
+        dmarc_policy: Annotated[str, Form(max_length=20)] = "enforce",
+    ) -> Response:
+        return save(request, session, "dmarc", {"dmarc_policy": dmarc_policy})
+
     @router.post(PATH + "/tls", response_class=HTMLResponse)
     def tls(  # noqa: PLR0913, PLR0917 - the form's fields
         request: Request,

@@ -265,6 +265,16 @@ def routes(router: APIRouter, console: Console) -> None:  # noqa: PLR0915 - one 
         typed = {"relay": relay}
         return save(request, session, name, "relay", lambda p: {**p, **typed}, typed)
 
+    @router.post("/profiles/{name}/dmarc", response_class=HTMLResponse)
+    def dmarc(
+        request: Request,
+        name: str,
+        session: Annotated[Session, Depends(change)],
+        dmarc_policy: Annotated[str, Form(max_length=20)] = "enforce",
+    ) -> Response:
+        typed = {"dmarc_policy": dmarc_policy}
+        return save(request, session, name, "dmarc", lambda p: {**p, **typed}, typed)
+
     @router.post("/profiles/{name}/tls", response_class=HTMLResponse)
     def tls(  # noqa: PLR0913, PLR0917 - the form's fields
         request: Request,
