@@ -29,6 +29,7 @@ import struct
 from collections.abc import Iterator
 
 from smtpgate.config.schema import GatewayConfig, VirusSettings, parse_clamd_address
+from smtpgate.content.outage import Outage
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import ScanResult
 from smtpgate.observe.log import get_logger
@@ -143,7 +144,7 @@ class ClamdScanner:
     name = NAME
 
     def __init__(self) -> None:
-        self.down: str | None = None  # why clamd is unreachable, during an outage
+        self.outage = Outage("clamd unavailable", "clamd reachable again")
 
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         return bool(config.virus.clamd)
@@ -158,11 +159,11 @@ class ClamdScanner:
             async with asyncio.timeout(settings.timeout):
                 found = await instream(settings.clamd, body.chunks(CHUNK))
         except OverLimit:
-            self._up()
+            self.outage.answered()
             return self._over_limit(settings, "over clamd's StreamMaxLength")
         except (OSError, TimeoutError, ClamdError) as exc:
             return self._unavailable(settings, exc)
-        self._up()
+        self.outage.answered()
         if found is None:
             return ScanResult(
                 NAME,
@@ -188,17 +189,10 @@ class ClamdScanner:
 
     def _unavailable(self, settings: VirusSettings, exc: BaseException) -> ScanResult:
         why = "timed out" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
-        if self.down is None:  # once per outage, not once per message
-            log.error("clamd unavailable", clamd=settings.clamd, error=why, fail=settings.fail)
-        self.down = why
+        self.outage.failed(why, clamd=settings.clamd, fail=settings.fail)
         detail = {"virus": "unchecked", "why": why}
         reason = f"clamd unavailable ({why})"
         if settings.fail == "closed":
             return ScanResult(NAME, "tempfail", UNAVAILABLE, reason=reason, detail=detail)
         header = ("X-Virus-Status", "unchecked (scanner unavailable)")
         return ScanResult(NAME, headers=(header,), reason=reason, detail=detail)
-
-    def _up(self) -> None:
-        if self.down is not None:
-            log.info("clamd reachable again", was=self.down)
-            self.down = None
