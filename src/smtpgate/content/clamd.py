@@ -29,7 +29,6 @@ import struct
 from collections.abc import Iterator
 
 from smtpgate.config.schema import GatewayConfig, VirusSettings, parse_clamd_address
-from smtpgate.content.outage import Outage
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import ScanResult
 from smtpgate.observe.log import get_logger
@@ -144,7 +143,7 @@ class ClamdScanner:
     name = NAME
 
     def __init__(self) -> None:
-        self.outage = Outage("clamd unavailable", "clamd reachable again")
+        self.down: str | None = None  # why clamd is unreachable, during an outage
 
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         return bool(config.virus.clamd)
@@ -159,11 +158,11 @@ class ClamdScanner:
             async with asyncio.timeout(settings.timeout):
                 found = await instream(settings.clamd, body.chunks(CHUNK))
         except OverLimit:
-            self.outage.answered()
+            self._up()
             return self._over_limit(settings, "over clamd's StreamMaxLength")
         except (OSError, TimeoutError, ClamdError) as exc:
             return self._unavailable(settings, exc)
-        self.outage.answered()
+        self._up()
         if found is None:
             return ScanResult(
                 NAME,
@@ -189,10 +188,17 @@ class ClamdScanner:
 
     def _unavailable(self, settings: VirusSettings, exc: BaseException) -> ScanResult:
         why = "timed out" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
-        self.outage.failed(why, clamd=settings.clamd, fail=settings.fail)
+        if self.down is None:  # once per outage, not once per message
+            log.error("clamd unavailable", clamd=settings.clamd, error=why, fail=settings.fail)
+        self.down = why
         detail = {"virus": "unchecked", "why": why}
         reason = f"clamd unavailable ({why})"
         if settings.fail == "closed":
             return ScanResult(NAME, "tempfail", UNAVAILABLE, reason=reason, detail=detail)
         header = ("X-Virus-Status", "unchecked (scanner unavailable)")
         return ScanResult(NAME, headers=(header,), reason=reason, detail=detail)
+
+    def _up(self) -> None:
+        if self.down is not None:
+            log.info("clamd reachable again", was=self.down)
+            self.down = None

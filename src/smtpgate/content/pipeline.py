@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from smtpgate.config.schema import GatewayConfig
-from smtpgate.content.outage import Outage
 from smtpgate.content.verdict import Outcome, ScanResult, combine
 from smtpgate.model.envelope import Envelope
 from smtpgate.observe.log import get_logger
@@ -54,7 +53,6 @@ class Scanner(Protocol):
     """One content check."""
 
     name: str
-    outage: Outage  # the server it depends on, when that is down
 
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         """Whether this message is to be checked, by the configuration."""

@@ -30,5 +30,9 @@ async def close(found: list[Scanner]) -> None:
 
 def states(found: list[Scanner]) -> dict[str, str]:
     """Each scanner's state for ``/status`` and ``cluster status``: ``up``, or
-    ``down: why`` during an outage."""
-    return {s.name: "up" if s.outage.down is None else f"down: {s.outage.down}" for s in found}
+    ``down: why`` during an outage (the scanner keeps that as ``down``)."""
+    out = {}
+    for scanner in found:
+        down = getattr(scanner, "down", None) or getattr(scanner, "_dns_down", None)
+        out[scanner.name] = f"down: {down}" if isinstance(down, str) else "down" if down else "up"
+    return out

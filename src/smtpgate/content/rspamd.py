@@ -29,7 +29,6 @@ import httpx
 
 from smtpgate.config.schema import GatewayConfig, RspamdSettings
 from smtpgate.content.headers import safe_value
-from smtpgate.content.outage import Outage
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import ScanResult
 from smtpgate.observe.log import get_logger
@@ -59,7 +58,7 @@ class RspamdScanner:
 
     def __init__(self) -> None:
         self._client: httpx.AsyncClient | None = None
-        self.outage = Outage("rspamd unreachable", "rspamd reachable again")
+        self.down = False  # in an outage (logged once at its start, once at its end)
 
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         return config.spam.rspamd is not None and facts.spam_check
@@ -79,12 +78,16 @@ class RspamdScanner:
             result = verdict(reply, settings, _subject(body) if _rewrites(reply) else "")
         except (RspamdError, httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
             return self._failed(settings, exc)
-        self.outage.answered()
+        if self.down:
+            self.down = False
+            log.info("rspamd reachable again", url=settings.url)
         return result
 
     def _failed(self, settings: RspamdSettings, exc: BaseException) -> ScanResult:
         error = _describe(exc)
-        self.outage.failed(error, url=settings.url, fail=settings.fail)
+        if not self.down:
+            self.down = True
+            log.warning("rspamd unreachable", url=settings.url, error=error, fail=settings.fail)
         if settings.fail == "closed":
             return ScanResult(NAME, "tempfail", UNAVAILABLE, reason=f"unavailable: {error}")
         return ScanResult(

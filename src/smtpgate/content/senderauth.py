@@ -43,7 +43,6 @@ import spf  # type: ignore[import-untyped]
 from publicsuffix2 import PublicSuffixList  # type: ignore[import-untyped]
 
 from smtpgate.config.schema import DnsSettings, GatewayConfig
-from smtpgate.content.outage import Outage
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import Action, ScanResult
 from smtpgate.observe.log import get_logger
@@ -469,11 +468,7 @@ class SenderAuth:
     name = NAME
 
     def __init__(self) -> None:
-        self.outage = Outage(
-            "sender authentication: DNS lookups failing (results are temperror, "
-            "DMARC not enforced)",
-            "sender authentication: DNS answering again",
-        )
+        self._dns_down = False  # logged once per outage, not per message
 
     def applies(self, facts: MessageFacts, config: GatewayConfig) -> bool:
         return config.sender_auth.verify and not facts.internal
@@ -498,11 +493,15 @@ class SenderAuth:
 
     def _watch_dns(self, config: GatewayConfig, verdict: Verdict) -> None:
         failed = verdict.extra.get("dns_failures", 0) > 0 or verdict.spf.result == "temperror"
-        if failed:
-            nameservers = config.gateway.dns.nameservers or "system"
-            self.outage.failed("temperror", nameservers=nameservers)
-        else:
-            self.outage.answered()
+        if failed and not self._dns_down:
+            log.warning(
+                "sender authentication: DNS lookups failing (results are temperror, "
+                "DMARC not enforced)",
+                nameservers=config.gateway.dns.nameservers or "system",
+            )
+        elif not failed and self._dns_down:
+            log.info("sender authentication: DNS answering again")
+        self._dns_down = failed
 
     def _run(self, facts: MessageFacts, body: SpooledBody, config: GatewayConfig) -> Verdict:
         settings = config.sender_auth
