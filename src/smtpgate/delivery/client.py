@@ -104,6 +104,13 @@ class SmtpClient:
     async def answer(self, timeout: float | None = None) -> Answer:
         """Send what is pending, then the next answer (within ``timeout``)."""
         await self._flush()
+        # Pipelined replies often arrive in one read: one already buffered is
+        # returned without the cost of arming a deadline (nothing is awaited).
+        event = self.core.next_event()
+        if isinstance(event, Answer):
+            return event
+        if isinstance(event, ServerBroken):
+            raise DeliveryError(event.reason, permanent=False)
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 while True:
