@@ -185,9 +185,14 @@ class SmtpClient:
                 self.core.bdat(*next(chunks))
 
     async def _data_body(self, body: Body) -> None:
+        # Each piece is sent when the next one is read; the last goes out with
+        # the end marker in the same write (one write for a small body).
+        pending = False
         for chunk in body.chunks(CHUNK):
+            if pending:
+                await self._flush()
             self.core.body(chunk)
-            await self._flush()
+            pending = True
         self.core.end_body()
 
     async def close(self) -> None:
