@@ -85,7 +85,13 @@ def parse_reply(lines: list[bytes]) -> Reply | str:
     if _STATUS.match(first_word) and first_word[0] == code_text[0]:
         status = first_word
         texts = [t.split(" ", 1)[1] if t.startswith(first_word + " ") else t for t in texts]
-    return Reply(code, status, tuple(t.replace("\r", "") or "-" for t in texts))
+    texts = [t.replace("\r", "") or "-" for t in texts]
+    if any("\n" in t for t in texts):  # not from _ReplyReader: let Reply refuse it
+        return Reply(code, status, tuple(texts))
+    # Every rule of Reply.__post_init__ holds: the code is 200-599, the status
+    # matches _STATUS (the same pattern) and the code's class, there is a line
+    # and no line holds CR or LF.
+    return Reply._checked(code, status, tuple(texts))
 
 
 class _ReplyReader:

@@ -43,6 +43,18 @@ class Reply:
         object.__setattr__(self, "_wire", self._render())
 
     @classmethod
+    def _checked(cls, code: int, status: str | None, lines: tuple[str, ...]) -> Reply:
+        """A reply whose parts the caller has already checked against every rule
+        of ``__post_init__`` (the client core's reply parser); the wire bytes are
+        rendered only if asked for, which a received reply seldom is."""
+        reply = object.__new__(cls)
+        object.__setattr__(reply, "code", code)
+        object.__setattr__(reply, "status", status)
+        object.__setattr__(reply, "lines", lines)
+        object.__setattr__(reply, "_wire", b"")
+        return reply
+
+    @classmethod
     def of(cls, code: int, status: str | None, *lines: str) -> Reply:
         """Build a reply: ``Reply.of(250, "2.1.0", "Ok")``."""
         return cls(code, status, lines)
@@ -54,7 +66,11 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The wire bytes; every line but the last uses ``code-``."""
-        return self._wire
+        wire = self._wire
+        if not wire:  # never empty once rendered: made by _checked
+            wire = self._render()
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     def _render(self) -> bytes:
         prefix = f"{self.status} " if self.status else ""
