@@ -195,6 +195,20 @@ def wait_for_port(port: int, timeout: float = 15, alive: Callable[[], bool] = la
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+def worker_pids(supervisor: int) -> dict[int, int]:
+    """The worker processes of ``smtpgate serve`` (``gateway.workers`` > 1) by index,
+    from their command lines."""
+    found: dict[int, int] = {}
+    for child in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split():
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in argv:
+            found[int(argv[argv.index(b"--index") + 1])] = int(child)
+    return found
+
+
 @dataclass
 class GatewayProcess:
     process: subprocess.Popen[bytes]

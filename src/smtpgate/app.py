@@ -62,6 +62,7 @@ from smtpgate.fetch.state import FetchState, FileState, StoreState
 from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayState
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
+from smtpgate.inbound.counts import ConnectionCounts, SharedCounts
 from smtpgate.inbound.server import (
     InboundServer,
     ListenerSpec,
@@ -69,10 +70,10 @@ from smtpgate.inbound.server import (
     stop_requested,
 )
 from smtpgate.observe import events
-from smtpgate.observe.health import Heartbeat
+from smtpgate.observe.health import Heartbeat, process_alive, read_health
 from smtpgate.observe.log import get_logger, log_options, set_target
 from smtpgate.observe.maillog import MailLog
-from smtpgate.observe.metrics import Metrics
+from smtpgate.observe.metrics import Metrics, read_exposition
 from smtpgate.observe.tracking import TrackingWriter
 from smtpgate.privileges import Drop
 from smtpgate.proto.server import observe_replies
@@ -80,6 +81,7 @@ from smtpgate.proto.state import SessionLimits
 from smtpgate.queue.manager import QueueManager
 from smtpgate.queue.queue import Queue
 from smtpgate.queue.states import MessageKind
+from smtpgate.queue.store import Owner
 from smtpgate.queue.tlsreports import tls_report_submitter
 from smtpgate.snapshot import Current, Snapshot
 from smtpgate.spool import clean_orphans
@@ -97,6 +99,7 @@ STORE_POLL_LISTENING = 2.0
 # seconds a stopping gateway waits for the POP3 fetch to finish its message: aborting
 # is always safe (no QUIT, nothing deleted; a queued message's UIDL is kept)
 FETCH_GRACE = 5.0
+WORKERS_CATCH_UP = 2.0  # seconds the first worker waits for the others to run a revision
 STORE_RETRY = 5.0  # seconds between attempts to reach a store that was down at start
 
 
@@ -162,6 +165,32 @@ def listener_specs(
     return specs
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process as worker ``index`` of ``count`` (``gateway.workers`` > 1,
+    started by ``smtpgate.supervisor``): it accepts on the sockets the
+    supervisor bound, queues into the shared queue and delivers its own
+    messages. Worker 0 also does what the node does once: reports to the
+    store, the heartbeat the API reads, POP3 fetching, certificate expiry
+    notices and the quarantine's expiry."""
+
+    index: int
+    count: int
+    sockets: dict[str, list[socket.socket]]  # listener name → bound sockets
+    connections: Path | None = None  # the shared connection counts (inbound/counts.py)
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+    def directory(self, data_dir: Path) -> Path:
+        """This worker's own files: its heartbeat, metrics and connector board."""
+        return data_dir / WORKERS_DIR / str(self.index)
+
+
+WORKERS_DIR = "workers"
+
+
 @dataclass
 class Gateway:
     """Everything one running gateway is made of."""
@@ -201,6 +230,12 @@ class Gateway:
     expiry_task: asyncio.Task[None] | None = None
     fetcher: Fetcher | None = None  # the POP3 receive connectors (fetch/)
     fetch_task: asyncio.Task[None] | None = None
+    role: WorkerRole | None = None  # one of several worker processes (None: the only one)
+
+    @property
+    def primary(self) -> bool:
+        """This process does the node's once-only work (reports, fetching, ...)."""
+        return self.role is None or self.role.primary
 
     async def start(self) -> None:
         await self.server.start()
@@ -216,7 +251,8 @@ class Gateway:
             self.expiry_task = loop.create_task(self.expiry.run())
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
-            await self.publish(self.store)
+            if self.primary:
+                await self.publish(self.store)
             self.config_task = loop.create_task(self._follow_store(self.store))
         elif self.opener is not None:
             self.config_task = loop.create_task(self._reach_store(self.opener))
@@ -242,7 +278,10 @@ class Gateway:
 
     async def publish(self, store: ConfigStore, *, stopped: bool = False) -> None:
         """Report what this node runs, with its queue counts, to the store;
-        ``stopped``: the last report, saying that this node stopped."""
+        ``stopped``: the last report, saying that this node stopped. Only the
+        first worker reports, for all of them (``status_of``)."""
+        if not self.primary:
+            return
         status = status_of(self) | {"queue": await self.queue.call(self.queue.store.counts)}
         if stopped:
             status["stopped"] = True
@@ -270,9 +309,12 @@ class Gateway:
         """Make ``config`` the snapshot for new sessions and queue runs."""
         self.current.swap(Snapshot.compile(config, revision))  # raises: the old one stays
         document = to_document(config)
-        nodes.remember_applied(config.gateway.data_dir, revision, shared_part(document))
+        if self.primary:  # one writer of the node's cache
+            nodes.remember_applied(config.gateway.data_dir, revision, shared_part(document))
         self.waiting = restart_required(diff(to_document(self.started), document))
         log.info("configuration applied", revision=revision, restart_required=self.waiting or None)
+        if self.heartbeat is not None and not self.primary:  # the first worker waits for it
+            self.heartbeat.soon()
 
     async def _follow_store(self, store: ConfigStore) -> None:
         """Take on each newly applied revision, whoever applied it (the API's
@@ -290,6 +332,7 @@ class Gateway:
                 if await self._follow_once(store) or (
                     time.monotonic() - published >= nodes.HEARTBEAT
                 ):
+                    await self._workers_caught_up()
                     await self.publish(store)
                     published = time.monotonic()
                 if self.store_error:
@@ -311,6 +354,20 @@ class Gateway:
         self._take_on(revision.document, revision.number)
         return True
 
+    async def _workers_caught_up(self, wait: float = WORKERS_CATCH_UP) -> None:
+        """The first worker, before it reports a revision: give the other workers
+        (each following the store itself) a moment to run it too, so that an
+        apply that returns "applied" is enforced by every worker."""
+        if self.role is None or not self.role.primary or self.role.count == 1:
+            return
+        data_dir, mine = self.started.gateway.data_dir, self.current().revision
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            peers = worker_reports(data_dir, self.role.count)
+            if all(p.get("revision") == mine or p.get("refused") == mine for p in peers):
+                return
+            await asyncio.sleep(0.01)
+
     def _take_on(self, shared: Document, number: int) -> None:
         """The store's shared settings with this node's own, from its file."""
         local = local_part(to_document(self.started))
@@ -319,6 +376,8 @@ class Gateway:
         except Exception as exc:  # e.g. a key file changed since validate: say so once
             self.refused, self.refused_error = number, str(exc)
             log.error("cannot take on the applied configuration", revision=number, error=str(exc))
+            if self.heartbeat is not None and not self.primary:
+                self.heartbeat.soon()
 
     async def stop(self, grace: float) -> None:
         """Listeners first (sessions finish their message), then deliveries, then the queue."""
@@ -350,16 +409,27 @@ class Gateway:
 
 
 async def build_gateway(
-    config: GatewayConfig, revision: int | None = None, store: ConfigStore | None = None
+    config: GatewayConfig,
+    revision: int | None = None,
+    store: ConfigStore | None = None,
+    role: WorkerRole | None = None,
 ) -> Gateway:
     """Open the queue and build listeners, handler and queue manager; with a
-    ``store``, follow the revisions applied to it."""
+    ``store``, follow the revisions applied to it; with a ``role``, as one of
+    several worker processes."""
     data_dir = config.gateway.data_dir
-    for changed in make_private(data_dir):
-        log.warning("made private", path=changed)
+    primary = role is None or role.primary
+    if role is None:  # the supervisor did this before starting the workers
+        for changed in make_private(data_dir):
+            log.warning("made private", path=changed)
     spool_dir = private_dir(data_dir / "spool")
+    if role is not None and role.index:  # its own: its start cleans only its own orphans
+        spool_dir = private_dir(spool_dir / f"w{role.index}")
+    if role is not None:
+        private_dir(role.directory(data_dir))
     removed = clean_orphans(spool_dir)
-    queue = Queue(data_dir / "queue")
+    owner = Owner(role.index, role.count) if role is not None else Owner()
+    queue = Queue(data_dir / "queue", owner=owner)
     removed += await queue.open()
     if removed:
         log.info("removed orphaned spool files", count=removed)
@@ -369,7 +439,7 @@ async def build_gateway(
     quarantine = Quarantine(
         quarantine_dir(data_dir), lambda: current().config.quarantine.retention_days * DAY
     )
-    if orphans := await asyncio.to_thread(quarantine.store.clean_orphans):
+    if role is None and (orphans := await asyncio.to_thread(quarantine.store.clean_orphans)):
         log.info("removed unfinished quarantine files", count=orphans)
     state.quarantine = quarantine
     limits = ServerLimits(
@@ -394,6 +464,8 @@ async def build_gateway(
         limits,
         config.gateway.hostname,
         known_client=known_client,
+        sockets=role.sockets if role is not None else None,
+        counts=shared_counts(role) if role is not None else None,
     )
     reloader = CertificateReloader(
         {c.name: (i, c) for i, c in enumerate(config.certificates)},
@@ -408,15 +480,28 @@ async def build_gateway(
     )
     deliverer.report_submit = tls_report_submitter(queue)  # TLSRPT mailto: through the queue
     manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
-    counts = await queue.call(queue.store.counts)
-    log.info("queue opened", **counts)
-    nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
+    if primary:
+        counts = await queue.call(queue.store.counts)
+        log.info("queue opened", **counts)
+        nodes.remember_applied(data_dir, revision, shared_part(to_document(config)))
     gateway = Gateway(server, queue, manager, reloader, current, config, store)
-    gateway.quarantine, gateway.scanners = quarantine, state.scanners
-    gateway.expiry = expiry_notices(gateway, data_dir)
-    gateway.fetcher = Fetcher(current, state, queue, spool_dir, lambda: fetch_state(gateway))
+    gateway.role = role
+    gateway.scanners = state.scanners
+    if primary:  # the node's once-only work
+        gateway.quarantine = quarantine
+        gateway.expiry = expiry_notices(gateway, data_dir)
+        gateway.fetcher = Fetcher(current, state, queue, spool_dir, lambda: fetch_state(gateway))
     observe(gateway, config)
     return gateway
+
+
+def shared_counts(role: WorkerRole) -> ConnectionCounts | None:
+    """The connection counts all workers share (None: this worker counts alone)."""
+    if role.connections is None:
+        return None
+    counts = SharedCounts.attach(role.connections, role.index)
+    counts.forget_worker(role.index)  # what this worker's predecessor left counted
+    return counts
 
 
 def observe(gateway: Gateway, config: GatewayConfig) -> None:
@@ -428,6 +513,13 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
     for subscriber in (MailLog(), gateway.metrics, tracking):
         gateway.unsubscribe.append(events.hub.subscribe(subscriber))
     observe_replies(gateway.metrics.count_reply)
+
+    role = gateway.role
+    if role is not None and not role.primary:  # its own facts, for the first worker
+        gateway.heartbeat = Heartbeat(
+            role.directory(data_dir), gateway.metrics, lambda: worker_sample(gateway)
+        )
+        return
 
     async def sample() -> dict[str, Any]:
         queue, server = gateway.queue, gateway.server
@@ -458,9 +550,54 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
             "certificates": expiry,
             "metrics_public": gateway.started.admin.metrics_public,
             "tracking_dropped": tracking.dropped,
+            "workers": role.count if role is not None else 1,
         }
 
-    gateway.heartbeat = Heartbeat(data_dir, gateway.metrics, sample)
+    peers = None
+    if role is not None:
+
+        def peers() -> list[bytes]:
+            return worker_metrics(data_dir, role.count)
+
+    gateway.heartbeat = Heartbeat(data_dir, gateway.metrics, sample, peers=peers)
+
+
+async def worker_sample(gateway: Gateway) -> dict[str, Any]:
+    """What a worker other than the first reports about itself."""
+    server = gateway.server
+    sessions: dict[str, int] = {spec.name: 0 for spec in server.specs}
+    for session in server.sessions:
+        sessions[session.listener] = sessions.get(session.listener, 0) + 1
+    return {
+        "sessions": sessions,
+        "revision": gateway.current().revision,
+        "refused": gateway.refused,
+        "store_error": gateway.store_error,
+        "tracking_dropped": gateway.tracking.dropped if gateway.tracking else 0,
+    }
+
+
+def worker_reports(data_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The heartbeats of the other live workers (a dead one is being restarted:
+    it starts with the newest revision)."""
+    found = []
+    for index in range(1, count):
+        report = read_health(data_dir / WORKERS_DIR / str(index))
+        if report is not None and process_alive(report.get("pid")):
+            found.append(report)
+    return found
+
+
+def worker_metrics(data_dir: Path, count: int) -> list[bytes]:
+    """The metrics the other live workers wrote, to be merged with the first's."""
+    found = []
+    for index in range(1, count):
+        directory = data_dir / WORKERS_DIR / str(index)
+        report = read_health(directory)
+        text = read_exposition(directory)
+        if report is not None and process_alive(report.get("pid")) and text is not None:
+            found.append(text)
+    return found
 
 
 def fetch_state(gateway: Gateway) -> FetchState:
@@ -499,17 +636,27 @@ def expiry_notices(gateway: Gateway, data_dir: Path) -> ExpiryNotices:
 def status_of(gateway: Gateway) -> dict[str, Any]:
     """What this node runs, as published to the store for ``GET /api/v1/status``."""
     running = gateway.current()
+    revision, refused, error = running.revision, gateway.refused, gateway.refused_error
+    if gateway.role is not None:  # the node runs what its slowest worker runs
+        data_dir = gateway.started.gateway.data_dir
+        for peer in worker_reports(data_dir, gateway.role.count):
+            theirs = peer.get("revision")
+            if isinstance(theirs, int) and isinstance(revision, int) and theirs < revision:
+                revision = theirs
+            if refused is None and isinstance(peer.get("refused"), int):
+                refused, error = peer["refused"], "a worker could not take it on"
     return {
         "hostname": running.config.gateway.hostname,
-        "running_revision": running.revision,
-        "refused_revision": gateway.refused,
-        "error": gateway.refused_error,
+        "running_revision": revision,
+        "refused_revision": refused,
+        "error": error,
         "restart_required": gateway.waiting,
         "listeners": [
             {"name": x.name, "address": x.address, "security": x.security}
             for x in gateway.started.listeners
         ],
         "pid": os.getpid(),
+        "workers": gateway.role.count if gateway.role is not None else 1,
         "roles": list(running.roles),
         "version": __version__,
         "admin": gateway.started.admin.listen,
@@ -605,7 +752,7 @@ async def serve(
         gateway = await build_gateway(config, revision, store)
         gateway.opener = opener
         if drop is not None:
-            gateway.after_bind = lambda: _drop_privileges(drop, config.gateway.data_dir)
+            gateway.after_bind = lambda: drop_privileges(drop, config.gateway.data_dir)
         await gateway.start()
         await _run_until_stopped(gateway, config, (revision, stop), api)
     finally:
@@ -615,7 +762,7 @@ async def serve(
                 await asyncio.wait_for(api.wait(), 10)
 
 
-def _drop_privileges(drop: Drop, data_dir: Path) -> None:
+def drop_privileges(drop: Drop, data_dir: Path) -> None:
     """Give ``data_dir`` (the queue and quarantine opened meanwhile) to the user,
     then become that user for good."""
     changed = drop.own(data_dir)
@@ -648,6 +795,45 @@ async def _run_until_stopped(
         await gateway.stop(config.timeouts.shutdown_grace)
     finally:
         pid_file.unlink(missing_ok=True)
+
+
+async def serve_worker(
+    config: GatewayConfig,
+    revision: int | None,
+    role: WorkerRole,
+    store: ConfigStore | None,
+    opener: Callable[[], ConfigStore],
+) -> None:
+    """One worker of ``smtpgate.supervisor``: a gateway on the supervisor's
+    sockets until SIGTERM; prints ``ready`` on stdout once it accepts."""
+    stop = stop_requested()
+    gateway = await build_gateway(config, revision, store, role)
+    gateway.opener = opener
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
+    print("ready", flush=True)
+    log.debug("worker ready", worker=role.index, pid=os.getpid(), revision=revision)
+    await stop.wait()
+    await gateway.stop(config.timeouts.shutdown_grace)
+
+
+def run_worker(
+    config: GatewayConfig,
+    revision: int | None,
+    role: WorkerRole,
+    store: ConfigStore | None,
+    opener: Callable[[], ConfigStore],
+) -> None:
+    """A worker on uvloop when it is installed."""
+    work = serve_worker(config, revision, role, store, opener)
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        asyncio.run(work)
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(work)
 
 
 def run(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SinkHandle
+from tests.conftest import SinkHandle, worker_pids
 from tests.integration.observing import Served, serve
 
 
@@ -47,7 +48,13 @@ async def test_healthz_and_readyz_answer_without_a_token(served: Served) -> None
     body = await until(served, 200)
     assert body == {
         "ready": True,
-        "checks": {"gateway": "ok", "listeners": "ok", "store": "ok", "queue": "ok"},
+        "checks": {
+            "gateway": "ok",
+            "listeners": "ok",
+            "store": "ok",
+            "workers": "ok",
+            "queue": "ok",
+        },
     }
 
 
@@ -70,15 +77,45 @@ async def test_not_ready_while_the_queue_database_cannot_be_written(served: Serv
 
 async def test_a_stuck_gateway_is_not_ready(served: Served) -> None:
     """The API answers from its own process; a gateway that stopped beating (here:
-    stopped by SIGSTOP) makes it answer 503, and ready again once it runs."""
+    stopped by SIGSTOP, its worker processes too) makes it answer 503, and ready
+    again once it runs."""
     await until(served, 200)
-    served.process.send_signal(signal.SIGSTOP)
+    stuck = [served.process.pid, *worker_pids(served.process.pid).values()]
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
     try:
         body = await until(served, 503, timeout=25)
+        for _ in range(50):  # the workers' heartbeats age at different moments
+            if body["checks"]["gateway"] != "ok":
+                break
+            await asyncio.sleep(0.2)
+            body = (await ready(served))[1]
         assert body["checks"]["gateway"].startswith("the heartbeat is older than")
     finally:
-        served.process.send_signal(signal.SIGCONT)
+        for pid in stuck:
+            os.kill(pid, signal.SIGCONT)
     await until(served, 200)
+
+
+async def test_one_stuck_worker_makes_the_gateway_not_ready(
+    tmp_path: Path, sink: SinkHandle
+) -> None:
+    """With several worker processes, each must beat: one stopped worker (not the
+    first, whose heartbeat is the gateway's) is named, the others keep serving."""
+    served = serve(tmp_path, sink.port, gateway={"workers": 2})
+    try:
+        await until(served, 200)
+        second = worker_pids(served.process.pid)[1]
+        os.kill(second, signal.SIGSTOP)
+        try:
+            body = await until(served, 503, timeout=25)
+            assert body["checks"]["workers"] == "no recent heartbeat from worker 1 of 2"
+            assert body["checks"]["gateway"] == "ok"
+        finally:
+            os.kill(second, signal.SIGCONT)
+        await until(served, 200)
+    finally:
+        served.stop()
 
 
 async def test_a_stopped_gateway_is_not_ready_at_once(tmp_path: Path, served: Served) -> None:

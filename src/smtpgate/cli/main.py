@@ -30,6 +30,7 @@ from smtpgate.cli import queue as queue_cli
 from smtpgate.cli import tlsrpt as tlsrpt_cli
 from smtpgate.cli import tools
 from smtpgate.cli import trace as trace_cli
+from smtpgate.cli import worker as worker_cli
 from smtpgate.cli.args import (
     FileConfigError,
     NoDefaultConfigError,
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     tlsrpt_cli.add_parser(commands)
     _add_certs(commands)
     _add_sink(commands)
+    worker_cli.add_parser(commands)
     reload = commands.add_parser("reload", help="reload certificates in the running gateway")
     reload.add_argument("--config", type=Path, help=DEFAULT_HELP)
     return parser
@@ -187,8 +189,15 @@ def _serve(args: argparse.Namespace) -> int:
     except LookupError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
+    from smtpgate.supervisor import run as supervise  # noqa: PLC0415
+    from smtpgate.supervisor import worker_count  # noqa: PLC0415
+
+    starting = parse_config(document)
     try:
-        run(parse_config(document), store, number, opener=lambda: _open_store(config), drop=drop)
+        if worker_count(starting) > 1:
+            supervise(starting, store, number, drop=drop)
+        else:
+            run(starting, store, number, opener=lambda: _open_store(config), drop=drop)
     except OSError as exc:
         print(f"smtpgate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -339,6 +348,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "certs": _certs,
         "reload": _reload,
         "sink": _sink,
+        "worker": worker_cli.run,
     }
     return handlers[command](args)
 

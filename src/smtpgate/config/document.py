@@ -95,6 +95,7 @@ LOCAL = (
     "gateway.user",
     "gateway.group",
     "gateway.allow_root",
+    "gateway.workers",  # this machine's cores
     "listeners",
     "admin",
     "logging",  # where this node's log goes

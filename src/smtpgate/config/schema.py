@@ -115,6 +115,9 @@ class GatewaySettings(Strict):
     user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")
     group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")
     allow_root: bool = False
+    # Worker processes, each with its own event loop, sharing the listening
+    # sockets and the queue; None: one per core.
+    workers: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("hostname")
     @classmethod

@@ -160,10 +160,29 @@ def write_status(path: Path, facts: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
+def status_path(data_dir: Path, worker: int = 0) -> Path:
+    """Where worker ``worker`` of the gateway writes its board (each worker
+    process keeps its own: it sees its own attempts)."""
+    return data_dir / FILE if worker == 0 else data_dir / "workers" / str(worker) / FILE
+
+
 def read_status(data_dir: Path) -> list[dict[str, Any]]:
-    """The pairs the running gateway last wrote (empty when it wrote none)."""
+    """The pairs the running gateway's workers last wrote (empty when none
+    wrote any); a pair several workers tried is shown as the one that tried
+    it last saw it."""
+    latest: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for path in [data_dir / FILE, *sorted(data_dir.glob(f"workers/*/{FILE}"))]:
+        for pair in _pairs(path):
+            key = (pair.setdefault("connector", ""), pair.setdefault("destination", ""))
+            known = latest.get(key)
+            if known is None or (pair.get("last_attempt") or 0) > (known.get("last_attempt") or 0):
+                latest[key] = pair
+    return sorted(latest.values(), key=lambda p: (str(p["connector"]), str(p["destination"])))
+
+
+def _pairs(path: Path) -> list[dict[str, Any]]:
     try:
-        facts = json.loads((data_dir / FILE).read_text())
+        facts = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
     pairs = facts.get("pairs", []) if isinstance(facts, dict) else []

@@ -4,7 +4,8 @@ Rules kept here:
 
 * A connection beyond ``max_connections`` in total, or beyond
   ``max_connections_per_ip`` from one client address, gets ``421 4.7.0`` and
-  is closed before any greeting (Postfix ``smtpd_client_connection_count_
+  is closed before any greeting (counted over every worker process of the
+  gateway, ``inbound/counts.py``) (Postfix ``smtpd_client_connection_count_
   limit``). On a PROXY-protocol listener the limits apply to the address the
   header names; a connection without a valid header is closed silently.
 * The last ``reserved_connections`` of ``max_connections`` are kept for known
@@ -25,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
+from smtpgate.inbound.counts import ConnectionCounts, LocalCounts
 from smtpgate.inbound.session import Session, wait_closed
 from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
@@ -143,35 +145,52 @@ class RefusalLog:
 class InboundServer:
     """All listeners of one gateway and the sessions they run."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only wiring of the composition root
         self,
         specs: list[ListenerSpec],
         handler_factory: Callable[[], SessionHandler],
         limits: ServerLimits,
         hostname: str,
+        *,
         known_client: Callable[[str], bool] = lambda _ip: False,
+        sockets: dict[str, list[socket.socket]] | None = None,
+        counts: ConnectionCounts | None = None,
     ) -> None:
         self.specs = specs
+        # bound by the supervisor and shared by every worker (None: bind them here)
+        self.bound = sockets
         self.new_handler = handler_factory
         self.limits = limits
         self.hostname = hostname
         self.known_client = known_client  # may use the reserved connections
         self.refusals = RefusalLog()
         self.sessions: set[Session] = set()
-        self.per_ip: Counter[str] = Counter()
+        # open connections in total and per client address: this process's own,
+        # or shared by every worker process of the gateway (inbound/counts.py)
+        self.counts: ConnectionCounts = counts if counts is not None else LocalCounts()
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for spec in self.specs:
+            handshake = self.limits.tls_handshake_timeout if spec.implicit_tls else None
+            if self.bound is not None:  # one server per socket the supervisor bound
+                for sock in self.bound[spec.name]:
+                    server = await loop.create_server(
+                        self._factory(spec),
+                        sock=sock,
+                        ssl=spec.implicit_tls,
+                        ssl_handshake_timeout=handshake,
+                        backlog=1024,
+                    )
+                    self._servers.append(server)
+                continue
             server = await loop.create_server(
                 self._factory(spec),
                 spec.host,
                 spec.port,
                 ssl=spec.implicit_tls,
-                ssl_handshake_timeout=(
-                    self.limits.tls_handshake_timeout if spec.implicit_tls else None
-                ),
+                ssl_handshake_timeout=handshake,
                 reuse_address=True,
                 backlog=1024,
             )
@@ -186,6 +205,10 @@ class InboundServer:
 
     def bound_ports(self) -> dict[str, int]:
         """Listener name → the port actually bound (useful with port 0)."""
+        if self.bound is not None:
+            return {
+                spec.name: int(self.bound[spec.name][0].getsockname()[1]) for spec in self.specs
+            }
         return {
             spec.name: int(server.sockets[0].getsockname()[1])
             for spec, server in zip(self.specs, self._servers, strict=True)
@@ -195,34 +218,28 @@ class InboundServer:
 
     def admit(self, session: Session) -> Reply | None:
         ip = session.info.client_ip
-        refusal = self._refusal(ip)
-        if refusal is not None:
-            reply, why = refusal
-            self.refusals.refused(ip, reply, why, listener=session.listener)
+        why = self.counts.try_add(ip, known=self.known_client(ip), limits=self.limits)
+        if why is not None:
+            reply, reason = self._refusal(why)
+            self.refusals.refused(ip, reply, reason, listener=session.listener)
             return reply
         self.sessions.add(session)
-        self.per_ip[ip] += 1
         return None
 
-    def _refusal(self, ip: str) -> tuple[Reply, str] | None:
-        limits, total = self.limits, len(self.sessions)
-        if total >= limits.max_connections:
+    def _refusal(self, why: str) -> tuple[Reply, str]:
+        limits = self.limits
+        if why == "total":
             return TOO_MANY, f"limits.max_connections ({limits.max_connections}) reached"
-        open_to_all = limits.max_connections - limits.reserved_connections
-        if total >= open_to_all and not self.known_client(ip):
+        if why == "reserved":
             reserved = limits.reserved_connections
             return TOO_MANY, f"the last {reserved} connections are reserved for known clients"
-        if self.per_ip[ip] >= limits.max_connections_per_ip:
-            limit = limits.max_connections_per_ip
-            return TOO_MANY_FROM_YOU, f"limits.max_connections_per_ip ({limit}) reached"
-        return None
+        limit = limits.max_connections_per_ip
+        return TOO_MANY_FROM_YOU, f"limits.max_connections_per_ip ({limit}) reached"
 
     def forget(self, session: Session) -> None:
-        self.sessions.discard(session)
-        ip = session.info.client_ip
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        if session in self.sessions:  # admitted: counted
+            self.sessions.discard(session)
+            self.counts.remove(session.info.client_ip)
 
     # -- shutdown --------------------------------------------------------------
 

@@ -7,7 +7,8 @@ facts (:class:`Heartbeat`) and writes ``data_dir/health.json`` (0600,
 replaced atomically: its pid, the time, the listeners bound, whether the
 configuration store answers) and the metrics file. ``/readyz`` is ready when
 that heartbeat is fresh (at most :data:`STALE` seconds old) from a live
-process, every listener is bound, the store answered the gateway, and the
+process (with several worker processes: every worker's, each writing its
+own under ``data_dir/workers/``), every listener is bound, the store answered the gateway, and the
 queue database takes a write lock now (:func:`queue_writable`, probed by the
 API's process at request time with a short timeout: a full or read-only
 disk, a lost permission or a database locked by someone else all say no).
@@ -54,11 +55,18 @@ class Heartbeat:
         metrics: Metrics,
         sample: Callable[[], Awaitable[dict[str, Any]]],
         interval: float = INTERVAL,
+        peers: Callable[[], list[bytes]] | None = None,
     ) -> None:
         self.data_dir, self.metrics, self.sample, self.interval = (
             data_dir, metrics, sample, interval,
         )  # fmt: skip
+        self.peers = peers  # the other workers' expositions, merged into this one's
         self._failing = False
+        self._wake = asyncio.Event()
+
+    def soon(self) -> None:
+        """Beat now rather than at the end of the interval (a worker took on a revision)."""
+        self._wake.set()
 
     async def beat(self) -> None:
         facts = await self.sample()
@@ -68,10 +76,11 @@ class Heartbeat:
         await asyncio.to_thread(self._write, facts)
 
     def _write(self, facts: dict[str, Any]) -> None:
-        health = {k: facts.get(k) for k in ("now", "pid", "listeners", "store_error", "revision")}
+        keys = ("now", "pid", "listeners", "store_error", "revision", "refused", "workers")
+        health = {k: facts.get(k) for k in keys}
         health["metrics_public"] = facts.get("metrics_public", False)
         write_health(self.data_dir, health)
-        self.metrics.write(self.data_dir)
+        self.metrics.write(self.data_dir, self.peers() if self.peers is not None else [])
 
     async def run(self) -> None:
         while True:
@@ -84,7 +93,10 @@ class Heartbeat:
                 if not self._failing:
                     log.error("heartbeat failed", error=repr(exc))
                 self._failing = True
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
 
     def stopped(self) -> None:
         """The gateway stops: not ready any more."""
@@ -100,7 +112,7 @@ def read_health(data_dir: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _alive(pid: object) -> bool:
+def process_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -129,6 +141,22 @@ def queue_writable(data_dir: Path, timeout: float = PROBE_TIMEOUT) -> str | None
     return None
 
 
+def workers_beating(data_dir: Path, count: object, now: float) -> str | None:
+    """None when every other worker process (``gateway.workers``) beats; else
+    which does not. The first worker's heartbeat is ``health.json`` itself."""
+    if not isinstance(count, int):
+        return None
+    silent = []
+    for index in range(1, count):
+        beat = read_health(data_dir / "workers" / str(index))
+        fresh = beat is not None and now - float(beat.get("now") or 0) <= STALE
+        if not fresh or beat is None or not process_alive(beat.get("pid")):
+            silent.append(str(index))
+    if silent:
+        return f"no recent heartbeat from worker {', '.join(silent)} of {count}"
+    return None
+
+
 def readiness(data_dir: Path, now: float | None = None) -> tuple[bool, dict[str, Any]]:
     """(ready, the checks and their findings) for ``/readyz``."""
     now = time.time() if now is None else now
@@ -136,7 +164,7 @@ def readiness(data_dir: Path, now: float | None = None) -> tuple[bool, dict[str,
     checks: dict[str, Any] = {}
     if health is None:
         checks["gateway"] = "no heartbeat (the gateway is not running or not started yet)"
-    elif not _alive(health.get("pid")):
+    elif not process_alive(health.get("pid")):
         checks["gateway"] = "the gateway process is gone"
     elif now - float(health.get("now") or 0) > STALE:
         checks["gateway"] = f"the heartbeat is older than {STALE:g} seconds"
@@ -147,6 +175,7 @@ def readiness(data_dir: Path, now: float | None = None) -> tuple[bool, dict[str,
         checks["listeners"] = f"not bound: {', '.join(unbound)}" if unbound else "ok"
         error = health.get("store_error") or ""
         checks["store"] = f"unreachable: {error}" if error else "ok"
+        checks["workers"] = workers_beating(data_dir, health.get("workers"), now) or "ok"
     checks["queue"] = queue_writable(data_dir) or "ok"
     ready = all(value == "ok" for value in checks.values())
     return ready, checks

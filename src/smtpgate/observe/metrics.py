@@ -172,9 +172,12 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def write(self, data_dir: Path) -> None:
-        """Replace ``data_dir/metrics.prom`` with the exposition when it changed."""
+    def write(self, data_dir: Path, peers: list[bytes] | None = None) -> None:
+        """Replace ``data_dir/metrics.prom`` with the exposition when it changed;
+        with the other workers' expositions (``peers``) merged in."""
         text = self.exposition()
+        if peers:
+            text = merge_expositions([text, *peers])
         if text == self._written:
             return
         target = data_dir / FILE
@@ -184,6 +187,55 @@ class Metrics:
             out.write(text)
         os.replace(partial, target)
         self._written = text
+
+
+# gauges that are a sum over worker processes; the others (queue, revision,
+# certificates: one node's facts, sampled by the first worker) are taken from it
+_ADDITIVE_GAUGES = frozenset({"smtpgate_sessions", "smtpgate_tracking_dropped_events"})
+# the merged metrics are as old as the oldest part
+_OLDEST = frozenset({"smtpgate_metrics_timestamp_seconds"})
+
+
+def _families(text: bytes) -> dict[str, tuple[list[str], dict[str, float]]]:
+    """An exposition as family name → (its header lines, sample → value), in order."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    current: tuple[list[str], dict[str, float]] | None = None
+    for line in text.decode().splitlines():
+        if line.startswith("# HELP "):
+            current = families.setdefault(line.split()[2], ([], {}))
+            current[0].append(line)
+        elif line.startswith("#"):
+            if current is not None:
+                current[0].append(line)
+        elif line and current is not None:
+            key, _space, value = line.rpartition(" ")
+            current[1][key] = float(value)
+    return families
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """One exposition for several worker processes: counters, histograms and
+    the additive gauges summed per sample, the time written as the oldest
+    part's, other gauges (and ``_created`` times) as the first text (the
+    first worker's) has them."""
+    merged: dict[str, tuple[list[str], dict[str, float]]] = {}
+    for position, text in enumerate(texts):
+        for name, (header, samples) in _families(text).items():
+            kind = next((h.split()[3] for h in header if h.startswith("# TYPE ")), "gauge")
+            additive = kind in ("counter", "histogram", "summary") or name in _ADDITIVE_GAUGES
+            into = merged.setdefault(name, (header, {}))[1]
+            for key, value in samples.items():
+                if key not in into:
+                    into[key] = value
+                elif name in _OLDEST:
+                    into[key] = min(into[key], value)
+                elif additive and position > 0:
+                    into[key] += value
+    lines = []
+    for header, samples in merged.values():
+        lines += header
+        lines += [f"{key} {value!r}" for key, value in samples.items()]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def read_exposition(data_dir: Path) -> bytes | None:

@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.config.schema import QueueSettings, SendConnector
 from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
-from smtpgate.delivery.health import FILE as HEALTH_FILE
-from smtpgate.delivery.health import ConnectorHealth, failed, skipped
+from smtpgate.delivery.health import ConnectorHealth, failed, skipped, status_path
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe import events
 from smtpgate.observe.log import get_logger
@@ -107,7 +106,8 @@ class QueueManager:
             job.connector.name, self._destination(job.connector, f"x@{job.domain}")
         )
         self._stopping = asyncio.Event()
-        self.health = ConnectorHealth(self._health_settings, queue.directory.parent / HEALTH_FILE)
+        board = status_path(queue.directory.parent, queue.owner.index)  # per worker
+        self.health = ConnectorHealth(self._health_settings, board)
 
     @property
     def settings(self) -> QueueSettings:

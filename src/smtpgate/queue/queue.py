@@ -21,16 +21,24 @@ from typing import Generic, TypeVar
 from smtpgate.model.envelope import Envelope
 from smtpgate.queue.clock import SYSTEM_CLOCK, Clock
 from smtpgate.queue.states import MessageKind
-from smtpgate.queue.store import NewMessage, QueueStore, RecipientUpdate, clean_orphan_bodies
+from smtpgate.queue.store import (
+    ONE,
+    NewMessage,
+    Owner,
+    QueueStore,
+    RecipientUpdate,
+    clean_orphan_bodies,
+)
 from smtpgate.spool import SpooledBody
 
 T = TypeVar("T")
 
 
 class Queue:
-    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK, owner: Owner = ONE) -> None:
         self.directory = directory
         self.clock = clock  # the store's; the manager takes the same one
+        self.owner = owner  # which worker's messages this process queues and delivers
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue")
         self._store: QueueStore | None = None
         self._ingests: _GroupCommit[NewMessage] = _GroupCommit(self, self._commit)
@@ -41,7 +49,7 @@ class Queue:
         """Open the store; returns how many orphaned body files were removed."""
 
         def opening() -> int:
-            self._store = QueueStore(self.directory, self.clock)
+            self._store = QueueStore(self.directory, self.clock, self.owner)
             return clean_orphan_bodies(self._store)
 
         return await self.call(opening)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +49,8 @@ create table if not exists messages(
     body blob,
     body_path text,
     meta text not null,
-    kind integer not null default 0
+    kind integer not null default 0,
+    owner integer not null default 0
 );
 create table if not exists recipients(
     message_id text not null references messages(id) on delete cascade,
@@ -152,22 +155,62 @@ def _params(recipient: Recipient) -> str:
     return json.dumps(recipient.params.as_dict())
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Which worker of how many this store serves (``smtpgate serve`` with
+    ``gateway.workers``). The workers share one database; a message belongs to
+    the worker that queued it, which delivers it and keeps its body file in a
+    directory of its own. A message whose worker no longer exists (fewer
+    workers than before) is delivered by worker ``owner % count``."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def body_dir(self) -> str:
+        """The body files' sub-directory: "" for worker 0 (the layout of one process)."""
+        return f"w{self.index}" if self.index else ""
+
+
+ONE = Owner()
+
+
 class QueueStore:
     """The queue database of one data directory."""
 
     @_storage
-    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, directory: Path, clock: Clock = SYSTEM_CLOCK, owner: Owner = ONE) -> None:
         self.directory = directory
         self.clock = clock
+        self.owner = owner
         self.bodies = directory / "bodies"
         private_dir(directory)
         private_dir(self.bodies)
+        self.own_bodies = private_dir(self.bodies / owner.body_dir) if owner.index else self.bodies
         database = private_file(directory / "queue.db")  # its -wal and -shm copy the mode
         self.db = sqlite3.connect(database, isolation_level=None, timeout=30)
         self.db.execute("pragma journal_mode=wal")
         self.db.execute("pragma synchronous=full")
         self.db.execute("pragma foreign_keys=on")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add what later versions added to a queue made by an earlier one."""
+        columns = {row[1] for row in self.db.execute("pragma table_info(messages)")}
+        if "owner" not in columns:
+            with self._transaction():
+                columns = {row[1] for row in self.db.execute("pragma table_info(messages)")}
+                if "owner" not in columns:  # another worker may have been first
+                    self.db.execute(
+                        "alter table messages add column owner integer not null default 0"
+                    )
+
+    def _mine(self, alias: str = "") -> tuple[str, tuple[int, ...]]:
+        """The SQL condition (and its arguments) for this worker's messages."""
+        if self.owner.count == 1:
+            return "", ()
+        return f" and {alias}owner % ? = ?", (self.owner.count, self.owner.index)
 
     @_storage
     def close(self) -> None:
@@ -182,9 +225,9 @@ class QueueStore:
         spilled = {m.body.queue_id for m in batch if m.body.path is not None}
         for item in batch:
             if item.body.queue_id in spilled:
-                item.body.save_as(self.bodies / item.body.queue_id, fsync=True)
+                item.body.save_as(self.own_bodies / item.body.queue_id, fsync=True)
         if spilled:
-            fsync_path(self.bodies)
+            fsync_path(self.own_bodies)
         now = self.clock.now()
         with self._transaction():
             for item in batch:
@@ -193,10 +236,10 @@ class QueueStore:
     def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> None:
         envelope, body = item.envelope, item.body
         blob = None if in_file else b"".join(body.chunks())
-        path = body.queue_id if in_file else None
+        path = str(Path(self.owner.body_dir, body.queue_id)) if in_file else None
         self.db.execute(
-            "insert into messages(id, sender, arrival, size, body, body_path, meta, kind) "
-            "values (?, ?, ?, ?, ?, ?, ?, ?)",
+            "insert into messages(id, sender, arrival, size, body, body_path, meta, kind, owner) "
+            "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 body.queue_id,
                 envelope.sender,
@@ -206,6 +249,7 @@ class QueueStore:
                 path,
                 _meta(envelope),
                 item.kind,
+                self.owner.index,
             ),
         )
         self.db.executemany(
@@ -224,20 +268,24 @@ class QueueStore:
 
     @_storage
     def due(self, now: float, exclude: set[str], limit: int = 500) -> list[QueuedMessage]:
-        """Messages with recipients whose next attempt has come."""
+        """This worker's messages with recipients whose next attempt has come."""
+        mine, args = self._mine("m.")
         rows = self.db.execute(
-            f"select distinct message_id from recipients where state in ({_marks(DUE)}) "  # noqa: S608 - placeholders only
-            "and next_attempt <= ? order by next_attempt limit ?",
-            (*DUE, now, limit + len(exclude)),
+            "select distinct r.message_id from recipients r join messages m on m.id = r.message_id "  # noqa: S608 - placeholders only
+            f"where r.state in ({_marks(DUE)}) and r.next_attempt <= ?{mine} "
+            "order by r.next_attempt limit ?",
+            (*DUE, now, *args, limit + len(exclude)),
         ).fetchall()
         ids = [r[0] for r in rows if r[0] not in exclude][:limit]
         return [m for m in (self.get(i) for i in ids) if m is not None]
 
     @_storage
     def next_due(self) -> float | None:
+        mine, args = self._mine("m.")
         row = self.db.execute(
-            f"select min(next_attempt) from recipients where state in ({_marks(DUE)})",  # noqa: S608 - placeholders only
-            DUE,
+            "select min(r.next_attempt) from recipients r join messages m on m.id = r.message_id "  # noqa: S608 - placeholders only
+            f"where r.state in ({_marks(DUE)}){mine}",
+            (*DUE, *args),
         ).fetchone()
         return row[0] if row else None
 
@@ -403,27 +451,54 @@ class Filters:
         return clauses, args
 
 
+BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's write to end
+_BUSY_PAUSES = (0.0001, 0.0002, 0.0005, 0.001, 0.002)  # then 0.002 each time
+
+
 class _Transaction:
+    """A write transaction, its lock taken at ``BEGIN IMMEDIATE``.
+
+    Worker processes share the database, so the write lock is often held by
+    another one for the length of its commit (an fsync, about a millisecond).
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ms ... between tries, which
+    made two workers slower than one; here the lock is tried again after
+    0.1 ms, growing to 2 ms, for up to :data:`BUSY_TIMEOUT` seconds.
+    """
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
     def __enter__(self) -> None:
-        self.db.execute("begin immediate")
+        self.db.execute("pragma busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + BUSY_TIMEOUT
+            for attempt in itertools.count():
+                try:
+                    self.db.execute("begin immediate")
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(_BUSY_PAUSES[min(attempt, len(_BUSY_PAUSES) - 1)])
+                else:
+                    return
+        finally:
+            self.db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         self.db.execute("commit" if kind is None else "rollback")
 
 
 def clean_orphan_bodies(store: QueueStore) -> int:
-    """Body files no message refers to (a crash between fsync and commit). Only
+    """Body files no message refers to (a crash between fsync and commit), in
+    this worker's own directory only: another worker may be committing. Only
     for the gateway at start-up: a tool running beside it could remove a body
     whose message is being committed."""
     with storage_errors():
         rows = store.db.execute("select body_path from messages where body_path is not null")
         known = {r[0] for r in rows}
     removed = 0
-    for path in store.bodies.iterdir():
-        if path.name not in known:
+    for path in store.own_bodies.iterdir():
+        if path.is_file() and str(path.relative_to(store.bodies)) not in known:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
