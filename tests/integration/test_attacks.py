@@ -294,7 +294,10 @@ async def test_a_starttls_handshake_timeout_is_logged_and_frees_the_slot(
     [line] = _events(logs, "TLS handshake failed")
     assert (line["client"], line["phase"]) == ("127.0.0.1", "STARTTLS")
     assert gw.gateway.server.sessions == set()
-    assert gw.gateway.server.per_ip == {}
+    assert (gw.gateway.server.counts.total(), gw.gateway.server.counts.from_ip("127.0.0.1")) == (
+        0,
+        0,
+    )
     writer.close()
 
 
