@@ -1,0 +1,156 @@
+"""Several worker processes (``gateway.workers``) are one gateway from outside.
+
+Workers are killed one at a time while clients send: every message that got
+250 arrives, and the supervisor starts each worker again. Connection limits
+count every worker's connections; the metrics count every worker's mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import GatewayProcess, SinkHandle, worker_pids
+
+SENDERS = 4
+KILLS = 4
+
+
+def _sender(port: int, stop: threading.Event, acked: list[str], number: int) -> None:
+    counter = 0
+    while not stop.is_set():
+        counter += 1
+        message_id = f"w-{number}-{counter}-{time.monotonic_ns()}"
+        body = f"Subject: workers\r\nMessage-ID: <{message_id}@test>\r\n\r\nx\r\n".encode()
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("bob@example.org", ["alice@example.com"], body)
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.02)
+            continue
+        acked.append(message_id)  # the client heard 250
+
+
+async def _workers(supervisor: int, count: int, timeout: float = 30) -> dict[int, int]:
+    """The worker pids once ``count`` workers run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = worker_pids(supervisor)
+        if len(found) == count:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not {count} workers: {worker_pids(supervisor)}")
+
+
+async def test_workers_killed_one_at_a_time_lose_no_acknowledged_message(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    rng = random.Random(42)
+    gw = gateway_process(sink.port, spoof_detection=False, gateway={"workers": 2})
+    before = await _workers(gw.process.pid, 2)
+    acked: list[str] = []
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_sender, args=(gw.port, stop, acked, n)) for n in range(SENDERS)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for kill in range(KILLS):
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            index = kill % 2
+            victim = (await _workers(gw.process.pid, 2))[index]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while worker_pids(gw.process.pid).get(index) in (None, victim):
+                assert time.monotonic() < deadline, f"worker {index} was not started again"
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # the last worker started again takes mail too
+    finally:
+        stop.set()
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 15)
+    after = await _workers(gw.process.pid, 2)
+    assert set(after.values()).isdisjoint(before.values())  # every worker was replaced
+    assert gw.process.poll() is None  # the supervisor itself never stopped
+    assert len(acked) > 50, "the test must actually send mail"
+    deadline = time.monotonic() + 60
+    arrived: set[str] = set()
+    while time.monotonic() < deadline:
+        arrived = {
+            m.group(1).decode()
+            for _, body in sink.messages()
+            if (m := re.search(rb"Message-ID: <([^@>]+)@test>", body))
+        }
+        if arrived.issuperset(acked):
+            break
+        await asyncio.sleep(0.2)
+    missing = sorted(set(acked) - arrived)
+    print(f"workers: {KILLS} worker kills, {len(acked)} acknowledged, {len(arrived)} arrived")
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages were lost"
+    assert gw.stop() == 0  # and the gateway still stops gracefully
+
+
+def _greeting(port: int) -> tuple[socket.socket, bytes]:
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return client, client.recv(200)
+
+
+async def test_the_per_ip_limit_counts_every_workers_connections(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    gw = gateway_process(sink.port, gateway={"workers": 2}, limits={"max_connections_per_ip": 3})
+    await _workers(gw.process.pid, 2)
+    opened = [await asyncio.to_thread(_greeting, gw.port) for _ in range(8)]
+    try:
+        greetings = [greeting[:9] for _, greeting in opened]
+        assert greetings.count(b"220 gw.te") == 3, greetings
+        assert greetings.count(b"421 4.7.0") == 5, greetings
+    finally:
+        for client, _ in opened:
+            client.close()
+    await asyncio.sleep(0.5)  # closed: counted no more, whichever worker had them
+    again = [await asyncio.to_thread(_greeting, gw.port) for _ in range(3)]
+    try:
+        assert [g[:3] for _, g in again] == [b"220"] * 3
+    finally:
+        for client, _ in again:
+            client.close()
+
+
+def _metric(text: str, name: str) -> float:
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_metrics_count_the_mail_of_every_worker(
+    tmp_path: Path,
+    gateway_process: Callable[..., GatewayProcess],
+    sink: SinkHandle,
+) -> None:
+    gw = gateway_process(sink.port, spoof_detection=False, gateway={"workers": 2})
+    await _workers(gw.process.pid, 2)
+    count = 30
+    for number in range(count):
+        body = f"Subject: m\r\nMessage-ID: <m{number}@test>\r\n\r\nx\r\n".encode()
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+            await asyncio.to_thread(client.sendmail, "bob@example.org", ["a@example.com"], body)
+    metrics = tmp_path / "gwp" / "metrics.prom"
+    deadline = time.monotonic() + 30
+    accepted = 0.0
+    while time.monotonic() < deadline:
+        text = metrics.read_text() if metrics.exists() else ""
+        accepted = _metric(text, "smtpgate_messages_accepted_total")
+        if accepted >= count:
+            break
+        await asyncio.sleep(0.2)
+    assert accepted == count
