@@ -56,7 +56,6 @@ class BodyChecker:
 
     def __init__(self, limits: BodyLimits) -> None:
         self.limits = limits
-        self._long_run = re.compile(rb"[^\n]{%d}" % limits.max_line_length)
         self.size = 0
         self.problem: Reply | None = None
         self.bare_newline = False
@@ -110,7 +109,7 @@ class BodyChecker:
             return True
         last = data.rfind(b"\n")
         self._line_len = len(data) - last - 1
-        if last > first and self._long_run.search(data, first + 1, last + 1):
+        if last - first > limit and max(map(len, data[first + 1 : last].split(b"\n"))) >= limit:
             return True
         return self._line_len >= limit
 
