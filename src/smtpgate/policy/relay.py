@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 from dataclasses import dataclass
+from functools import lru_cache
 
 from smtpgate.config.schema import GatewayConfig, RelayMode
 from smtpgate.model.domain import DomainError, normalise_domain
@@ -70,10 +71,18 @@ def split_address(address: str) -> tuple[str, str]:
     local, _, domain = address.rpartition("@")
     if domain.startswith("["):
         return local, domain.lower()
+    return local, _normal_domain(domain)
+
+
+@lru_cache(maxsize=4096)
+def _normal_domain(domain: str) -> str:
+    """:func:`normalise_domain`, or ``domain`` as written when it has no normal
+    form; remembered, since one message asks for the same domains again and
+    again (relay decision, routing, validation, delivery)."""
     try:
-        return local, normalise_domain(domain)
+        return normalise_domain(domain)
     except DomainError:
-        return local, domain
+        return domain
 
 
 @dataclass(frozen=True, slots=True)
