@@ -61,6 +61,7 @@ from smtpgate.fetch.fetcher import Fetcher
 from smtpgate.fetch.state import FetchState, FileState, StoreState
 from smtpgate.files import make_private, private_dir
 from smtpgate.gateway import GatewayHandler, GatewayState
+from smtpgate.inbound import throttle
 from smtpgate.inbound.contract import SessionHandler, SessionSettings
 from smtpgate.inbound.counts import ConnectionCounts, SharedCounts
 from smtpgate.inbound.server import (
@@ -69,6 +70,7 @@ from smtpgate.inbound.server import (
     ServerLimits,
     stop_requested,
 )
+from smtpgate.inbound.throttle import SharedAuthThrottle
 from smtpgate.observe import events
 from smtpgate.observe.health import Heartbeat, process_alive, read_health
 from smtpgate.observe.log import get_logger, log_options, set_target
@@ -436,6 +438,8 @@ async def build_gateway(
     current = Current(Snapshot.compile(config, revision))  # certificates loaded once
     certificates = current().certificates  # the listeners' and the client identities
     state = GatewayState.for_config(config)
+    if role is not None and role.count > 1:  # a client's attempts, whichever worker it meets
+        state.throttle = SharedAuthThrottle(data_dir / WORKERS_DIR / throttle.FILE, config.limits)
     quarantine = Quarantine(
         quarantine_dir(data_dir), lambda: current().config.quarantine.retention_days * DAY
     )

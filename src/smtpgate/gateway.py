@@ -34,6 +34,7 @@ from smtpgate.policy.auth import (
     BAD_CREDENTIALS,
     LOCKED_OUT,
     AuthThrottle,
+    Throttle,
 )
 from smtpgate.policy.profile import (
     ProfileMatch,
@@ -56,7 +57,7 @@ QUARANTINE_UNAVAILABLE = Reply.of(451, "4.3.0", "Message held for review, but no
 class GatewayState:
     """What outlives one configuration: the AUTH throttle and the resolver."""
 
-    throttle: AuthThrottle
+    throttle: Throttle  # this process's, or shared by every worker process
     resolver: Resolver
     refusals: RefusalLog = field(default_factory=RefusalLog)  # blocked clients
     scanners: list[Scanner] = field(default_factory=list)  # content checks before the 250

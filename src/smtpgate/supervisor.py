@@ -45,6 +45,7 @@ from smtpgate.config.schema import GatewayConfig
 from smtpgate.config.store import ConfigStore
 from smtpgate.content.quarantine import Quarantine, quarantine_dir
 from smtpgate.files import make_private, private_dir
+from smtpgate.inbound import throttle
 from smtpgate.inbound.counts import SharedCounts
 from smtpgate.inbound.server import stop_requested
 from smtpgate.observe.log import get_logger, log_options
@@ -249,7 +250,7 @@ def prepare(config: GatewayConfig) -> None:
     quarantine = Quarantine(quarantine_dir(data_dir), lambda: 0.0)
     if orphans := quarantine.store.clean_orphans():
         log.info("removed unfinished quarantine files", count=orphans)
-    private_dir(data_dir / WORKERS_DIR)
+    throttle.create(private_dir(data_dir / WORKERS_DIR))  # AUTH failures of this run
 
 
 async def serve(

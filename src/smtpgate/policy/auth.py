@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import SecretStr
 
@@ -58,6 +59,17 @@ def user_profile(
     if profile.relay == "blocked":
         return None, f"{profile.label} is blocked: 535 5.7.8"
     return profile, f"authenticated into {profile.label}"
+
+
+class Throttle(Protocol):
+    """Failed AUTH attempts per client IP: this process's (:class:`AuthThrottle`)
+    or every worker's (``inbound.throttle.SharedAuthThrottle``)."""
+
+    def locked(self, ip: str, now: float) -> bool: ...
+
+    def record_failure(self, ip: str, now: float) -> float: ...
+
+    def record_success(self, ip: str) -> None: ...
 
 
 @dataclass
