@@ -34,6 +34,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from smtpgate.config.schema import QueueSettings, SendConnector
 from smtpgate.delivery.attempt import AttemptReport, Deliverer, Job
@@ -79,6 +80,64 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+class _BodyReads:
+    """Body reads asked for in the same turn of the event loop share one trip to
+    the queue's thread (a scan starts every due message at once: one executor
+    hop for all of them, not one each). Every reader gets its own result, or the
+    exception its own read raised."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._waiting: list[tuple[str, asyncio.Future[bytes | Path | None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def read(self, message_id: str) -> bytes | Path | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | Path | None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._start)
+        self._waiting.append((message_id, future))
+        return await future
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._read(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, batch: list[tuple[str, asyncio.Future[bytes | Path | None]]]) -> None:
+        def work() -> list[tuple[bytes | Path | None, Exception | None]]:
+            found: list[tuple[bytes | Path | None, Exception | None]] = []
+            for message_id, _ in batch:
+                try:
+                    found.append((store.body(message_id), None))
+                except Exception as exc:  # that reader's failure, as if read alone
+                    found.append((None, exc))
+            return found
+
+        try:
+            store = self._queue.store
+            results = await self._queue.call(work)
+        except BaseException as exc:  # the hop itself failed: every reader hears of it
+            for _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), (data, error) in zip(batch, results, strict=True):
+            if future.done():  # its reader was cancelled meanwhile
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(data)
+
+
 class QueueManager:
     def __init__(
         self,
@@ -100,6 +159,7 @@ class QueueManager:
         # before it can record anything must not make the message due again at once.
         self._resting: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._bodies = _BodyReads(queue)
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self.shaper = Shaper(lambda: self.settings)  # per destination (queue/shaping.py)
         deliverer.per_connection = lambda job: self.shaper.per_connection(
@@ -204,8 +264,7 @@ class QueueManager:
         self, message: QueuedMessage, due: list[QueuedRecipient], now: float
     ) -> tuple[_Result, bytes] | None:
         """Deliver (or expire) the due recipients; None if the message is gone."""
-        store = self.queue.store
-        data = await self.queue.call(lambda: store.body(message.id))
+        data = await self._bodies.read(message.id)
         if data is None:
             return None  # deleted meanwhile (queue tools)
         body = StoredBody(data)  # read once: for every attempt and for reports
