@@ -180,6 +180,7 @@ class WorkerRole:
     count: int
     sockets: dict[str, list[socket.socket]]  # listener name → bound sockets
     connections: Path | None = None  # the shared connection counts (inbound/counts.py)
+    supervisor: int = dataclasses.field(default_factory=os.getppid)  # serve's pid
 
     @property
     def primary(self) -> bool:
@@ -659,7 +660,7 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
             {"name": x.name, "address": x.address, "security": x.security}
             for x in gateway.started.listeners
         ],
-        "pid": os.getpid(),
+        "pid": gateway.role.supervisor if gateway.role is not None else os.getpid(),
         "workers": gateway.role.count if gateway.role is not None else 1,
         "roles": list(running.roles),
         "version": __version__,

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         name: [socket.socket(fileno=fd) for fd in numbers]
         for name, numbers in parse_fds(args.fds).items()
     }
-    role = WorkerRole(args.index, args.count, sockets, args.connections)
+    role = WorkerRole(args.index, args.count, sockets, args.connections, args.parent)
 
     def opener() -> ConfigStore:
         return ConfigStore.open_configured(config.gateway)
