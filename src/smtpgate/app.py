@@ -484,6 +484,7 @@ async def build_gateway(
         config.queue.connection_cache_time,
     )
     deliverer.report_submit = tls_report_submitter(queue)  # TLSRPT mailto: through the queue
+    deliverer.daily_reports = primary  # one worker sends them, once
     manager = QueueManager(queue, deliverer, current, config.gateway.hostname)
     if primary:
         counts = await queue.call(queue.store.counts)

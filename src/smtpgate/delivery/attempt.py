@@ -142,6 +142,7 @@ class Deliverer:
     _cache: dict[CacheKey, list[_Cached]] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     report_submit: Submit | None = None  # queues TLS reports (set by the composition root)
+    daily_reports: bool = True  # sends the daily TLS reports (one worker of several does)
     _published: Published | None = None
     _facts: dict[str, DomainFacts] = field(default_factory=dict)  # the last, by domain
 
@@ -209,7 +210,9 @@ class Deliverer:
         ):
             return None
         if self._published is None:
-            self._published = Published(self.resolver, config, self.report_submit)
+            self._published = Published(
+                self.resolver, config, self.report_submit, daily=self.daily_reports
+            )
         facts = await self._published.facts(config, job.domain, targets)
         self._facts.pop(job.domain, None)
         if len(self._facts) >= MAX_DOMAIN_FACTS:  # only running attempts need theirs

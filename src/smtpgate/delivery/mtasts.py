@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import ssl
 import time
@@ -247,7 +248,7 @@ class StsCache:
         saved = {"id": entry.fact.id, "text": list(entry.fact.text), "fetched": entry.fetched}
         try:
             private_dir(self.directory)
-            temporary = path.with_suffix(".tmp")
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")  # workers write at once
             temporary.write_text(json.dumps(saved), encoding="utf-8")
             temporary.chmod(FILE_MODE)
             temporary.replace(path)

@@ -134,8 +134,14 @@ class Published:
     """MTA-STS policies, TLSA facts and the TLS session record of one gateway."""
 
     def __init__(
-        self, resolver: Resolver, config: GatewayConfig, submit: Submit | None = None
+        self,
+        resolver: Resolver,
+        config: GatewayConfig,
+        submit: Submit | None = None,
+        *,
+        daily: bool = True,
     ) -> None:
+        self.daily = daily  # this process sends the daily TLS reports
         data_dir = Path(config.gateway.data_dir)
         self.resolver = resolver
         self.sts = StsCache(
@@ -157,7 +163,7 @@ class Published:
         self.sts.ca_files = tuple(str(p) for p in config.tls.ca_files)
         if self._refresh is None and config.outbound_security.mta_sts:
             self._refresh = asyncio.get_running_loop().create_task(self.sts.run_refresh())
-        if self._daily is None and config.outbound_security.tlsrpt.enabled:
+        if self._daily is None and self.daily and config.outbound_security.tlsrpt.enabled:
             self._daily = asyncio.get_running_loop().create_task(self._run_daily())
 
     async def send_reports(self, day: str | None = None) -> list[str]:
