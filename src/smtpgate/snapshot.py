@@ -17,7 +17,7 @@ mutated in place, so no reader ever sees half of two revisions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import SecretStr
 
@@ -30,6 +30,8 @@ from smtpgate.policy.routing import route
 from smtpgate.policy.session import known_client
 from smtpgate.policy.tls import OutboundPolicy, destination_tls, outbound_by_profile
 from smtpgate.tls.certificates import Loaded, load_configured
+
+_OUTBOUND_TLS_CACHE = 4096  # destinations remembered per snapshot
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Snapshot:
     postmaster: str  # where RCPT TO:<Postmaster> goes (RFC 5321 §4.5.1)
     outbound: dict[str, tuple[OutboundTls, str]]  # profile name → its outbound_tls, label
     certificates: dict[str, Loaded]
+    # (connector name, host, domain) -> (connector, its policy): destination_tls
+    # is a pure function of this snapshot and those, asked once per delivery.
+    _outbound_tls: dict[tuple[str, str, str], tuple[SendConnector, OutboundPolicy]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def compile(
@@ -79,9 +86,17 @@ class Snapshot:
 
     def outbound_tls(self, connector: SendConnector, host: str, domain: str) -> OutboundPolicy:
         """The TLS policy for delivering to ``host`` for ``domain`` through ``connector``."""
-        return destination_tls(
+        key = (connector.name, host, domain)
+        cached = self._outbound_tls.get(key)
+        if cached is not None and cached[0] is connector:  # the same object, not a namesake
+            return cached[1]
+        policy = destination_tls(
             self.config, self.profiles, connector, host, domain, by_profile=self.outbound
         )
+        if len(self._outbound_tls) >= _OUTBOUND_TLS_CACHE:
+            self._outbound_tls.clear()
+        self._outbound_tls[key] = (connector, policy)
+        return policy
 
     def smarthost_password(self, connector: SendConnector) -> str | None:
         secret = self.smarthost_passwords.get(connector.name)
