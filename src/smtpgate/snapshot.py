@@ -25,13 +25,14 @@ from smtpgate.config.schema import GatewayConfig, OutboundTls, SendConnector
 from smtpgate.config.secret import load_key, read_password, read_secret
 from smtpgate.policy.auth import CredentialIndex
 from smtpgate.policy.profile import ProfileIndex
-from smtpgate.policy.relay import postmaster_address
+from smtpgate.policy.relay import postmaster_address, split_address
 from smtpgate.policy.routing import route
 from smtpgate.policy.session import known_client
 from smtpgate.policy.tls import OutboundPolicy, destination_tls, outbound_by_profile
 from smtpgate.tls.certificates import Loaded, load_configured
 
 _OUTBOUND_TLS_CACHE = 4096  # destinations remembered per snapshot
+_ROUTE_CACHE = 4096  # (sender domain, recipient domain) pairs remembered per snapshot
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class Snapshot:
     # (connector name, host, domain) -> (connector, its policy): destination_tls
     # is a pure function of this snapshot and those, asked once per delivery.
     _outbound_tls: dict[tuple[str, str, str], tuple[SendConnector, OutboundPolicy]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # (sender domain, recipient domain, excluded) -> connector: select_connector is a
+    # pure function of this snapshot and those, asked at every RCPT and delivery
+    _routes: dict[tuple[str, str, frozenset[str]], SendConnector | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -82,7 +88,16 @@ class Snapshot:
     def route(
         self, sender: str, recipient: str, exclude: frozenset[str] = frozenset()
     ) -> SendConnector | None:
-        return route(self.config.send_connectors, self.roles, sender, recipient, exclude)
+        key = (split_address(sender)[1] if sender else "", split_address(recipient)[1], exclude)
+        try:
+            return self._routes[key]
+        except KeyError:
+            pass
+        found = route(self.config.send_connectors, self.roles, sender, recipient, exclude)
+        if len(self._routes) >= _ROUTE_CACHE:
+            self._routes.clear()
+        self._routes[key] = found
+        return found
 
     def outbound_tls(self, connector: SendConnector, host: str, domain: str) -> OutboundPolicy:
         """The TLS policy for delivering to ``host`` for ``domain`` through ``connector``."""

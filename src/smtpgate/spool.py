@@ -18,6 +18,8 @@ from typing import BinaryIO, Protocol
 
 SPILL_THRESHOLD = 128 * 1024
 _COUNTER = itertools.count()
+_PID = [os.getpid() & 0xFFF]  # getpid() is a system call; a forked child takes its own
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid() & 0xFFF))
 
 
 def new_queue_id() -> str:
@@ -27,7 +29,7 @@ def new_queue_id() -> str:
     in upper-case hex: cheap to make (it is made once per message).
     """
     now = time.time_ns() // 1000
-    return f"{now:X}{os.getpid() & 0xFFF:03X}{next(_COUNTER) & 0xFFF:03X}"
+    return f"{now:X}{_PID[0]:03X}{next(_COUNTER) & 0xFFF:03X}"
 
 
 class Body(Protocol):

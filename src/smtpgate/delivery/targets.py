@@ -15,6 +15,7 @@ gateway's one resolver (``gateway.dns``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class NoTarget:
         return self.code is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def _literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

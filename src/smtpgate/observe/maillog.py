@@ -121,6 +121,8 @@ class MailLog:
         self.log = logs.get_logger("smtpgate.mail")
 
     def __call__(self, event: Event) -> None:
+        if logs.current["level"] not in ("debug", "info"):  # the lines are info: not written
+            return
         text = line(event)
         if text is not None:
             logs.mail_line(self.log, text, event)

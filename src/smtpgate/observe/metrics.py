@@ -38,6 +38,9 @@ FILE = "metrics.prom"
 _LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
 
+_CLASSES = {n: f"{n}xx" for n in range(10)}
+
+
 def _tls_labels(tls: str | None) -> tuple[str, str]:
     if not tls:
         return "none", "none"
@@ -122,34 +125,46 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self._written = b""
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus-client validates and
+        locks at every call, and this runs for every reply and event. Only for the
+        counters and histograms, whose children are never removed."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def count_reply(self, reply: Reply) -> None:
-        self.replies.labels(f"{reply.code // 100}xx", reply.status or "").inc()
+        self._child(self.replies, _CLASSES[reply.code // 100], reply.status or "").inc()
 
     def __call__(self, event: Event) -> None:
+        child = self._child
         if isinstance(event, Connected):
-            self.connections.labels(event.client.listener, event.client.profile).inc()
+            child(self.connections, event.client.listener, event.client.profile).inc()
         elif isinstance(event, MessageAccepted):
             c = event.client
-            self.accepted.labels(c.listener, c.profile).inc()
+            child(self.accepted, c.listener, c.profile).inc()
             self.accepted_bytes.inc(event.size)
-            self.tls.labels("inbound", *_tls_labels(c.tls)).inc()
+            child(self.tls, "inbound", *_tls_labels(c.tls)).inc()
         elif isinstance(event, Refused):
             if event.stage == "CONNECT":
-                self.connections.labels(event.client.listener, event.client.profile).inc()
-            self.refused.labels(event.stage, event.enhanced or str(event.code)).inc()
+                child(self.connections, event.client.listener, event.client.profile).inc()
+            child(self.refused, event.stage, event.enhanced or str(event.code)).inc()
         elif isinstance(event, DeliveryAttempt):
-            self.attempts.labels(event.connector, event.status).inc()
-            self.attempt_seconds.labels(event.connector).observe(sum(event.delays[2:]))
+            child(self.attempts, event.connector, event.status).inc()
+            child(self.attempt_seconds, event.connector).observe(sum(event.delays[2:]))
             if event.status == "sent":
-                self.delay_seconds.labels(event.connector).observe(event.delay)
+                child(self.delay_seconds, event.connector).observe(event.delay)
             if event.relay != "none":
-                self.tls.labels("outbound", *_tls_labels(event.tls)).inc()
+                child(self.tls, "outbound", *_tls_labels(event.tls)).inc()
         elif isinstance(event, ContentVerdict):
             for scanner, action in event.results:
-                self.verdicts.labels(scanner, action).inc()
+                child(self.verdicts, scanner, action).inc()
         elif isinstance(event, DsnSent):
-            self.reports.labels(event.action).inc()
+            child(self.reports, event.action).inc()
         elif isinstance(event, Quarantined):
             self.quarantined.inc()
 

@@ -84,8 +84,14 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
 
 
 def _facts(event: Event) -> dict[str, Any]:
-    facts = dataclasses.asdict(event)
-    facts.pop("when", None)
+    """The event's fields as ``dataclasses.asdict`` gives them, without its deep
+    copy of every value (only the client is a dataclass within an event)."""
+    facts = {}
+    for f in dataclasses.fields(event):
+        if f.name != "when":
+            value = getattr(event, f.name)
+            nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            facts[f.name] = dataclasses.asdict(value) if nested else value
     return facts
 
 
@@ -127,16 +133,18 @@ class TrackingWriter:
     def __init__(self, data_dir: Path, retention_days: Callable[[], float]) -> None:
         self.path = database_path(data_dir)
         self.retention_days = retention_days
-        self.pending: queue.Queue[Event | None] = queue.Queue(MAX_PENDING)
+        # SimpleQueue: a put is one C call, no lock and condition in Python (it runs
+        # for every event); bounded by hand
+        self.pending: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         self.dropped = 0
         self._dropped_logged = 0.0
         self._thread: threading.Thread | None = None
         _connect(self.path, create=True).close()  # fails at start, not in the thread
 
     def __call__(self, event: Event) -> None:
-        try:
+        if self.pending.qsize() < MAX_PENDING:
             self.pending.put_nowait(event)
-        except queue.Full:
+        else:
             self.dropped += 1
             now = time.monotonic()
             if now - self._dropped_logged > 60:
@@ -151,8 +159,7 @@ class TrackingWriter:
         """Store what is pending, then end the thread."""
         if self._thread is None:
             return
-        with contextlib.suppress(queue.Full):
-            self.pending.put(None, timeout=timeout)
+        self.pending.put(None)
         self._thread.join(timeout)
         self._thread = None
 

@@ -19,6 +19,7 @@ require inbound TLS; it never changes relay or authentication
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ProfileMatch:
         return f"{self.profile.label}: no profile matches the client IP or host name"
 
 
+@functools.lru_cache(maxsize=4096)  # once per connection, or more: the same few clients
 def client_address(text: str) -> IpAddress:
     """Parse a client address; IPv4-mapped IPv6 becomes IPv4, a zone id is dropped."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
