@@ -43,6 +43,7 @@ DATABASE = "tracking.db"
 DAY = 86400.0
 MAX_PENDING = 20_000  # events waiting for the writer; beyond, they are dropped
 BATCH = 500
+GATHER = 0.05  # seconds the writer waits after an event for more to come
 EXPIRE_EVERY = 3600.0
 MAX_RESULTS = 1000
 NOQUEUE = "NOQUEUE"
@@ -171,6 +172,10 @@ class TrackingWriter:
                 batch: list[Event | None] = []
                 with contextlib.suppress(queue.Empty):
                     batch.append(self.pending.get(timeout=1.0))
+                if batch and batch[0] is not None:
+                    # let the next events gather: a wake-up per event cost the
+                    # event loop the GIL (futex round trips) several times a message
+                    time.sleep(GATHER)
                 while len(batch) < BATCH:
                     try:
                         batch.append(self.pending.get_nowait())
