@@ -206,10 +206,9 @@ class QueueManager:
         now = self.clock.now()
         self._resting = {k: until for k, until in self._resting.items() if until > now}
         inflight = self._inflight | self._resting.keys()
-        due = await self.queue.call(lambda: store.due(now, inflight))
+        due, following = await self.queue.call(lambda: store.due_and_next(now, inflight))
         for message in due:
             self._start(message)
-        following = await self.queue.call(store.next_due)
         return POLL if following is None else min(POLL, max(0.0, following - self.clock.now()))
 
     async def _wake(self) -> None:

@@ -280,6 +280,13 @@ class QueueStore:
         return [m for m in (self.get(i) for i in ids) if m is not None]
 
     @_storage
+    def due_and_next(
+        self, now: float, exclude: set[str], limit: int = 500
+    ) -> tuple[list[QueuedMessage], float | None]:
+        """``due`` and ``next_due`` in one call: one trip to the queue's thread."""
+        return self.due(now, exclude, limit), self.next_due()
+
+    @_storage
     def next_due(self) -> float | None:
         mine, args = self._mine("m.")
         row = self.db.execute(
