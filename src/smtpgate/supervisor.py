@@ -157,7 +157,10 @@ class Supervisor:
             return self.revision, started
         return cached[0], merge(shared_part(cached[1]), local_part(started))
 
-    async def spawn(self, worker: Worker) -> None:
+    async def spawn(self, worker: Worker, *, first: bool = False) -> bool:
+        """Start ``worker``; whether it said it is ready. A worker that does not
+        start is killed; at the first start that stops the gateway (the same
+        configuration would fail again), later it is tried again."""
         fds_arg, fds = self._fds()
         revision, document = self._starting_document()
         command = [sys.executable, "-m", "smtpgate.cli.main", "worker"]
@@ -181,11 +184,16 @@ class Supervisor:
                 line = await process.stdout.readline()
         except TimeoutError:
             line = b""
-        if line.strip() != b"ready":
+        ready = line.strip() == b"ready"
+        if not ready:
             log.error("worker did not start", worker=worker.index, pid=process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            if first:
+                await process.wait()
+                return False
         self._watch(worker, process)
+        return ready
 
     def _watch(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         task = asyncio.get_running_loop().create_task(self._after(worker, process))
@@ -293,7 +301,11 @@ async def _supervise(
     pid_file = data_dir / "smtpgate.pid"
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.gather(*(supervisor.spawn(w) for w in supervisor.workers))
+        workers = supervisor.workers
+        started = await asyncio.gather(*(supervisor.spawn(w, first=True) for w in workers))
+        failed = [str(w.index) for w, ok in zip(workers, started, strict=True) if not ok]
+        if failed:
+            raise OSError(f"worker {', '.join(failed)} of {count} did not start (see the log)")
         pid_file.write_text(f"{os.getpid()}\n")
         loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
         log.info(

@@ -14,12 +14,23 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import GatewayProcess, SinkHandle, worker_pids
+import yaml
+
+from tests.conftest import (
+    SMTPGATE,
+    GatewayProcess,
+    SinkHandle,
+    base_config,
+    free_port,
+    merge,
+    worker_pids,
+)
 
 SENDERS = 4
 KILLS = 4
@@ -154,3 +165,22 @@ async def test_metrics_count_the_mail_of_every_worker(
             break
         await asyncio.sleep(0.2)
     assert accepted == count
+
+
+def test_workers_that_cannot_start_stop_serve_with_one_line_each(
+    tmp_path: Path, sink: SinkHandle
+) -> None:
+    """Each worker opens the queue itself: when it cannot, ``serve`` exits 1 and
+    says so, one line per worker and one for the gateway, without a traceback."""
+    document = merge(base_config(tmp_path / "gw", sink.port), {"gateway": {"workers": 2}})
+    document["listeners"][0]["address"] = f"127.0.0.1:{free_port()}"
+    (tmp_path / "gw" / "queue" / "queue.db").mkdir(parents=True)  # not a database
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    argv = [SMTPGATE, "serve", "--config", str(path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    for index in (0, 1):
+        assert f"smtpgate worker {index}: cannot start: [Errno 21] Is a directory" in done.stderr
+    assert "smtpgate: cannot start: worker 0, 1 of 2 did not start" in done.stderr

@@ -79,5 +79,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # the store is down: the worker follows it once it answers
         print(f"smtpgate worker {args.index}: store unreachable: {exc!r}", file=sys.stderr)
         store = None
-    run_worker(config, started["revision"], role, store, opener)
+    try:
+        run_worker(config, started["revision"], role, store, opener)
+    except OSError as exc:  # the supervisor says which worker; this says why
+        print(f"smtpgate worker {args.index}: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
