@@ -819,6 +819,7 @@ async def serve_worker(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
     print("ready", flush=True)
+    os.dup2(2, 1)  # the supervisor reads no more: anything later goes to the log
     log.debug("worker ready", worker=role.index, pid=os.getpid(), revision=revision)
     await stop.wait()
     await gateway.stop(config.timeouts.shutdown_grace)
