@@ -51,6 +51,9 @@ TOO_MANY = re.compile(
 MAX_PAIRS = 10_000  # bounded: pairs without anyone in flight are forgotten beyond this
 
 
+MAX_REMEMBERED = 10_000  # (connector, destination) limits kept; then forgotten at once
+
+
 def _matches(pattern: str, value: str) -> bool:
     return fnmatch.fnmatchcase(value.lower(), pattern.lower().replace("[", "[[]"))
 
@@ -103,9 +106,19 @@ class Shaper:
         self.settings = settings
         self.clock = clock
         self._pairs: dict[tuple[str, str], _Pair] = {}
+        # limits_for is pure: remembered per settings object (a new one per apply)
+        self._limits: tuple[QueueSettings | None, dict[tuple[str, str], Limits]] = (None, {})
 
     def limits(self, connector: str, destination: str) -> Limits:
-        return limits_for(self.settings(), connector, destination)
+        settings = self.settings()
+        known, cache = self._limits
+        if known is not settings or len(cache) >= MAX_REMEMBERED:
+            cache = {}
+            self._limits = (settings, cache)
+        found = cache.get((connector, destination))
+        if found is None:
+            found = cache[(connector, destination)] = limits_for(settings, connector, destination)
+        return found
 
     def _pair(self, connector: str, destination: str) -> _Pair:
         key = (connector, destination)
