@@ -8,6 +8,7 @@ count every worker's connections; the metrics count every worker's mail.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from tests.conftest import (
     base_config,
     free_port,
     merge,
+    run_tool,
     worker_pids,
 )
 
@@ -184,3 +186,23 @@ def test_workers_that_cannot_start_stop_serve_with_one_line_each(
     for index in (0, 1):
         assert f"smtpgate worker {index}: cannot start: [Errno 21] Is a directory" in done.stderr
     assert "smtpgate: cannot start: worker 0, 1 of 2 did not start" in done.stderr
+
+
+async def test_cluster_status_shows_one_node_with_its_workers(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    gw = gateway_process(sink.port, gateway={"workers": 2})
+    await _workers(gw.process.pid, 2)
+    argv = [SMTPGATE, "cluster", "status", "--config", str(gw.config_path)]
+    deadline = time.monotonic() + 20
+    while True:
+        code, out = await run_tool(*argv, "--json")
+        assert code == 0, out
+        [node] = json.loads(out)["nodes"]  # one node, not one per worker
+        if node["pid"] == gw.process.pid or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert (node["pid"], node["workers"], node["state"]) == (gw.process.pid, 2, "up")
+    code, text = await run_tool(*argv)
+    assert "gw1: up" in text
+    assert ", 2 workers" in text

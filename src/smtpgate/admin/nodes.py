@@ -153,6 +153,7 @@ def cluster(store: ConfigStore, now: float) -> dict[str, Any]:
                 "admin": report.get("admin"),
                 "hostname": report.get("hostname"),
                 "pid": report.get("pid"),
+                "workers": report.get("workers", 1),
                 "queue": report.get("queue", {}),
                 "scanners": report.get("scanners", {}),
             }

@@ -130,6 +130,8 @@ def status_text(found: dict[str, Any]) -> str:
         )
         if node["roles"]:
             line += f", roles {', '.join(node['roles'])}"
+        if node.get("workers", 1) > 1:
+            line += f", {node['workers']} workers"
         if node["error"]:
             line += f"; error: {node['error']}"
         down = [
