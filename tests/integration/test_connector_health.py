@@ -235,7 +235,13 @@ async def test_connector_status_shows_the_state_to_the_operator(
     config.write_text(yaml.safe_dump(document))
     data_dir = tmp_path / "gw0"
     assert (data_dir / "connectors.json").stat().st_mode & 0o777 == 0o600
-    code, out = await run_tool(SMTPGATE, "connector", "status", "--config", str(config))
+    deadline = time.monotonic() + 10  # the sink has the message a moment before the
+    while True:  # gateway has its reply and writes the board
+        code, out = await run_tool(SMTPGATE, "connector", "status", "--config", str(config))
+        if "backup " in out and " up " in out.split("backup ", 1)[1].split("\n")[0]:
+            break
+        assert time.monotonic() < deadline, out
+        await asyncio.sleep(0.1)
     assert code == 1, out  # something is down
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["CONNECTOR", "DESTINATION", "STATE"]
