@@ -1,6 +1,6 @@
 """Virus scanning by ClamAV's clamd over its INSTREAM command.
 
-A small client of our own over asyncio streams rather than ``aioclamd``
+A small client of our own over asyncio's socket calls rather than ``aioclamd``
 (1.1.0): that one speaks TCP only (Debian's clamd listens on a unix socket by
 default), reads its input from a file object 1 KiB at a time through a thread
 each, and has no notion of the gateway's size decision. Ours streams the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -76,40 +77,65 @@ def parse_reply(line: str) -> str | None:
     raise ClamdError(f"unexpected answer from clamd: {line[:200]!r}")
 
 
-async def _connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(address: str) -> socket.socket:
+    """A connected non-blocking socket to clamd (IP addresses only: no lookup)."""
     where = parse_clamd_address(address)
+    loop = asyncio.get_running_loop()
     if isinstance(where, str):
-        return await asyncio.open_unix_connection(where, limit=REPLY_LIMIT)
-    return await asyncio.open_connection(where[0], where[1], limit=REPLY_LIMIT)
-
-
-async def _read_reply(reader: asyncio.StreamReader) -> str:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: str | tuple[str, int] = where
+    else:
+        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        target = where
+    sock.setblocking(False)
     try:
-        raw = await reader.readuntil(b"\0")
-    except asyncio.IncompleteReadError as exc:  # closed early: say what it said, if anything
-        if not exc.partial:
-            raise ClamdError("clamd closed the connection without an answer") from None
-        raw = exc.partial
-    except asyncio.LimitOverrunError:
-        raise ClamdError("clamd's answer is too long") from None
-    return raw.rstrip(b"\0").decode("utf-8", "replace").strip()
+        await loop.sock_connect(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _read_reply(sock: socket.socket) -> str:
+    """clamd's NUL-terminated answer, at most :data:`REPLY_LIMIT` octets. What
+    the kernel received before a reset is still read: the answer comes first."""
+    loop = asyncio.get_running_loop()
+    raw = b""
+    while b"\0" not in raw:
+        if len(raw) > REPLY_LIMIT:
+            raise ClamdError("clamd's answer is too long")
+        try:
+            piece = await loop.sock_recv(sock, 1024)
+        except ConnectionResetError:
+            piece = b""
+        if not piece:
+            if not raw:
+                raise ClamdError("clamd closed the connection without an answer")
+            break
+        raw += piece
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
 
 
 async def instream(address: str, chunks: Iterator[bytes]) -> str | None:
     """Scan a stream with clamd at ``address``: None when clean, else the
     signature. Raises :class:`OverLimit`, :class:`ClamdError` or OSError; the
-    caller bounds the time."""
-    reader, writer = await _connect(address)
-    # read while writing: clamd answers early (over its limit) and closes, and a
-    # reset seen before the answer was read would lose the answer
-    answer = asyncio.ensure_future(_read_reply(reader))
+    caller bounds the time.
+
+    On the socket itself, not a transport: clamd answers early (over its limit)
+    and closes with our octets unread, so its kernel resets the connection; a
+    transport that meets the reset while writing closes at once and throws
+    away the answer that had already arrived, and the message was deferred
+    as "clamd unavailable" instead of being treated as too large."""
+    loop = asyncio.get_running_loop()
+    sock = await _connect(address)
+    answer = asyncio.ensure_future(_read_reply(sock))
     try:
         try:
             for frame in frames(chunks):
                 if answer.done():
                     break
-                writer.write(frame)
-                await writer.drain()
+                await loop.sock_sendall(sock, frame)
         except (ConnectionResetError, BrokenPipeError):
             pass  # clamd stopped reading (e.g. over its limit): its answer says why
         return parse_reply(await answer)
@@ -117,22 +143,21 @@ async def instream(address: str, chunks: Iterator[bytes]) -> str | None:
         if answer.done() and not answer.cancelled():
             answer.exception()  # retrieved: a failure is reported by what we raise
         answer.cancel()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await answer
+        sock.close()
 
 
 async def ping(address: str, timeout: float = 5.0) -> bool:
     """Whether clamd answers ``zPING`` with ``PONG`` (its databases loaded)."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await _connect(address)
+            sock = await _connect(address)
             try:
-                writer.write(b"zPING\0")
-                await writer.drain()
-                return await _read_reply(reader) == "PONG"
+                await asyncio.get_running_loop().sock_sendall(sock, b"zPING\0")
+                return await _read_reply(sock) == "PONG"
             finally:
-                writer.close()
+                sock.close()
     except (OSError, TimeoutError, ClamdError):
         return False
 
