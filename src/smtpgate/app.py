@@ -25,7 +25,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -751,16 +751,26 @@ async def serve(
     as root), ``data_dir`` becomes that user's and the process becomes that user
     once the listeners are bound."""
     stop = stop_requested()  # before anything starts: a stop during the start waits for it
-    if drop is not None:  # the store the CLI just made, for the API child
-        drop.own(config.gateway.data_dir)
-    api = await start_api(config, drop) if store is not None else None
-    try:
+    async with api_process(config, store, drop) as api:
         gateway = await build_gateway(config, revision, store)
         gateway.opener = opener
         if drop is not None:
             gateway.after_bind = lambda: drop_privileges(drop, config.gateway.data_dir)
         await gateway.start()
         await _run_until_stopped(gateway, config, (revision, stop), api)
+
+
+@contextlib.asynccontextmanager
+async def api_process(
+    config: GatewayConfig, store: ConfigStore | None, drop: Drop | None
+) -> AsyncIterator[asyncio.subprocess.Process | None]:
+    """The API's process while the gateway runs (none without a store: it works
+    on the store); ``data_dir`` given to ``drop``'s user first, for the API child."""
+    if drop is not None:  # the store the CLI just made
+        drop.own(config.gateway.data_dir)
+    api = await start_api(config, drop) if store is not None else None
+    try:
+        yield api
     finally:
         if api is not None and api.returncode is None:
             api.terminate()

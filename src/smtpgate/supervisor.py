@@ -37,8 +37,8 @@ from pathlib import Path
 from smtpgate.admin import nodes
 from smtpgate.app import (
     WORKERS_DIR,
+    api_process,
     drop_privileges,
-    start_api,
 )
 from smtpgate.config.document import local_part, merge, shared_part, to_document
 from smtpgate.config.schema import GatewayConfig
@@ -269,17 +269,8 @@ async def serve(
 ) -> None:
     """Run ``worker_count(config)`` workers until SIGTERM or SIGINT."""
     stop = stop_requested()
-    data_dir = config.gateway.data_dir
-    if drop is not None:
-        drop.own(data_dir)
-    api = await start_api(config, drop) if store is not None else None
-    try:
+    async with api_process(config, store, drop) as api:
         await _supervise(config, revision, drop, (stop, api))
-    finally:
-        if api is not None and api.returncode is None:
-            api.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(api.wait(), 10)
 
 
 async def _supervise(

@@ -16,7 +16,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,24 +32,10 @@ from tests.conftest import (
     run_tool,
     worker_pids,
 )
+from tests.integration.acked import Senders, arrived
 
 SENDERS = 4
 KILLS = 4
-
-
-def _sender(port: int, stop: threading.Event, acked: list[str], number: int) -> None:
-    counter = 0
-    while not stop.is_set():
-        counter += 1
-        message_id = f"w-{number}-{counter}-{time.monotonic_ns()}"
-        body = f"Subject: workers\r\nMessage-ID: <{message_id}@test>\r\n\r\nx\r\n".encode()
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                client.sendmail("bob@example.org", ["alice@example.com"], body)
-        except (OSError, smtplib.SMTPException):
-            time.sleep(0.02)
-            continue
-        acked.append(message_id)  # the client heard 250
 
 
 async def _workers(supervisor: int, count: int, timeout: float = 30) -> dict[int, int]:
@@ -71,12 +56,7 @@ async def test_workers_killed_one_at_a_time_lose_no_acknowledged_message(
     gw = gateway_process(sink.port, spoof_detection=False, gateway={"workers": 2})
     before = await _workers(gw.process.pid, 2)
     acked: list[str] = []
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=_sender, args=(gw.port, stop, acked, n)) for n in range(SENDERS)
-    ]
-    for thread in threads:
-        thread.start()
+    senders = Senders(gw.port, SENDERS, "w", acked)
     try:
         for kill in range(KILLS):
             await asyncio.sleep(rng.uniform(0.5, 1.5))
@@ -89,26 +69,14 @@ async def test_workers_killed_one_at_a_time_lose_no_acknowledged_message(
                 await asyncio.sleep(0.05)
         await asyncio.sleep(1)  # the last worker started again takes mail too
     finally:
-        stop.set()
-        for thread in threads:
-            await asyncio.to_thread(thread.join, 15)
+        await senders.stop()
     after = await _workers(gw.process.pid, 2)
     assert set(after.values()).isdisjoint(before.values())  # every worker was replaced
     assert gw.process.poll() is None  # the supervisor itself never stopped
     assert len(acked) > 50, "the test must actually send mail"
-    deadline = time.monotonic() + 60
-    arrived: set[str] = set()
-    while time.monotonic() < deadline:
-        arrived = {
-            m.group(1).decode()
-            for _, body in sink.messages()
-            if (m := re.search(rb"Message-ID: <([^@>]+)@test>", body))
-        }
-        if arrived.issuperset(acked):
-            break
-        await asyncio.sleep(0.2)
-    missing = sorted(set(acked) - arrived)
-    print(f"workers: {KILLS} worker kills, {len(acked)} acknowledged, {len(arrived)} arrived")
+    found = await arrived(sink, acked)
+    missing = sorted(set(acked) - found)
+    print(f"workers: {KILLS} worker kills, {len(acked)} acknowledged, {len(found)} arrived")
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages were lost"
     assert gw.stop() == 0  # and the gateway still stops gracefully
 
