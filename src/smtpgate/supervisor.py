@@ -61,8 +61,9 @@ QUICK_DEATH = 10.0  # seconds of its start
 
 
 def worker_count(config: GatewayConfig) -> int:
-    """How many worker processes ``serve`` runs: the setting, or one per core."""
-    return config.gateway.workers or os.cpu_count() or 1
+    """How many worker processes ``serve`` runs: the setting, or one per core
+    this process may run on (its CPU affinity, as a container or taskset sets it)."""
+    return config.gateway.workers or len(os.sched_getaffinity(0)) or 1
 
 
 def bind_listeners(config: GatewayConfig) -> dict[str, list[socket.socket]]:
