@@ -132,7 +132,7 @@ class Supervisor:
     counts: SharedCounts
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    requested: asyncio.Event | None = None  # the stop request (SIGTERM, SIGINT)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -205,7 +205,8 @@ class Supervisor:
         """Wait for the worker's end; unless the gateway stops, start it again."""
         code = await process.wait()
         self.counts.forget_worker(worker.index)  # its connections are gone
-        if self.stopping:
+        await asyncio.sleep(0)  # a Ctrl-C reaches the workers too: let ours be seen first
+        if self.stopping or (self.requested is not None and self.requested.is_set()):
             return
         log.error("worker died", worker=worker.index, pid=process.pid, exit_code=code)
         quick = time.monotonic() - worker.started < QUICK_DEATH
@@ -289,6 +290,7 @@ async def _supervise(
     if drop is not None:  # the ports are bound: nothing needs root any more
         drop_privileges(drop, data_dir)
     supervisor = Supervisor(config, revision, count, sockets, connections, counts)
+    supervisor.requested = stop
     supervisor.workers = [Worker(i) for i in range(count)]
     pid_file = data_dir / "smtpgate.pid"
     loop = asyncio.get_running_loop()
