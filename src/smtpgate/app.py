@@ -580,6 +580,7 @@ async def worker_sample(gateway: Gateway) -> dict[str, Any]:
         "refused": gateway.refused,
         "store_error": gateway.store_error,
         "tracking_dropped": gateway.tracking.dropped if gateway.tracking else 0,
+        "scanners": registry.states(gateway.scanners),  # each worker meets its own outages
     }
 
 
@@ -643,9 +644,13 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
     """What this node runs, as published to the store for ``GET /api/v1/status``."""
     running = gateway.current()
     revision, refused, error = running.revision, gateway.refused, gateway.refused_error
+    scanners = registry.states(gateway.scanners)
     if gateway.role is not None:  # the node runs what its slowest worker runs
         data_dir = gateway.started.gateway.data_dir
         for peer in worker_reports(data_dir, gateway.role.count):
+            for name, state in (peer.get("scanners") or {}).items():
+                if scanners.get(name, "up") == "up":  # down in any worker: down
+                    scanners[name] = state
             theirs = peer.get("revision")
             if isinstance(theirs, int) and isinstance(revision, int) and theirs < revision:
                 revision = theirs
@@ -666,7 +671,7 @@ def status_of(gateway: Gateway) -> dict[str, Any]:
         "roles": list(running.roles),
         "version": __version__,
         "admin": gateway.started.admin.listen,
-        "scanners": registry.states(gateway.scanners),
+        "scanners": scanners,
     }
 
 

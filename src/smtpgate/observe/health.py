@@ -32,6 +32,7 @@ from smtpgate.observe.metrics import INTERVAL, Metrics
 log = get_logger("smtpgate.health")
 
 FILE = "health.json"
+_ALWAYS = ("now", "pid", "listeners", "store_error", "revision")  # null when not sampled
 STALE = 10.0  # seconds: an older heartbeat means the gateway is stuck or gone
 PROBE_TIMEOUT = 1.0  # seconds the queue database may take to grant a write lock
 
@@ -76,8 +77,9 @@ class Heartbeat:
         await asyncio.to_thread(self._write, facts)
 
     def _write(self, facts: dict[str, Any]) -> None:
-        keys = ("now", "pid", "listeners", "store_error", "revision", "refused", "workers")
-        health = {k: facts.get(k) for k in keys}
+        keys: tuple[str, ...] = ("now", "pid", "listeners", "store_error", "revision")
+        keys += ("refused", "workers", "scanners")
+        health = {k: facts.get(k) for k in keys if k in facts or k in _ALWAYS}
         health["metrics_public"] = facts.get("metrics_public", False)
         write_health(self.data_dir, health)
         self.metrics.write(self.data_dir, self.peers() if self.peers is not None else [])
