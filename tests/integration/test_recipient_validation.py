@@ -87,6 +87,7 @@ def gateway(
     listed.write_text("# the people at example.org\ncarol\nDan@Example.org\n")
     process = gateway_process(
         sink.port,
+        gateway={"workers": 1},  # an outage is logged once per worker: the tests count lines
         hosted_domains=["example.com", "example.org", "example.net"],
         send_connectors=[
             _connector("internal", port, "example.com"),

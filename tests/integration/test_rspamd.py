@@ -63,7 +63,10 @@ def start(
     gateway_process: Callable[..., GatewayProcess], sink: SinkHandle, rspamd: Rspamd, **extra: Any
 ) -> GatewayProcess:
     settings = {"url": rspamd.url, "timeout": 10, **extra}
-    return gateway_process(sink.port, connection_profiles=[PARTNER], spam={"rspamd": settings})
+    # one worker: an outage is logged once per worker process, and the tests count the lines
+    return gateway_process(
+        sink.port, connection_profiles=[PARTNER], spam={"rspamd": settings}, gateway={"workers": 1}
+    )
 
 
 async def test_gtube_refused_where_the_profile_checks_and_delivered_where_not(
