@@ -152,3 +152,16 @@ def test_what_counts_as_too_many_connections() -> None:
     assert too_many_connections(report(450, "450 4.7.1 too many concurrent SMTP sessions"))
     assert not too_many_connections(report(451, "451 4.3.0 mailbox busy"))
     assert not too_many_connections(report(None, "4.4.1 unreachable: connection refused"))
+
+
+def test_worker_processes_each_take_their_share_of_a_pairs_limits() -> None:
+    from smtpgate.config.schema import QueueSettings  # noqa: PLC0415
+    from smtpgate.queue.shaping import Shaper  # noqa: PLC0415
+
+    rule = {"connector": "c", "destination": "d", "concurrency": 5, "rate_per_minute": 30}
+    settings = QueueSettings.model_validate({"shaping": [rule]})
+    alone, one_of_two = Shaper(lambda: settings), Shaper(lambda: settings, share=2)
+    assert (alone.limits("c", "d").concurrency, alone.limits("c", "d").rate_per_minute) == (5, 30)
+    assert one_of_two.limits("c", "d").concurrency == 2  # 2 + 2 <= 5
+    assert one_of_two.limits("c", "d").rate_per_minute == 15
+    assert Shaper(lambda: settings, share=8).limits("c", "d").concurrency == 1  # never 0

@@ -33,6 +33,7 @@ from tests.conftest import (
     worker_pids,
 )
 from tests.integration.acked import Senders, arrived
+from tests.slowsink import SlowSink
 
 SENDERS = 4
 KILLS = 4
@@ -174,3 +175,44 @@ async def test_cluster_status_shows_one_node_with_its_workers(
     code, text = await run_tool(*argv)
     assert "gw1: up" in text
     assert ", 2 workers" in text
+
+
+async def test_next_hop_limits_are_shared_out_among_the_workers(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    """A concurrency rule of 4 for a slow next hop: each of two workers opens at
+    most 2 connections, so the next hop never sees more than the 4 configured."""
+    slow = SlowSink()
+    await slow.start()
+    try:
+        slow.data_delay = 0.5
+        rule = {"connector": "slow", "destination": "127.0.0.1:*", "concurrency": 4}
+        gw = gateway_process(
+            sink.port,
+            spoof_detection=False,
+            gateway={"workers": 2},
+            queue={"shaping": [rule]},
+            send_connectors=[
+                {
+                    "name": "slow",
+                    "security": "none",
+                    "deliver": {"smarthost": {"host": "127.0.0.1", "port": slow.port}},
+                }
+            ],
+        )
+        await _workers(gw.process.pid, 2)
+
+        def client(number: int) -> None:
+            for n in range(8):  # a connection each: both workers take some
+                body = f"Subject: c{number}m{n}\r\n\r\nx\r\n".encode()
+                with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as smtp:
+                    smtp.sendmail("bob@example.org", ["alice@example.com"], body)
+
+        await asyncio.gather(*(asyncio.to_thread(client, n) for n in range(6)))
+        deadline = time.monotonic() + 60
+        while len(slow.subjects) < 48:
+            assert time.monotonic() < deadline, f"{len(slow.subjects)} of 48 arrived"
+            await asyncio.sleep(0.05)
+        assert 2 <= slow.most_open <= 4
+    finally:
+        await slow.stop()

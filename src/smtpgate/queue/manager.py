@@ -160,8 +160,9 @@ class QueueManager:
         self._resting: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._bodies = _BodyReads(queue)
-        self._slots = asyncio.Semaphore(settings.max_deliveries)
-        self.shaper = Shaper(lambda: self.settings)  # per destination (queue/shaping.py)
+        workers = queue.owner.count  # worker processes delivering side by side: a share each
+        self._slots = asyncio.Semaphore(max(1, settings.max_deliveries // workers))
+        self.shaper = Shaper(lambda: self.settings, share=workers)  # per destination
         deliverer.per_connection = lambda job: self.shaper.per_connection(
             job.connector.name, self._destination(job.connector, f"x@{job.domain}")
         )

@@ -62,7 +62,7 @@ def _matches(pattern: str, value: str) -> bool:
 class Limits:
     concurrency: int
     messages_per_connection: int  # 0: unlimited
-    rate_per_minute: int | None
+    rate_per_minute: float | None
 
 
 def limits_for(settings: QueueSettings, connector: str, destination: str) -> Limits:
@@ -101,10 +101,16 @@ class Shaper:
     """The pairs' slots; ``settings`` returns the running queue settings."""
 
     def __init__(
-        self, settings: Callable[[], QueueSettings], clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Callable[[], QueueSettings],
+        clock: Callable[[], float] = time.monotonic,
+        share: int = 1,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        # worker processes deliver side by side, each shaping alone: each takes its
+        # share of a pair's concurrency and rate (at least one connection each)
+        self.share = share
         self._pairs: dict[tuple[str, str], _Pair] = {}
         # limits_for is pure: remembered per settings object (a new one per apply)
         self._limits: tuple[QueueSettings | None, dict[tuple[str, str], Limits]] = (None, {})
@@ -117,7 +123,15 @@ class Shaper:
             self._limits = (settings, cache)
         found = cache.get((connector, destination))
         if found is None:
-            found = cache[(connector, destination)] = limits_for(settings, connector, destination)
+            found = limits_for(settings, connector, destination)
+            if self.share > 1:
+                rate = found.rate_per_minute
+                found = Limits(
+                    max(1, found.concurrency // self.share),
+                    found.messages_per_connection,
+                    rate / self.share if rate else None,
+                )
+            cache[(connector, destination)] = found
         return found
 
     def _pair(self, connector: str, destination: str) -> _Pair:
