@@ -408,3 +408,18 @@ def test_the_gateway_refuses_a_smarthost_password_file_opened_to_others(tmp_path
     password.chmod(0o644)  # after the checks, before the gateway reads it
     with pytest.raises(ConfigError, match=r"is readable by other users \(mode 0644\)"):
         Snapshot.compile(config)
+
+
+@pytest.mark.parametrize("workers", [0, 65, "2", True])
+def test_a_bad_worker_count_is_named(tmp_path: Path, workers: object) -> None:
+    document = _document(tmp_path / "var", listeners=[LISTENER])
+    document["gateway"]["workers"] = workers
+    [problem] = _problems(document)
+    assert problem.startswith("gateway.workers: ")
+
+
+def test_the_worker_count_is_taken_and_defaults_to_none(tmp_path: Path) -> None:
+    assert _config(tmp_path).gateway.workers is None  # serve: one per core
+    document = _document(tmp_path / "var", listeners=[LISTENER])
+    document["gateway"]["workers"] = 4
+    assert parse_config(document).gateway.workers == 4
