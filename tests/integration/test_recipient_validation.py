@@ -271,6 +271,7 @@ async def test_ldap_domain(
         }
         process = gateway_process(
             sink.port,
+            gateway={"workers": 1},  # the cache below is each worker's own
             recipient_validation=[{"domain": "example.org", "mode": "ldap", "ldap": ldap}],
         )
         replies = await rcpts(process.port, ["carol@example.org", "mallory@example.org"])
