@@ -154,7 +154,9 @@ class Cluster:
                 found = nodes.reports(store)
                 if all(found.get(name, {}).get("pid") == pid for name, pid in pids.items()):
                     return
-                assert time.monotonic() < deadline, f"not all of {sorted(pids)} reported: {found}"
+                logs = "".join(f"\n--- {n.name}:\n{n.log()[-1500:]}" for n in started)
+                missing = f"not all of {sorted(pids)} reported: {found}{logs}"
+                assert time.monotonic() < deadline, missing
                 time.sleep(0.05)
 
     @contextmanager

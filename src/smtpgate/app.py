@@ -255,7 +255,7 @@ class Gateway:
         self.watch_task = loop.create_task(self.reloader.watch())
         if self.store is not None:
             if self.primary:
-                await self.publish(self.store)
+                await self._first_report(self.store)
             self.config_task = loop.create_task(self._follow_store(self.store))
         elif self.opener is not None:
             self.config_task = loop.create_task(self._reach_store(self.opener))
@@ -264,6 +264,15 @@ class Gateway:
         if self.heartbeat is not None:
             await self.heartbeat.beat()  # ready as soon as the listeners are bound
             self.heartbeat_task = loop.create_task(self.heartbeat.run())
+
+    async def _first_report(self, store: ConfigStore) -> None:
+        """Say at once that this node runs; a store that fails now is one that
+        went away since the start: noted like any outage, reported again later."""
+        try:
+            await self.publish(store)
+        except Exception as exc:
+            log.error("configuration store unreachable", error=repr(exc))
+            self.store_error = repr(exc)
 
     async def _reach_store(self, opener: Callable[[], ConfigStore]) -> None:
         """Started without the store (it was unreachable): try again every few

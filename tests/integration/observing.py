@@ -45,6 +45,8 @@ class Served:
 
 def serve(tmp_path: Path, sink_port: int, *, json: bool = False, **overrides: Any) -> Served:
     port, api_port = free_port(), free_port()
+    while api_port == port:  # two probes may get the same free port
+        api_port = free_port()
     data_dir = tmp_path / "gw"
     document = merge(base_config(data_dir, sink_port), overrides)
     document["listeners"][0]["address"] = f"127.0.0.1:{port}"
