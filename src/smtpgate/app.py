@@ -420,6 +420,17 @@ class Gateway:
             await asyncio.to_thread(self.tracking.stop)
 
 
+def tidy_data_dir(data_dir: Path) -> None:
+    """Before anything serves: every file private, and the quarantine files a
+    crash left unfinished removed (only while no process of the gateway runs:
+    a running one may be writing them)."""
+    for changed in make_private(data_dir):
+        log.warning("made private", path=changed)
+    quarantine = Quarantine(quarantine_dir(data_dir), lambda: 0.0)
+    if orphans := quarantine.store.clean_orphans():
+        log.info("removed unfinished quarantine files", count=orphans)
+
+
 async def build_gateway(
     config: GatewayConfig,
     revision: int | None = None,
@@ -432,8 +443,7 @@ async def build_gateway(
     data_dir = config.gateway.data_dir
     primary = role is None or role.primary
     if role is None:  # the supervisor did this before starting the workers
-        for changed in make_private(data_dir):
-            log.warning("made private", path=changed)
+        await asyncio.to_thread(tidy_data_dir, data_dir)
     spool_dir = private_dir(data_dir / "spool")
     if role is not None and role.index:  # its own: its start cleans only its own orphans
         spool_dir = private_dir(spool_dir / f"w{role.index}")
@@ -453,8 +463,6 @@ async def build_gateway(
     quarantine = Quarantine(
         quarantine_dir(data_dir), lambda: current().config.quarantine.retention_days * DAY
     )
-    if role is None and (orphans := await asyncio.to_thread(quarantine.store.clean_orphans)):
-        log.info("removed unfinished quarantine files", count=orphans)
     state.quarantine = quarantine
     limits = ServerLimits(
         max_connections=config.limits.max_connections,

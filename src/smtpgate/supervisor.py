@@ -39,12 +39,12 @@ from smtpgate.app import (
     WORKERS_DIR,
     api_process,
     drop_privileges,
+    tidy_data_dir,
 )
 from smtpgate.config.document import local_part, merge, shared_part, to_document
 from smtpgate.config.schema import GatewayConfig
 from smtpgate.config.store import ConfigStore
-from smtpgate.content.quarantine import Quarantine, quarantine_dir
-from smtpgate.files import make_private, private_dir
+from smtpgate.files import private_dir
 from smtpgate.inbound import throttle
 from smtpgate.inbound.counts import SharedCounts
 from smtpgate.inbound.server import stop_requested
@@ -255,11 +255,7 @@ def prepare(config: GatewayConfig) -> None:
     clean-up of files a crash left (a worker's own start cannot tell them from
     another running worker's)."""
     data_dir = config.gateway.data_dir
-    for changed in make_private(data_dir):
-        log.warning("made private", path=changed)
-    quarantine = Quarantine(quarantine_dir(data_dir), lambda: 0.0)
-    if orphans := quarantine.store.clean_orphans():
-        log.info("removed unfinished quarantine files", count=orphans)
+    tidy_data_dir(data_dir)
     throttle.create(private_dir(data_dir / WORKERS_DIR))  # AUTH failures of this run
 
 
