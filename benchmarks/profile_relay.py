@@ -48,7 +48,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,44 +55,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, smtp_source, wait_for
+from relay import Sink
 
 BIN = Path(sys.executable).with_name("smtpgate")
 PYSPY = Path(sys.executable).with_name("py-spy")
-
-
-class Sink:
-    """smtp-sink with a running message counter."""
-
-    def __init__(self, extra: list[str]) -> None:
-        self.port = free_port()
-        user = ["-u", "postfix"] if os.geteuid() == 0 else []
-        self.process = subprocess.Popen(
-            ["smtp-sink", *user, *extra, "-c", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self.count = 0
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_for(self.port)
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        while chunk := self.process.stdout.read1(4096):  # type: ignore[attr-defined]
-            buffer = (buffer + chunk)[-200:]
-            found = re.findall(rb"mesg=(\d+)", buffer)
-            if found:
-                self.count = int(found[-1])
-
-    def wait_until(self, total: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.count < total and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.count >= total
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def _set(config: dict, dotted: str) -> None:
@@ -250,7 +215,7 @@ def main() -> None:
         return
     modes = {"both": (False, True), "conn": (False,), "reuse": (True,)}[args.mode]
     args.out.mkdir(parents=True, exist_ok=True)
-    sink = Sink(args.sink_args.split())
+    sink = Sink(tuple(args.sink_args.split()))
     try:
         with tempfile.TemporaryDirectory() as directory:
             gateway, port = start_smtpgate(Path(directory), sink, args.set)

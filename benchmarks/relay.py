@@ -57,11 +57,11 @@ BIG = 100_000  # from this message size on, --messages is divided by 3
 class Sink:
     """Postfix's smtp-sink with a running counter we can wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         user = ["-u", "postfix"] if os.geteuid() == 0 else []
         self.process = subprocess.Popen(
-            ["smtp-sink", *user, "-c", f"127.0.0.1:{self.port}", "1000"],
+            ["smtp-sink", *user, *extra, "-c", f"127.0.0.1:{self.port}", "1000"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
