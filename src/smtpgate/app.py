@@ -550,9 +550,7 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
         oldest = await queue.call(
             lambda: queue.store.db.execute("select min(arrival) from messages").fetchone()[0]
         )
-        sessions: dict[str, int] = {spec.name: 0 for spec in server.specs}
-        for session in server.sessions:
-            sessions[session.listener] = sessions.get(session.listener, 0) + 1
+        sessions = open_sessions(server)
         try:
             listeners = server.bound_ports()
         except (ValueError, IndexError, OSError):  # not (or no longer) bound
@@ -585,14 +583,18 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
     gateway.heartbeat = Heartbeat(data_dir, gateway.metrics, sample, peers=peers)
 
 
-async def worker_sample(gateway: Gateway) -> dict[str, Any]:
-    """What a worker other than the first reports about itself."""
-    server = gateway.server
-    sessions: dict[str, int] = {spec.name: 0 for spec in server.specs}
+def open_sessions(server: InboundServer) -> dict[str, int]:
+    """Open sessions by listener (every listener named, idle ones with 0)."""
+    sessions = {spec.name: 0 for spec in server.specs}
     for session in server.sessions:
         sessions[session.listener] = sessions.get(session.listener, 0) + 1
+    return sessions
+
+
+async def worker_sample(gateway: Gateway) -> dict[str, Any]:
+    """What a worker other than the first reports about itself."""
     return {
-        "sessions": sessions,
+        "sessions": open_sessions(gateway.server),
         "revision": gateway.current().revision,
         "refused": gateway.refused,
         "store_error": gateway.store_error,
