@@ -1,4 +1,6 @@
-"""The queue manager survives an attempt that raises: a counted, backed-off deferral.
+"""The queue survives what goes wrong around it: an attempt that raises is a
+counted, backed-off deferral, and processes opening a new queue together all
+open it.
 
 An exception inside a queue run must never turn into a busy loop (the message
 staying due, retried at once, forever) nor into a silent loss."""
@@ -6,6 +8,7 @@ staying due, retried at once, forever) nor into a silent loss."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import smtplib
 from pathlib import Path
 
@@ -60,3 +63,23 @@ async def test_an_attempt_that_raises_is_deferred_and_backed_off(
         store.close()
     assert [(r.state, r.attempts) for r in message.recipients] == [("deferred", 2)]
     assert sink.messages() == []
+
+
+def _open_queue(directory: str) -> str:
+    try:
+        QueueStore(Path(directory)).close()
+    except Exception as exc:  # the answer the parent asserts on
+        return repr(exc)
+    return "opened"
+
+
+def test_processes_opening_a_new_queue_at_once_all_open_it(tmp_path: Path) -> None:
+    """The workers of a first start, the API and the queue tools may open a queue
+    that does not exist yet at the same moment. Making it WAL takes a lock
+    SQLite does not wait for; none of them may fail with "database is locked"
+    (a worker that fails so stops the whole gateway's start)."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(6) as pool:
+        for round in range(25):
+            directory = str(tmp_path / f"q{round}")
+            assert pool.map(_open_queue, [directory] * 6) == ["opened"] * 6

@@ -188,7 +188,13 @@ class QueueStore:
         private_dir(self.bodies)
         self.own_bodies = private_dir(self.bodies / owner.body_dir) if owner.index else self.bodies
         database = private_file(directory / "queue.db")  # its -wal and -shm copy the mode
-        self.db = sqlite3.connect(database, isolation_level=None, timeout=30)
+        self.db = sqlite3.connect(database, isolation_level=None, timeout=BUSY_TIMEOUT)
+        # Making a new database WAL takes an exclusive lock without SQLite's busy
+        # handler: a worker or tool opening it at the same moment is refused at
+        # once ("database is locked"), so the set-up is tried again like a write.
+        _while_locked(self._set_up)
+
+    def _set_up(self) -> None:
         self.db.execute("pragma journal_mode=wal")
         self.db.execute("pragma synchronous=full")
         self.db.execute("pragma foreign_keys=on")
@@ -462,6 +468,21 @@ BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's write to end
 _BUSY_PAUSES = (0.0001, 0.0002, 0.0005, 0.001, 0.002)  # then 0.002 each time
 
 
+def _while_locked(work: Callable[[], object]) -> None:
+    """``work`` again after 0.1 ms, growing to 2 ms, while another connection
+    holds the lock it needs, for up to :data:`BUSY_TIMEOUT` seconds."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    for attempt in itertools.count():
+        try:
+            work()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(_BUSY_PAUSES[min(attempt, len(_BUSY_PAUSES) - 1)])
+        else:
+            return
+
+
 class _Transaction:
     """A write transaction, its lock taken at ``BEGIN IMMEDIATE``.
 
@@ -478,16 +499,7 @@ class _Transaction:
     def __enter__(self) -> None:
         self.db.execute("pragma busy_timeout = 0")
         try:
-            deadline = time.monotonic() + BUSY_TIMEOUT
-            for attempt in itertools.count():
-                try:
-                    self.db.execute("begin immediate")
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(_BUSY_PAUSES[min(attempt, len(_BUSY_PAUSES) - 1)])
-                else:
-                    return
+            _while_locked(lambda: self.db.execute("begin immediate"))
         finally:
             self.db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
