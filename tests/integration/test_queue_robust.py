@@ -1,6 +1,6 @@
 """The queue survives what goes wrong around it: an attempt that raises is a
 counted, backed-off deferral, and processes opening a new queue together all
-open it.
+open it (and the other shared databases).
 
 An exception inside a queue run must never turn into a busy loop (the message
 staying due, retried at once, forever) nor into a silent loss."""
@@ -12,7 +12,11 @@ import multiprocessing
 import smtplib
 from pathlib import Path
 
+import pytest
+
 from smtpgate.delivery.attempt import AttemptReport, Job
+from smtpgate.delivery.tlsrpt import SessionRecorder
+from smtpgate.observe.tracking import TrackingWriter
 from smtpgate.queue.store import Filters, QueueStore
 from tests.clock import FakeClock, advance, attempts_are, use_clock, wait_queue
 from tests.conftest import GatewayFactory, SinkHandle
@@ -65,21 +69,33 @@ async def test_an_attempt_that_raises_is_deferred_and_backed_off(
     assert sink.messages() == []
 
 
-def _open_queue(directory: str) -> str:
+def _open(kind: str, directory: str) -> str:
+    """What one of the gateway's processes does first with each shared database."""
+    path = Path(directory)
     try:
-        QueueStore(Path(directory)).close()
+        if kind == "queue":
+            QueueStore(path).close()
+        elif kind == "tracking":
+            TrackingWriter(path, lambda: 1.0)
+        else:
+            recorder = SessionRecorder(path / "tlsrpt.db")
+            recorder.domains("2026-11-29")
+            recorder.close()
     except Exception as exc:  # the answer the parent asserts on
         return repr(exc)
     return "opened"
 
 
-def test_processes_opening_a_new_queue_at_once_all_open_it(tmp_path: Path) -> None:
-    """The workers of a first start, the API and the queue tools may open a queue
-    that does not exist yet at the same moment. Making it WAL takes a lock
-    SQLite does not wait for; none of them may fail with "database is locked"
-    (a worker that fails so stops the whole gateway's start)."""
+@pytest.mark.parametrize("kind", ["queue", "tracking", "tlsrpt"])
+def test_processes_opening_a_new_database_at_once_all_open_it(kind: str, tmp_path: Path) -> None:
+    """The workers of a first start, the API and the queue tools may open a
+    database that does not exist yet at the same moment. Making it WAL takes a
+    lock SQLite does not wait for; none of them may fail with "database is
+    locked" (a worker that fails so stops the whole gateway's start)."""
     context = multiprocessing.get_context("fork")
     with context.Pool(6) as pool:
         for round in range(25):
-            directory = str(tmp_path / f"q{round}")
-            assert pool.map(_open_queue, [directory] * 6) == ["opened"] * 6
+            directory = tmp_path / f"d{round}"
+            directory.mkdir()
+            answers = pool.starmap(_open, [(kind, str(directory))] * 6)
+            assert answers == ["opened"] * 6

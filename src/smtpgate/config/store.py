@@ -59,6 +59,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from smtpgate.config.document import Document
 from smtpgate.config.schema import GatewaySettings, store_url_problem
 from smtpgate.config.validate import private_file_problem
+from smtpgate.databases import wal
 from smtpgate.errors import AdminError, ConfigError, FieldProblem
 from smtpgate.files import private_file
 
@@ -172,9 +173,8 @@ def sqlite_engine(path: Path) -> Engine:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=FULL")
         dbapi_connection.execute("PRAGMA busy_timeout=10000")
+        wal(dbapi_connection)  # the CLI, the API and every worker open it
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from smtpgate.databases import wal
 from smtpgate.dns import Resolver
 from smtpgate.files import private_file
 from smtpgate.observe.log import get_logger
@@ -112,9 +113,7 @@ class SessionRecorder:
                 self.path, check_same_thread=False, isolation_level=None, timeout=5
             )
             # counters on the event loop: no fsync per session (a crash may lose the last few)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            wal(self._db, synchronous="normal", schema=_SCHEMA)  # each worker opens it
         return self._db
 
     def record(  # noqa: PLR0913, PLR0917 - one session's facts

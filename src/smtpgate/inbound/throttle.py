@@ -21,6 +21,7 @@ import sqlite3
 from pathlib import Path
 
 from smtpgate.config.schema import Limits
+from smtpgate.databases import wal
 from smtpgate.files import private_file
 from smtpgate.observe.log import get_logger
 from smtpgate.policy.auth import AuthThrottle
@@ -43,8 +44,7 @@ def create(directory: Path) -> Path:
         stale.unlink(missing_ok=True)
     db = sqlite3.connect(private_file(path), isolation_level=None)
     try:
-        db.execute("pragma journal_mode=wal")
-        db.executescript(_SCHEMA)
+        wal(db, schema=_SCHEMA)
     finally:
         db.close()
     return path

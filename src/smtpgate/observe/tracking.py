@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smtpgate.databases import wal
 from smtpgate.files import private_file
 from smtpgate.observe.events import (
     ContentVerdict,
@@ -78,9 +79,7 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
         path if create else f"file:{path}?mode=ro", uri=not create, timeout=5, isolation_level=None
     )
     if create:
-        db.execute("pragma journal_mode=wal")
-        db.execute("pragma synchronous=normal")
-        db.executescript(_SCHEMA)
+        wal(db, synchronous="normal", schema=_SCHEMA)  # each worker opens it
     return db
 
 

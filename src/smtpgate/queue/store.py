@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from smtpgate.databases import BUSY_TIMEOUT, wal, while_locked
 from smtpgate.errors import QueueError
 from smtpgate.files import private_dir, private_file
 from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
@@ -189,16 +188,8 @@ class QueueStore:
         self.own_bodies = private_dir(self.bodies / owner.body_dir) if owner.index else self.bodies
         database = private_file(directory / "queue.db")  # its -wal and -shm copy the mode
         self.db = sqlite3.connect(database, isolation_level=None, timeout=BUSY_TIMEOUT)
-        # Making a new database WAL takes an exclusive lock without SQLite's busy
-        # handler: a worker or tool opening it at the same moment is refused at
-        # once ("database is locked"), so the set-up is tried again like a write.
-        _while_locked(self._set_up)
-
-    def _set_up(self) -> None:
-        self.db.execute("pragma journal_mode=wal")
-        self.db.execute("pragma synchronous=full")
         self.db.execute("pragma foreign_keys=on")
-        self.db.executescript(_SCHEMA)
+        wal(self.db, schema=_SCHEMA)  # workers and tools may open a new queue together
         self._migrate()
 
     def _migrate(self) -> None:
@@ -464,25 +455,6 @@ class Filters:
         return clauses, args
 
 
-BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's write to end
-_BUSY_PAUSES = (0.0001, 0.0002, 0.0005, 0.001, 0.002)  # then 0.002 each time
-
-
-def _while_locked(work: Callable[[], object]) -> None:
-    """``work`` again after 0.1 ms, growing to 2 ms, while another connection
-    holds the lock it needs, for up to :data:`BUSY_TIMEOUT` seconds."""
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    for attempt in itertools.count():
-        try:
-            work()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(_BUSY_PAUSES[min(attempt, len(_BUSY_PAUSES) - 1)])
-        else:
-            return
-
-
 class _Transaction:
     """A write transaction, its lock taken at ``BEGIN IMMEDIATE``.
 
@@ -499,7 +471,7 @@ class _Transaction:
     def __enter__(self) -> None:
         self.db.execute("pragma busy_timeout = 0")
         try:
-            _while_locked(lambda: self.db.execute("begin immediate"))
+            while_locked(lambda: self.db.execute("begin immediate"))
         finally:
             self.db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
