@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import smtplib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from smtpgate.delivery.attempt import AttemptReport, Job
 from smtpgate.delivery.tlsrpt import SessionRecorder
+from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.tracking import TrackingWriter
-from smtpgate.queue.store import Filters, QueueStore
+from smtpgate.queue.store import Filters, NewMessage, QueueStore
+from smtpgate.spool import SpooledBody, new_queue_id
 from tests.clock import FakeClock, advance, attempts_are, use_clock, wait_queue
 from tests.conftest import GatewayFactory, SinkHandle
 
@@ -99,3 +102,73 @@ def test_processes_opening_a_new_database_at_once_all_open_it(kind: str, tmp_pat
             directory.mkdir()
             answers = pool.starmap(_open, [(kind, str(directory))] * 6)
             assert answers == ["opened"] * 6
+
+
+async def test_new_messages_are_attempted_once_while_scans_run_beside_them(
+    gateway_factory: GatewayFactory, sink: SinkHandle
+) -> None:
+    """A new message goes straight to delivery with its body, while the
+    manager's scans look for due messages in the store at the same time (here
+    forced every half millisecond): each message still reaches the next hop
+    exactly once."""
+    gw = await gateway_factory(spoof_detection=False)
+    queue = gw.gateway.queue
+    stop = asyncio.Event()
+
+    async def scans() -> None:
+        while not stop.is_set():
+            queue.changed.set()
+            await asyncio.sleep(0.0005)
+
+    def send_some(first: int) -> None:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
+            for n in range(first, first + 10):
+                message = f"Subject: m{n}\r\nMessage-ID: <m{n}@example.org>\r\n\r\nx\r\n"
+                client.sendmail("bob@example.org", ["alice@example.com"], message.encode())
+
+    scanning = asyncio.create_task(scans())
+    loop = asyncio.get_running_loop()
+    try:  # the clients' own threads: the gateway's checks use the default executor
+        with ThreadPoolExecutor(6) as clients:
+            sent = (loop.run_in_executor(clients, send_some, first) for first in range(0, 60, 10))
+            await asyncio.gather(*sent)
+        arrived = await sink.wait_for(60)
+        await asyncio.sleep(1.0)  # a second attempt of any of them would arrive meanwhile
+    finally:
+        stop.set()
+        await scanning
+    subjects = sorted(
+        body.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for _, body in sink.messages()
+    )
+    assert len(arrived) >= 60
+    assert subjects == sorted(f"m{n}".encode() for n in range(60))
+
+
+def test_what_is_being_attempted_neither_counts_as_due_nor_sets_the_next_scan(
+    tmp_path: Path,
+) -> None:
+    """While a message is being attempted, the scans neither return it nor wake
+    for it: its next attempt time is "now" until the outcome is recorded, and a
+    scan that counted it would run again every few milliseconds for as long as
+    the attempt lasts. What ingest returns is the message as a scan reads it."""
+    store = QueueStore(tmp_path / "queue")
+    try:
+        fresh = []
+        for text in (b"one", b"two"):
+            body = SpooledBody(store.bodies, new_queue_id())
+            body.write(b"Subject: " + text + b"\r\n\r\nhello\r\n")
+            body.finish()
+            envelope = Envelope("bob@example.org", (Recipient("carol@example.net"),))
+            [item] = store.ingest([NewMessage(envelope, body)])
+            fresh.append(item)
+        one, two = (item.message for item in fresh)
+        assert store.get(one.id) == one
+        assert store.body(one.id) == fresh[0].body == b"Subject: one\r\n\r\nhello\r\n"
+        now = one.arrival + 1
+        assert sorted(m.id for m in store.due(now, set())) == sorted([one.id, two.id])
+        assert [m.id for m in store.due(now, {one.id})] == [two.id]
+        assert store.next_due({one.id}) == two.arrival
+        assert store.next_due({one.id, two.id}) is None
+        assert store.next_due() == one.arrival
+    finally:
+        store.close()

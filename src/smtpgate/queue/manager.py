@@ -61,7 +61,7 @@ from smtpgate.queue.schedule import (
 )
 from smtpgate.queue.shaping import Shaper
 from smtpgate.queue.states import ATTEMPTABLE, MessageKind, RecipientState
-from smtpgate.queue.store import QueuedMessage, QueuedRecipient, RecipientUpdate
+from smtpgate.queue.store import Fresh, QueuedMessage, QueuedRecipient, RecipientUpdate
 from smtpgate.snapshot import Snapshot
 from smtpgate.spool import SpooledBody, StoredBody, new_queue_id
 
@@ -190,26 +190,36 @@ class QueueManager:
     # -- the loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                wait = await self._run_once()
-            except Exception as exc:
-                log.error("queue scan failed", error=repr(exc))
-                wait = POLL
-            self.queue.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wait, 0.01)):
-                    await self._wake()
+        self.queue.hand_off = self._take  # new messages come straight here, not by a scan
+        try:
+            while not self._stopping.is_set():
+                try:
+                    wait = await self._run_once()
+                except Exception as exc:
+                    log.error("queue scan failed", error=repr(exc))
+                    wait = POLL
+                self.queue.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait, 0.01)):
+                        await self._wake()
+        finally:
+            self.queue.hand_off = None
+
+    def _take(self, fresh: Fresh) -> None:
+        """A message the queue just made durable, with its body: attempted now."""
+        if not self._stopping.is_set() and fresh.message.id not in self._inflight:
+            self._start(fresh.message, fresh.body)  # when stopping, the next start's scan
 
     async def _run_once(self) -> float:
         """Start attempts for what is due; returns how long to sleep at most."""
         store = self.queue.store
         now = self.clock.now()
         self._resting = {k: until for k, until in self._resting.items() if until > now}
-        inflight = self._inflight | self._resting.keys()
+        inflight = self._inflight | self._resting.keys() | self.queue.handing
         due, following = await self.queue.call(lambda: store.due_and_next(now, inflight))
         for message in due:
-            self._start(message)
+            if message.id not in self._inflight:  # handed off meanwhile
+                self._start(message)
         return POLL if following is None else min(POLL, max(0.0, following - self.clock.now()))
 
     async def _wake(self) -> None:
@@ -230,19 +240,19 @@ class QueueManager:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.deliverer.close()
 
-    def _start(self, message: QueuedMessage) -> None:
+    def _start(self, message: QueuedMessage, body: bytes | Path | None = None) -> None:
         self._inflight.add(message.id)
-        task = asyncio.get_running_loop().create_task(self._process(message))
+        task = asyncio.get_running_loop().create_task(self._process(message, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- one message -------------------------------------------------------------
 
-    async def _process(self, message: QueuedMessage) -> None:
+    async def _process(self, message: QueuedMessage, body: bytes | Path | None) -> None:
         now = self.clock.now()
         due = [r for r in message.recipients if r.state in ATTEMPTABLE and r.next_attempt <= now]
         try:
-            outcome = await self._attempt_due(message, due, now)
+            outcome = await self._attempt_due(message, due, now, body)
         except Exception as exc:
             log.error("queue run failed", queue_id=message.id, error=repr(exc))
             await self._defer_after_failure(message, due, exc)
@@ -261,10 +271,15 @@ class QueueManager:
             self._inflight.discard(message.id)
 
     async def _attempt_due(
-        self, message: QueuedMessage, due: list[QueuedRecipient], now: float
+        self,
+        message: QueuedMessage,
+        due: list[QueuedRecipient],
+        now: float,
+        body_data: bytes | Path | None,
     ) -> tuple[_Result, bytes] | None:
-        """Deliver (or expire) the due recipients; None if the message is gone."""
-        data = await self._bodies.read(message.id)
+        """Deliver (or expire) the due recipients; None if the message is gone.
+        ``body_data`` is the body handed off with a new message (else read)."""
+        data = body_data if body_data is not None else await self._bodies.read(message.id)
         if data is None:
             return None  # deleted meanwhile (queue tools)
         body = StoredBody(data)  # read once: for every attempt and for reports

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -125,6 +125,20 @@ class QueuedMessage:
         return MailParams.from_dict(self.meta.get("params", {}))
 
 
+# Messages being attempted already, as a JSON array: SQLite makes one
+# ephemeral index of it, whatever its length.
+_NOT_IN = " and r.message_id not in (select value from json_each(?))"
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """A message just made durable, as delivery would read it back: the
+    message and its body (bytes, or the file of a large one)."""
+
+    message: QueuedMessage
+    body: bytes | Path
+
+
 @dataclass(frozen=True)
 class RecipientUpdate:
     message_id: str
@@ -216,9 +230,11 @@ class QueueStore:
     # -- ingest ------------------------------------------------------------------
 
     @_storage
-    def ingest(self, batch: Sequence[NewMessage]) -> None:
+    def ingest(self, batch: Sequence[NewMessage]) -> list[Fresh]:
         """Make every message of ``batch`` durable, all in one transaction; the
-        only way into the queue. Raises OSError (bodies) or QueueError."""
+        only way into the queue. Returns each message as :meth:`get` and
+        :meth:`body` would read it back (for the hand-off to delivery). Raises
+        OSError (bodies) or QueueError."""
         spilled = {m.body.queue_id for m in batch if m.body.path is not None}
         for item in batch:
             if item.body.queue_id in spilled:
@@ -227,13 +243,16 @@ class QueueStore:
             fsync_path(self.own_bodies)
         now = self.clock.now()
         with self._transaction():
-            for item in batch:
-                self._insert(item, now, in_file=item.body.queue_id in spilled)
+            return [
+                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
+            ]
 
-    def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> None:
+    def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> Fresh:
         envelope, body = item.envelope, item.body
         blob = None if in_file else b"".join(body.chunks())
         path = str(Path(self.owner.body_dir, body.queue_id)) if in_file else None
+        meta = _meta(envelope)
+        params = [_params(r) for r in envelope.recipients]
         self.db.execute(
             "insert into messages(id, sender, arrival, size, body, body_path, meta, kind, owner) "
             "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -244,7 +263,7 @@ class QueueStore:
                 body.size,
                 blob,
                 path,
-                _meta(envelope),
+                meta,
                 item.kind,
                 self.owner.index,
             ),
@@ -253,10 +272,21 @@ class QueueStore:
             "insert into recipients(message_id, idx, address, params, state, next_attempt) "
             "values (?, ?, ?, ?, ?, ?)",
             [
-                (body.queue_id, i, r.address, _params(r), RecipientState.QUEUED, now)
+                (body.queue_id, i, r.address, params[i], RecipientState.QUEUED, now)
                 for i, r in enumerate(envelope.recipients)
             ],
         )
+        message = QueuedMessage(
+            body.queue_id, envelope.sender, now, body.size, json.loads(meta), item.kind
+        )
+        message.recipients = [
+            QueuedRecipient(
+                i, r.address, RcptParams.from_dict(json.loads(params[i])),
+                RecipientState.QUEUED, 0, now, None, None, False,
+            )
+            for i, r in enumerate(envelope.recipients)
+        ]  # fmt: skip
+        return Fresh(message, blob if blob is not None else self.bodies / str(path))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
@@ -264,32 +294,33 @@ class QueueStore:
     # -- reading -----------------------------------------------------------------
 
     @_storage
-    def due(self, now: float, exclude: set[str], limit: int = 500) -> list[QueuedMessage]:
-        """This worker's messages with recipients whose next attempt has come."""
+    def due(self, now: float, exclude: Collection[str], limit: int = 500) -> list[QueuedMessage]:
+        """This worker's messages with recipients whose next attempt has come,
+        but for those in ``exclude`` (being attempted already)."""
         mine, args = self._mine("m.")
         rows = self.db.execute(
             "select distinct r.message_id from recipients r join messages m on m.id = r.message_id "  # noqa: S608 - placeholders only
-            f"where r.state in ({_marks(DUE)}) and r.next_attempt <= ?{mine} "
+            f"where r.state in ({_marks(DUE)}) and r.next_attempt <= ?{mine}{_NOT_IN} "
             "order by r.next_attempt limit ?",
-            (*DUE, now, *args, limit + len(exclude)),
+            (*DUE, now, *args, json.dumps(sorted(exclude)), limit),
         ).fetchall()
-        ids = [r[0] for r in rows if r[0] not in exclude][:limit]
-        return [m for m in (self.get(i) for i in ids) if m is not None]
+        return [m for m in (self.get(r[0]) for r in rows) if m is not None]
 
     @_storage
     def due_and_next(
-        self, now: float, exclude: set[str], limit: int = 500
+        self, now: float, exclude: Collection[str], limit: int = 500
     ) -> tuple[list[QueuedMessage], float | None]:
         """``due`` and ``next_due`` in one call: one trip to the queue's thread."""
-        return self.due(now, exclude, limit), self.next_due()
+        return self.due(now, exclude, limit), self.next_due(exclude)
 
     @_storage
-    def next_due(self) -> float | None:
+    def next_due(self, exclude: Collection[str] = ()) -> float | None:
+        """When the next attempt of a message not in ``exclude`` is due."""
         mine, args = self._mine("m.")
         row = self.db.execute(
             "select min(r.next_attempt) from recipients r join messages m on m.id = r.message_id "  # noqa: S608 - placeholders only
-            f"where r.state in ({_marks(DUE)}){mine}",
-            (*DUE, *args),
+            f"where r.state in ({_marks(DUE)}){mine}{_NOT_IN}",
+            (*DUE, *args, json.dumps(sorted(exclude))),
         ).fetchone()
         return row[0] if row else None
 
