@@ -21,17 +21,19 @@ import smtplib
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import dkim  # type: ignore[import-untyped]
+import dns.message
 import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from smtpgate.content.quarantine import QuarantineStore, quarantine_dir
-from tests.conftest import SMTPGATE, GatewayProcess, SinkHandle
+from tests.conftest import SMTPGATE, GatewayFactory, GatewayProcess, SinkHandle
 from tests.dnsserver import DnsServer, start_dns
 
 INBOUND_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -234,3 +236,59 @@ async def test_dmarc_quarantine_holds_the_message(
     [(meta, _body)] = await sink.wait_for(1)
     assert meta["sender"] == "ceo@held.test"
     assert len(sink.messages()) == 1
+
+
+class PartlySlowDns(DnsServer):
+    """Answers names under ``slow.test`` only after 2.5 seconds, others at once."""
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        name = str(dns.message.from_wire(data).question[0].name).lower()
+        delay = 2.5 if name.endswith("slow.test.") else 0.0
+        asyncio.get_running_loop().call_later(delay, self._answer, data, addr)
+
+    def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            DnsServer.datagram_received(self, data, addr)
+
+
+async def test_slow_dns_for_many_messages_does_not_switch_dmarc_off_for_others(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Twelve messages whose domains' name servers answer slowly are checked at
+    the same time; a forged message meanwhile, from a domain that publishes
+    p=reject and answers at once, is still refused. (The checks ran on the
+    event loop's default executor, six threads here: the forged one waited
+    behind the slow ones until its budget ran out, and a check that times out
+    is a temperror, which does not enforce DMARC.)"""
+    records = {
+        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
+        ("slow.test", "TXT"): ['"v=spf1 -all"'],
+        ("_dmarc.slow.test", "TXT"): ['"v=DMARC1; p=none"'],
+    }
+    server, port = await start_dns(records)
+    server.__class__ = PartlySlowDns
+    gw = await gateway_factory(
+        gateway={"dns": {"nameservers": ["127.0.0.1"], "port": port, "timeout": 3}},
+        sender_auth={"timeout": 4},
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        with ThreadPoolExecutor(13) as clients:  # not the gateway's executor
+            slow = [
+                loop.run_in_executor(
+                    clients, send, gw.port, "127.0.0.1", f"u{n}@slow.test", message("x@slow.test")
+                )
+                for n in range(12)
+            ]
+            await asyncio.sleep(0.5)  # the slow ones are being checked
+            forged = message("ceo@spoofed.test")
+            code, text = await loop.run_in_executor(
+                clients, send, gw.port, "127.0.0.1", "ceo@spoofed.test", forged
+            )
+            await asyncio.gather(*slow)
+    finally:
+        assert server.transport is not None
+        server.transport.close()
+    assert code == 550, text
+    assert b"DMARC" in text

@@ -8,7 +8,14 @@ to drop. DMARC (RFC 7489) is enforced per connection profile
 ``p=quarantine`` holds the message; ``report`` only writes the result.
 
 The libraries (pyspf, dkimpy) are synchronous, so the checks run in a
-thread. Every DNS lookup goes to the gateway's name servers
+thread of their own pool (:data:`THREADS` per process), not the event
+loop's default executor: a few messages whose name servers answer slowly
+would otherwise take all of its threads (six on two cores), every other
+message's checks would queue behind them until their budget ran out, and a
+check that times out is a temperror, which does not enforce DMARC. The
+budget counts from the moment a check starts; the wait for a thread is not
+bounded here (the client waits for its reply, as behind a slow DNS check in
+any MTA). Every DNS lookup goes to the gateway's name servers
 (``gateway.dns``), each bounded by its timeout and all of one message
 together by ``sender_auth.timeout`` (``BoundedDns``). DKIM needs the message
 in memory: up to ``sender_auth.max_message_bytes``; a larger message's
@@ -32,6 +39,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -462,6 +470,41 @@ def read_bounded(body: SpooledBody, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
+THREADS = 64  # checks at once per process; a thread waiting for DNS costs little
+_pool: ThreadPoolExecutor | None = None
+
+
+async def _in_pool(limit: float, work: Callable[..., Verdict], *args: Any) -> Verdict:
+    """``work(*args)`` on the checks' own pool, given ``limit`` seconds from
+    the moment it starts (each lookup is bounded already; this is the net)."""
+    global _pool  # noqa: PLW0603 - one pool per process, made at first use
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="senderauth")
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def job() -> Verdict:
+        loop.call_soon_threadsafe(_done, started)
+        return work(*args)
+
+    future = loop.run_in_executor(_pool, job)
+    try:
+        either: set[asyncio.Future[Any]] = {future, started}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()  # a check still waiting for a thread never runs
+        raise
+    finally:
+        started.cancel()
+    async with asyncio.timeout(limit):
+        return await future
+
+
+def _done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class SenderAuth:
     """SPF, DKIM and DMARC for mail from outside (``not facts.internal``)."""
 
@@ -476,11 +519,9 @@ class SenderAuth:
     async def scan(
         self, facts: MessageFacts, body: SpooledBody, config: GatewayConfig
     ) -> ScanResult:
-        settings = config.sender_auth
-        budget = settings.timeout
+        budget = config.sender_auth.timeout
         try:
-            async with asyncio.timeout(budget + 2):  # each lookup is bounded already
-                verdict = await asyncio.to_thread(self._run, facts, body, config)
+            verdict = await _in_pool(budget + 2, self._run, facts, body, config)
         except Exception as exc:  # never raises: an unexpected failure is a temperror
             log.warning("sender authentication failed", queue_id=facts.queue_id, error=repr(exc))
             verdict = Verdict(
