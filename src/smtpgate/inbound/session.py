@@ -108,7 +108,9 @@ class Session(asyncio.Protocol):
         )
         self.spool: SpooledBody | None = None
         self.stopping = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # the loop, looked up once: get_running_loop() is a getpid() system call each time
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._proxy_buffer: bytearray | None = bytearray() if settings.proxy_protocol else None
         self._admitted = False
@@ -315,7 +317,7 @@ class Session(asyncio.Protocol):
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._deadline = None
-        self._task = asyncio.get_running_loop().create_task(work)
+        self._task = self._loop.create_task(work)
         self._task.add_done_callback(self._task_done)
         self._update_reading()
 
@@ -368,7 +370,7 @@ class Session(asyncio.Protocol):
         if self._reading_paused:
             transport.resume_reading()
             self._reading_paused = False
-        asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self._loop.call_later(LINGER, transport.close)
         self._release()  # the session is over: its slot, its spool, a stop need not wait
 
     def _close(self) -> None:
@@ -377,7 +379,7 @@ class Session(asyncio.Protocol):
     # -- timeouts --------------------------------------------------------------------
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._loop.time()
 
     def _wait_for_client(self, *, replied: bool) -> None:
         """Set the deadline for the client's next step (see the module docstring):
@@ -401,14 +403,14 @@ class Session(asyncio.Protocol):
             return  # _check_deadline moves it on when it fires
         if timer is not None:
             timer.cancel()
-        self._timer = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
+        self._timer = self._loop.call_at(deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
         deadline = self._deadline
         if deadline is None:
             return  # busy, not waiting for the client: the next wait re-arms
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < deadline:
             self._timer = loop.call_at(deadline, self._check_deadline)
             return

@@ -95,8 +95,14 @@ def _facts(event: Event) -> dict[str, Any]:
     return facts
 
 
+# The events a message's history is made of (connections alone are not kept).
+STORED = (MessageAccepted, Refused, DeliveryAttempt, DsnSent, ContentVerdict, Quarantined)
+
+
 def row(event: Event) -> tuple[float, str, str, str, str | None, str, str, str] | None:
     """(at, queue_id, kind, message_id, sender, recipients, client_ip, data)."""
+    if not isinstance(event, STORED):
+        return None
     data = json.dumps(_facts(event), separators=(",", ":"))
     if isinstance(event, MessageAccepted):
         rcpts = "\n" + "\n".join(r.lower() for r in event.recipients) + "\n"
@@ -142,6 +148,8 @@ class TrackingWriter:
         _connect(self.path, create=True).close()  # fails at start, not in the thread
 
     def __call__(self, event: Event) -> None:
+        if not isinstance(event, STORED):  # not worth a trip to the writer's thread
+            return
         if self.pending.qsize() < MAX_PENDING:
             self.pending.put_nowait(event)
         else:

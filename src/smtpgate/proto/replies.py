@@ -12,10 +12,16 @@ Rules kept here:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+@functools.lru_cache(maxsize=1024)
+def _made(code: int, status: str | None, lines: tuple[str, ...]) -> Reply:
+    return Reply(code, status, lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +62,10 @@ class Reply:
 
     @classmethod
     def of(cls, code: int, status: str | None, *lines: str) -> Reply:
-        """Build a reply: ``Reply.of(250, "2.1.0", "Ok")``."""
-        return cls(code, status, lines)
+        """Build a reply: ``Reply.of(250, "2.1.0", "Ok")``. Replies are immutable,
+        so the same parts give the same object (most replies are a few fixed
+        ones, built again for every command: checked and rendered once)."""
+        return _made(code, status, lines) if cls is Reply else cls(code, status, lines)
 
     def text(self) -> str:
         """The reply text as one string, the way logs and bounces show it."""
