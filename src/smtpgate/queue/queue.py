@@ -4,8 +4,10 @@ Every store call runs on one worker thread that owns the SQLite connection,
 so the event loop never blocks on disk. :meth:`Queue.ingest` is how the
 gateway puts a message into the queue (sessions, reports): calls that arrive
 while a commit is running are collected and handed together to
-:meth:`QueueStore.ingest`, the store's one way in, so concurrent sessions
-share one transaction and one fsync. (The queue tools, synchronous and in
+:meth:`QueueStore.write`, so concurrent sessions share one transaction and
+one fsync; the outcomes the manager records meanwhile (:meth:`Queue.apply`)
+go into the same transaction, so a session's 250 never waits for an
+outcome's fsync ahead of its own. (The queue tools, synchronous and in
 another process, call :meth:`QueueStore.ingest` with their one message.)
 
 A message just made durable goes straight to delivery (:attr:`Queue.hand_off`,
@@ -23,7 +25,7 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from smtpgate.model.envelope import Envelope
 from smtpgate.observe.log import get_logger
@@ -51,8 +53,7 @@ class Queue:
         self.owner = owner  # which worker's messages this process queues and delivers
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="queue")
         self._store: QueueStore | None = None
-        self._ingests: _GroupCommit[NewMessage] = _GroupCommit(self, self._commit, self._handed)
-        self._outcomes: _GroupCommit[RecipientUpdate] = _GroupCommit(self, self._apply)
+        self._writes = _Writes(self, self._handed)
         self.changed = asyncio.Event()  # something for the manager's scan
         self.hand_off: Callable[[Fresh], None] | None = None  # delivery takes new messages
         self.handing: set[str] = set()  # committing, not handed off yet: no scan takes them
@@ -86,13 +87,10 @@ class Queue:
         queue_id = body.queue_id
         self.handing.add(queue_id)
         try:
-            await self._ingests.submit([NewMessage(envelope, body, kind)])
+            await self._writes.ingest([NewMessage(envelope, body, kind)])
         finally:
             self.handing.discard(queue_id)
         return queue_id
-
-    def _commit(self, batch: list[NewMessage]) -> list[Fresh]:
-        return self.store.ingest(batch)  # on the queue thread; the store exists once opened
 
     def _handed(self, fresh: list[Fresh]) -> None:
         """After a commit, on the event loop: the new messages to delivery, or a
@@ -105,62 +103,76 @@ class Queue:
         if hand_off is None:
             self.changed.set()
 
-    def _apply(self, batch: list[RecipientUpdate]) -> None:
-        self.store.apply(batch)
-
     async def apply(self, updates: list[RecipientUpdate]) -> None:
-        """Record outcomes; concurrent calls share one transaction (one fsync)."""
-        await self._outcomes.submit(updates)
+        """Record outcomes; concurrent calls share one transaction (one fsync),
+        with the new messages of the moment too."""
+        await self._writes.apply(updates)
 
 
-class _GroupCommit(Generic[T]):
-    """Items submitted while a commit runs go together into the next one.
+class _Writes:
+    """Group commit: the new messages and the outcomes submitted while a write
+    runs go together into the next one, one transaction and one fsync for
+    both (:meth:`QueueStore.write`). Each submitter learns the result of the
+    write that carried its items; new messages go to ``after`` (on the event
+    loop) before their submitters hear of it."""
 
-    ``commit`` runs on the queue's thread with everything collected; each
-    submitter learns the result of the commit that carried its items.
-    """
-
-    def __init__(
-        self,
-        queue: Queue,
-        commit: Callable[[list[T]], Any],
-        after: Callable[[Any], None] | None = None,
-    ) -> None:
+    def __init__(self, queue: Queue, after: Callable[[list[Fresh]], None]) -> None:
         self._queue = queue
-        self._commit = commit
-        self._after = after  # on the event loop, with what a successful commit returned
-        self._waiting: list[tuple[list[T], asyncio.Future[None]]] = []
+        self._after = after
+        self._ingests: list[tuple[list[NewMessage], asyncio.Future[None]]] = []
+        self._updates: list[tuple[list[RecipientUpdate], asyncio.Future[None]]] = []
         self._running = False
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, items: list[T]) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((items, future))
+    async def ingest(self, items: list[NewMessage]) -> None:
+        future = self._queued()
+        self._ingests.append((items, future))
+        await future
+
+    async def apply(self, items: list[RecipientUpdate]) -> None:
+        future = self._queued()
+        self._updates.append((items, future))
+        await future
+
+    def _queued(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
         if not self._running:
             self._running = True
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        await future
+            self._task = loop.create_task(self._run())
+        return loop.create_future()
 
     async def _run(self) -> None:
         try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                items = [item for group, _ in batch for item in group]
+            while self._ingests or self._updates:
+                ingests, self._ingests = self._ingests, []
+                updates, self._updates = self._updates, []
+                new = [item for group, _ in ingests for item in group]
+                outcomes = [item for group, _ in updates for item in group]
+                store = self._queue.store
                 try:
-                    result = await self._queue.call(functools.partial(self._commit, items))
+                    written = await self._queue.call(functools.partial(store.write, new, outcomes))
                 except Exception as exc:  # every submitter must hear of it
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _settle(ingests + updates, exc)
                     continue
-                if self._after is not None:
-                    try:
-                        self._after(result)
-                    except Exception as exc:  # committed: the scan will find them
-                        log.error("hand-off after commit failed", error=repr(exc))
-                        self._queue.changed.set()
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                _settle(updates, None)
+                if written.refused is not None:
+                    _settle(ingests, written.refused)
+                    continue
+                try:
+                    self._after(written.fresh)
+                except Exception as exc:  # committed: the scan will find them
+                    log.error("hand-off after commit failed", error=repr(exc))
+                    self._queue.changed.set()
+                _settle(ingests, None)
         finally:
             self._running = False
+
+
+def _settle(waiting: list[tuple[list[Any], asyncio.Future[None]]], error: Exception | None) -> None:
+    for _, future in waiting:
+        if future.done():  # its submitter was cancelled meanwhile
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

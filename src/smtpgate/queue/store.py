@@ -4,7 +4,8 @@ Rules kept here:
 
 * :meth:`QueueStore.ingest` is the one way a message enters the store: the
   gateway's :class:`~smtpgate.queue.queue.Queue` calls it with a group of
-  messages (group commit), the queue tools with one. A message is durable
+  messages (group commit; through :meth:`QueueStore.write`, which adds the
+  outcomes of the moment to the same transaction), the queue tools with one. A message is durable
   once it returns: its row and its recipients are in a committed
   transaction (fsynced by SQLite's WAL at ``synchronous=FULL``), and a large
   body's file was fsynced, and its directory too, before that transaction.
@@ -140,6 +141,15 @@ class Fresh:
 
 
 @dataclass(frozen=True)
+class Written:
+    """What :meth:`QueueStore.write` did: the new messages as :class:`Fresh`,
+    or why they were refused (the outcomes were recorded either way)."""
+
+    fresh: list[Fresh]
+    refused: OSError | None
+
+
+@dataclass(frozen=True)
 class RecipientUpdate:
     message_id: str
     idx: int
@@ -235,17 +245,42 @@ class QueueStore:
         only way into the queue. Returns each message as :meth:`get` and
         :meth:`body` would read it back (for the hand-off to delivery). Raises
         OSError (bodies) or QueueError."""
+        spilled = self._spill(batch)
+        now = self.clock.now()
+        with self._transaction():
+            return [
+                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
+            ]
+
+    @_storage
+    def write(self, batch: Sequence[NewMessage], updates: Sequence[RecipientUpdate]) -> Written:
+        """:meth:`ingest` and :meth:`apply` in one transaction (one fsync), for
+        the gateway's group commit. If the large bodies cannot be written, the
+        outcomes are still recorded and only the new messages fail
+        (``Written.refused``). Raises QueueError if the transaction fails."""
+        try:
+            spilled = self._spill(batch)
+        except OSError as exc:
+            self.apply(updates)
+            return Written([], exc)
+        now = self.clock.now()
+        with self._transaction():
+            fresh = [
+                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
+            ]
+            self._update(updates, now)
+        return Written(fresh, None)
+
+    def _spill(self, batch: Sequence[NewMessage]) -> set[str]:
+        """Large bodies to their files, fsynced with their directory, before the
+        transaction that refers to them; the ids of those messages."""
         spilled = {m.body.queue_id for m in batch if m.body.path is not None}
         for item in batch:
             if item.body.queue_id in spilled:
                 item.body.save_as(self.own_bodies / item.body.queue_id, fsync=True)
         if spilled:
             fsync_path(self.own_bodies)
-        now = self.clock.now()
-        with self._transaction():
-            return [
-                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
-            ]
+        return spilled
 
     def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> Fresh:
         envelope, body = item.envelope, item.body
@@ -369,30 +404,36 @@ class QueueStore:
     @_storage
     def apply(self, updates: Sequence[RecipientUpdate]) -> list[str]:
         """Record attempt outcomes; delete and return messages with nothing left to do."""
+        if not updates:
+            return []
         now = self.clock.now()
-        touched = {u.message_id for u in updates}
         with self._transaction():
-            for u in updates:
-                self.db.execute(
-                    "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
-                    "next_attempt = ?, attempts = attempts + ?, "
-                    "last_attempt = case when ? then ? else last_attempt end, "
-                    "warned = coalesce(?, warned) where message_id = ? and idx = ?",
-                    (
-                        u.state,
-                        u.last_reply,
-                        u.next_attempt,
-                        int(u.attempted),
-                        u.attempted,
-                        now,
-                        None if u.warned is None else int(u.warned),
-                        u.message_id,
-                        u.idx,
-                    ),
-                )
-            finished = [m for m in touched if not self._pending(m)]
-            for message_id in finished:
-                self._delete(message_id)
+            return self._update(updates, now)
+
+    def _update(self, updates: Sequence[RecipientUpdate], now: float) -> list[str]:
+        """:meth:`apply`'s work, inside the caller's transaction."""
+        touched = {u.message_id for u in updates}
+        for u in updates:
+            self.db.execute(
+                "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
+                "next_attempt = ?, attempts = attempts + ?, "
+                "last_attempt = case when ? then ? else last_attempt end, "
+                "warned = coalesce(?, warned) where message_id = ? and idx = ?",
+                (
+                    u.state,
+                    u.last_reply,
+                    u.next_attempt,
+                    int(u.attempted),
+                    u.attempted,
+                    now,
+                    None if u.warned is None else int(u.warned),
+                    u.message_id,
+                    u.idx,
+                ),
+            )
+        finished = [m for m in touched if not self._pending(m)]
+        for message_id in finished:
+            self._delete(message_id)
         return finished
 
     def _pending(self, message_id: str) -> bool:
