@@ -168,18 +168,23 @@ class Supervisor:
         command += ["--index", str(worker.index), "--count", str(self.count)]
         command += ["--fds", fds_arg, "--connections", str(self.connections)]
         command += ["--parent", str(os.getpid()), *log_options()]
+        if self.stopping:
+            return False
         process = await asyncio.create_subprocess_exec(
             *command,
             pass_fds=fds,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        # known at once: a stop that comes while it starts must reach it too
+        worker.process, worker.started = process, time.monotonic()
+        if self.stopping:
+            process.terminate()
         assert process.stdin is not None
         assert process.stdout is not None
         process.stdin.write(json.dumps({"revision": revision, "document": document}).encode())
         await process.stdin.drain()
         process.stdin.close()
-        worker.process, worker.started = process, time.monotonic()
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 line = await process.stdout.readline()
@@ -228,13 +233,17 @@ class Supervisor:
                     worker.process.send_signal(signum)
 
     async def stop(self, grace: float) -> None:
-        """Every worker stops gracefully; one that does not in time is killed."""
+        """Every worker stops gracefully; one that does not in time is killed.
+        A worker being started again when the stop comes is stopped too: the
+        running ones are looked for again after each wait (one whose start was
+        under way was once left serving, and ``serve`` never ended)."""
         self.stopping = True
-        self._signal_all(signal.SIGTERM)
-        running = [w.process for w in self.workers if w.process is not None]
-        waits = [asyncio.ensure_future(p.wait()) for p in running]
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=grace + STOP_MARGIN)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace + STOP_MARGIN
+        while running := [p for w in self.workers if (p := w.process) and p.returncode is None]:
+            self._signal_all(signal.SIGTERM)
+            waits = [asyncio.ensure_future(p.wait()) for p in running]
+            _, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()))
             if late:
                 log.error("workers did not stop in time: killed", count=len(late))
                 for process in running:

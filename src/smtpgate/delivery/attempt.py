@@ -29,7 +29,6 @@ kept here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ssl
 import time
@@ -474,9 +473,12 @@ class Deliverer:
         if self._published is not None:
             await self._published.close()
             self._published = None
+        # all at once: each QUIT may wait 5 s for a next hop that no longer
+        # answers, and one after another they made a stop wait 5 s per connection
+        closing = []
         for idle in self._cache.values():
             for entry in idle:
                 entry.handle.cancel()
-                with contextlib.suppress(Exception):
-                    await entry.client.close()
+                closing.append(entry.client.close())
         self._cache.clear()
+        await asyncio.gather(*closing, return_exceptions=True)
