@@ -207,8 +207,8 @@ class QueueManager:
 
     def _take(self, fresh: Fresh) -> None:
         """A message the queue just made durable, with its body: attempted now."""
-        if not self._stopping.is_set() and fresh.message.id not in self._inflight:
-            self._start(fresh.message, fresh.body)  # when stopping, the next start's scan
+        if not self._stopping.is_set():  # else the next start's scan finds it
+            self._start(fresh.message, fresh.body)
 
     async def _run_once(self) -> float:
         """Start attempts for what is due; returns how long to sleep at most."""
@@ -217,9 +217,8 @@ class QueueManager:
         self._resting = {k: until for k, until in self._resting.items() if until > now}
         inflight = self._inflight | self._resting.keys() | self.queue.handing
         due, following = await self.queue.call(lambda: store.due_and_next(now, inflight))
-        for message in due:
-            if message.id not in self._inflight:  # handed off meanwhile
-                self._start(message)
+        for message in due:  # never one being handed off: `handing` is excluded
+            self._start(message)
         return POLL if following is None else min(POLL, max(0.0, following - self.clock.now()))
 
     async def _wake(self) -> None:

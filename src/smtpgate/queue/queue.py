@@ -95,13 +95,11 @@ class Queue:
     def _handed(self, fresh: list[Fresh]) -> None:
         """After a commit, on the event loop: the new messages to delivery, or a
         scan to find them if the manager does not run."""
-        hand_off = self.hand_off
-        for item in fresh:
-            self.handing.discard(item.message.id)
-            if hand_off is not None:
-                hand_off(item)
-        if hand_off is None:
+        if self.hand_off is None:
             self.changed.set()
+            return
+        for item in fresh:
+            self.hand_off(item)  # its id leaves `handing` when its submitter resumes
 
     async def apply(self, updates: list[RecipientUpdate]) -> None:
         """Record outcomes; concurrent calls share one transaction (one fsync),

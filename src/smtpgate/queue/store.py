@@ -4,9 +4,9 @@ Rules kept here:
 
 * :meth:`QueueStore.ingest` is the one way a message enters the store: the
   gateway's :class:`~smtpgate.queue.queue.Queue` calls it with a group of
-  messages (group commit; through :meth:`QueueStore.write`, which adds the
-  outcomes of the moment to the same transaction), the queue tools with one. A message is durable
-  once it returns: its row and its recipients are in a committed
+  messages (group commit, through :meth:`QueueStore.write`, which adds the
+  outcomes of the moment to the same transaction), the queue tools with
+  one. A message is durable once it returns: its row and its recipients are in a committed
   transaction (fsynced by SQLite's WAL at ``synchronous=FULL``), and a large
   body's file was fsynced, and its directory too, before that transaction.
 * Per-recipient state (:class:`~smtpgate.queue.states.RecipientState`), plus
@@ -245,12 +245,10 @@ class QueueStore:
         only way into the queue. Returns each message as :meth:`get` and
         :meth:`body` would read it back (for the hand-off to delivery). Raises
         OSError (bodies) or QueueError."""
-        spilled = self._spill(batch)
-        now = self.clock.now()
-        with self._transaction():
-            return [
-                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
-            ]
+        written = self.write(batch, ())
+        if written.refused is not None:
+            raise written.refused
+        return written.fresh
 
     @_storage
     def write(self, batch: Sequence[NewMessage], updates: Sequence[RecipientUpdate]) -> Written:
