@@ -30,6 +30,7 @@ result written), so a DNS outage never loses or refuses mail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.parser
 import email.policy
 import email.utils
@@ -476,33 +477,23 @@ _pool: ThreadPoolExecutor | None = None
 
 async def _in_pool(limit: float, work: Callable[..., Verdict], *args: Any) -> Verdict:
     """``work(*args)`` on the checks' own pool, given ``limit`` seconds from
-    the moment it starts (each lookup is bounded already; this is the net)."""
+    the moment it starts (each lookup is bounded already; this is the net).
+    Cancelled while it waits for a thread, it never runs."""
     global _pool  # noqa: PLW0603 - one pool per process, made at first use
     if _pool is None:
         _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="senderauth")
     loop = asyncio.get_running_loop()
-    started: asyncio.Future[None] = loop.create_future()
+    async with asyncio.timeout(None) as deadline:
 
-    def job() -> Verdict:
-        loop.call_soon_threadsafe(_done, started)
-        return work(*args)
+        def started() -> None:  # on the loop, when a thread takes the check
+            with contextlib.suppress(RuntimeError):  # it has ended already
+                deadline.reschedule(loop.time() + limit)
 
-    future = loop.run_in_executor(_pool, job)
-    try:
-        either: set[asyncio.Future[Any]] = {future, started}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        future.cancel()  # a check still waiting for a thread never runs
-        raise
-    finally:
-        started.cancel()
-    async with asyncio.timeout(limit):
-        return await future
+        def job() -> Verdict:
+            loop.call_soon_threadsafe(started)
+            return work(*args)
 
-
-def _done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        return await loop.run_in_executor(_pool, job)
 
 
 class SenderAuth:
