@@ -168,8 +168,6 @@ class Supervisor:
         command += ["--index", str(worker.index), "--count", str(self.count)]
         command += ["--fds", fds_arg, "--connections", str(self.connections)]
         command += ["--parent", str(os.getpid()), *log_options()]
-        if self.stopping:
-            return False
         process = await asyncio.create_subprocess_exec(
             *command,
             pass_fds=fds,
@@ -234,9 +232,9 @@ class Supervisor:
 
     async def stop(self, grace: float) -> None:
         """Every worker stops gracefully; one that does not in time is killed.
-        A worker being started again when the stop comes is stopped too: the
-        running ones are looked for again after each wait (one whose start was
-        under way was once left serving, and ``serve`` never ended)."""
+        A worker whose restart is under way when the stop comes is stopped
+        too: its process is known (and told to stop) only once created, so the
+        running ones are looked for again after each wait."""
         self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + STOP_MARGIN
