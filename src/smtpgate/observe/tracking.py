@@ -100,9 +100,8 @@ STORED = (MessageAccepted, Refused, DeliveryAttempt, DsnSent, ContentVerdict, Qu
 
 
 def row(event: Event) -> tuple[float, str, str, str, str | None, str, str, str] | None:
-    """(at, queue_id, kind, message_id, sender, recipients, client_ip, data)."""
-    if not isinstance(event, STORED):
-        return None
+    """(at, queue_id, kind, message_id, sender, recipients, client_ip, data);
+    None for what is not kept (the writer is given only :data:`STORED` events)."""
     data = json.dumps(_facts(event), separators=(",", ":"))
     if isinstance(event, MessageAccepted):
         rcpts = "\n" + "\n".join(r.lower() for r in event.recipients) + "\n"
