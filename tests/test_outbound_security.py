@@ -144,7 +144,8 @@ def test_dane_ee_every_selector_and_matching_type(
         True,
         f"DANE-EE {selector} {matching}",
     )
-    wrong = TlsaRecord(3, selector, matching, b"\x00" + data[matching][1:])
+    flipped = bytes([data[matching][0] ^ 0xFF]) + data[matching][1:]  # never equal to the right one
+    wrong = TlsaRecord(3, selector, matching, flipped)
     assert verify_dane(chain, (wrong,), ("mx.example.com",))[0] is False
 
 
