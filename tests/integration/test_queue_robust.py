@@ -19,7 +19,8 @@ from smtpgate.delivery.attempt import AttemptReport, Job
 from smtpgate.delivery.tlsrpt import SessionRecorder
 from smtpgate.model.envelope import Envelope, Recipient
 from smtpgate.observe.tracking import TrackingWriter
-from smtpgate.queue.store import Filters, NewMessage, QueueStore
+from smtpgate.queue.states import RecipientState
+from smtpgate.queue.store import Filters, NewMessage, QueueStore, RecipientUpdate
 from smtpgate.spool import SpooledBody, new_queue_id
 from tests.clock import FakeClock, advance, attempts_are, use_clock, wait_queue
 from tests.conftest import GatewayFactory, SinkHandle
@@ -170,5 +171,59 @@ def test_what_is_being_attempted_neither_counts_as_due_nor_sets_the_next_scan(
         assert store.next_due({one.id}) == two.arrival
         assert store.next_due({one.id, two.id}) is None
         assert store.next_due() == one.arrival
+    finally:
+        store.close()
+
+
+def test_one_write_stores_new_messages_and_removes_exactly_the_finished_ones(
+    tmp_path: Path,
+) -> None:
+    """The group commit's transaction: new messages go in and outcomes are
+    recorded together; a message goes (with its body file) only when none of
+    its recipients is left to try, and one still pending keeps its row."""
+    store = QueueStore(tmp_path / "queue")
+    try:
+
+        def message(text: bytes, recipients: int, threshold: int = 1 << 20) -> NewMessage:
+            body = SpooledBody(store.bodies, new_queue_id(), threshold=threshold)
+            body.write(b"Subject: " + text + b"\r\n\r\n" + b"x" * 200 + b"\r\n")
+            body.finish()
+            rcpts = tuple(Recipient(f"r{i}@example.net") for i in range(recipients))
+            return NewMessage(Envelope("bob@example.org", rcpts), body)
+
+        done, half, filed = message(b"done", 2), message(b"half", 2), message(b"filed", 1, 10)
+        first = store.write([done, half, filed], ()).fresh
+        file = first[2].body
+        assert isinstance(file, Path)
+        assert file.exists()
+        ids = [f.message.id for f in first]
+        late = message(b"late", 1)
+
+        def outcome(message_id: str, idx: int, state: RecipientState) -> RecipientUpdate:
+            return RecipientUpdate(message_id, idx, state, "250 ok", first[0].message.arrival)
+
+        written = store.write(
+            [late],
+            [
+                outcome(ids[0], 0, RecipientState.DELIVERED),
+                outcome(ids[0], 1, RecipientState.BOUNCED),
+                outcome(ids[1], 0, RecipientState.DELIVERED),
+                outcome(ids[1], 1, RecipientState.DEFERRED),
+                outcome(ids[2], 0, RecipientState.DELIVERED),
+            ],
+        )
+        assert written.refused is None
+        assert store.get(ids[0]) is None
+        assert store.get(ids[2]) is None
+        assert not file.exists()
+        kept = store.get(ids[1])
+        assert kept is not None
+        assert [r.state for r in kept.recipients] == [
+            RecipientState.DELIVERED,
+            RecipientState.DEFERRED,
+        ]
+        assert store.get(written.fresh[0].message.id) == written.fresh[0].message
+        assert store.apply([outcome(ids[1], 1, RecipientState.DELIVERED)]) == [ids[1]]
+        assert store.get(ids[1]) is None
     finally:
         store.close()

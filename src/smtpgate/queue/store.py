@@ -91,6 +91,14 @@ def _marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
+PART = 500  # ids per statement: far below SQLite's limit on placeholders
+
+
+def _parts(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), PART):
+        yield ids[start : start + PART]
+
+
 @dataclass(frozen=True)
 class NewMessage:
     envelope: Envelope
@@ -263,9 +271,7 @@ class QueueStore:
             return Written([], exc)
         now = self.clock.now()
         with self._transaction():
-            fresh = [
-                self._insert(item, now, in_file=item.body.queue_id in spilled) for item in batch
-            ]
+            fresh = self._insert(batch, now, spilled)
             self._update(updates, now)
         return Written(fresh, None)
 
@@ -280,46 +286,48 @@ class QueueStore:
             fsync_path(self.own_bodies)
         return spilled
 
-    def _insert(self, item: NewMessage, now: float, *, in_file: bool) -> Fresh:
-        envelope, body = item.envelope, item.body
-        blob = None if in_file else b"".join(body.chunks())
-        path = str(Path(self.owner.body_dir, body.queue_id)) if in_file else None
-        meta = _meta(envelope)
-        params = [_params(r) for r in envelope.recipients]
-        self.db.execute(
+    def _insert(self, batch: Sequence[NewMessage], now: float, spilled: set[str]) -> list[Fresh]:
+        """The rows of ``batch``: two statements for the whole group (each
+        statement gives the GIL away and back, a thread switch when the event
+        loop wants it); the messages as :meth:`get` would read them back."""
+        rows, recipients, fresh = [], [], []
+        for item in batch:
+            envelope, body = item.envelope, item.body
+            in_file = body.queue_id in spilled
+            blob = None if in_file else b"".join(body.chunks())
+            path = str(Path(self.owner.body_dir, body.queue_id)) if in_file else None
+            meta = _meta(envelope)
+            params = [_params(r) for r in envelope.recipients]
+            rows.append(
+                (body.queue_id, envelope.sender, now, body.size, blob, path, meta, item.kind,
+                 self.owner.index)
+            )  # fmt: skip
+            recipients += [
+                (body.queue_id, i, r.address, params[i], RecipientState.QUEUED, now)
+                for i, r in enumerate(envelope.recipients)
+            ]
+            message = QueuedMessage(
+                body.queue_id, envelope.sender, now, body.size, json.loads(meta), item.kind
+            )
+            message.recipients = [
+                QueuedRecipient(
+                    i, r.address, RcptParams.from_dict(json.loads(params[i])),
+                    RecipientState.QUEUED, 0, now, None, None, False,
+                )
+                for i, r in enumerate(envelope.recipients)
+            ]  # fmt: skip
+            fresh.append(Fresh(message, blob if blob is not None else self.bodies / str(path)))
+        self.db.executemany(
             "insert into messages(id, sender, arrival, size, body, body_path, meta, kind, owner) "
             "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                body.queue_id,
-                envelope.sender,
-                now,
-                body.size,
-                blob,
-                path,
-                meta,
-                item.kind,
-                self.owner.index,
-            ),
+            rows,
         )
         self.db.executemany(
             "insert into recipients(message_id, idx, address, params, state, next_attempt) "
             "values (?, ?, ?, ?, ?, ?)",
-            [
-                (body.queue_id, i, r.address, params[i], RecipientState.QUEUED, now)
-                for i, r in enumerate(envelope.recipients)
-            ],
+            recipients,
         )
-        message = QueuedMessage(
-            body.queue_id, envelope.sender, now, body.size, json.loads(meta), item.kind
-        )
-        message.recipients = [
-            QueuedRecipient(
-                i, r.address, RcptParams.from_dict(json.loads(params[i])),
-                RecipientState.QUEUED, 0, now, None, None, False,
-            )
-            for i, r in enumerate(envelope.recipients)
-        ]  # fmt: skip
-        return Fresh(message, blob if blob is not None else self.bodies / str(path))
+        return fresh
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
@@ -409,47 +417,47 @@ class QueueStore:
             return self._update(updates, now)
 
     def _update(self, updates: Sequence[RecipientUpdate], now: float) -> list[str]:
-        """:meth:`apply`'s work, inside the caller's transaction."""
-        touched = {u.message_id for u in updates}
-        for u in updates:
-            self.db.execute(
-                "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
-                "next_attempt = ?, attempts = attempts + ?, "
-                "last_attempt = case when ? then ? else last_attempt end, "
-                "warned = coalesce(?, warned) where message_id = ? and idx = ?",
+        """:meth:`apply`'s work, inside the caller's transaction: a statement per
+        kind of work for the whole group, not per message."""
+        if not updates:
+            return []
+        self.db.executemany(
+            "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
+            "next_attempt = ?, attempts = attempts + ?, "
+            "last_attempt = case when ? then ? else last_attempt end, "
+            "warned = coalesce(?, warned) where message_id = ? and idx = ?",
+            [
                 (
-                    u.state,
-                    u.last_reply,
-                    u.next_attempt,
-                    int(u.attempted),
-                    u.attempted,
-                    now,
-                    None if u.warned is None else int(u.warned),
-                    u.message_id,
-                    u.idx,
-                ),
+                    u.state, u.last_reply, u.next_attempt, int(u.attempted), u.attempted, now,
+                    None if u.warned is None else int(u.warned), u.message_id, u.idx,
+                )
+                for u in updates
+            ],
+        )  # fmt: skip
+        touched = list(dict.fromkeys(u.message_id for u in updates))
+        finished: list[str] = []
+        for part in _parts(touched):
+            query = (
+                "select distinct message_id from recipients "  # noqa: S608 - placeholders only
+                f"where message_id in ({_marks(part)}) and state in ({_marks(PENDING)})"
             )
-        finished = [m for m in touched if not self._pending(m)]
-        for message_id in finished:
-            self._delete(message_id)
+            pending = {row[0] for row in self.db.execute(query, (*part, *PENDING))}
+            finished += [m for m in part if m not in pending]
+        self._delete(finished)
         return finished
 
-    def _pending(self, message_id: str) -> bool:
-        row = self.db.execute(
-            f"select 1 from recipients where message_id = ? and state in ({_marks(PENDING)}) "  # noqa: S608 - placeholders only
-            "limit 1",
-            (message_id, *PENDING),
-        ).fetchone()
-        return row is not None
-
-    def _delete(self, message_id: str) -> None:
-        row = self.db.execute(
-            "select body_path from messages where id = ?", (message_id,)
-        ).fetchone()
-        self.db.execute("delete from recipients where message_id = ?", (message_id,))
-        self.db.execute("delete from messages where id = ?", (message_id,))
-        if row and row[0]:
-            (self.bodies / row[0]).unlink(missing_ok=True)
+    def _delete(self, message_ids: Sequence[str]) -> None:
+        """Remove these messages, their recipients and their body files."""
+        for part in _parts(message_ids):
+            marks = _marks(part)
+            paths = self.db.execute(
+                f"select body_path from messages where id in ({marks}) and body_path is not null",  # noqa: S608 - placeholders only
+                part,
+            ).fetchall()
+            self.db.execute(f"delete from recipients where message_id in ({marks})", part)  # noqa: S608 - placeholders only
+            self.db.execute(f"delete from messages where id in ({marks})", part)  # noqa: S608 - placeholders only
+            for (path,) in paths:
+                (self.bodies / path).unlink(missing_ok=True)
 
     # -- administration ------------------------------------------------------------
 
@@ -486,7 +494,7 @@ class QueueStore:
                 "select 1 from messages where id = ?", (message_id,)
             ).fetchone()
             if exists:
-                self._delete(message_id)
+                self._delete([message_id])
         return exists is not None
 
     @_storage
