@@ -117,13 +117,15 @@ class GatewayHandler:
 
     # -- connect -------------------------------------------------------------
 
-    async def on_connect(self, info: SessionInfo) -> Reply | None:
-        profiles = self.policy.profiles
-        names = (
-            await confirmed_names(self.state.resolver, info.client_ip)
-            if (profiles.uses_host_names)
-            else []
-        )
+    def on_connect(self, info: SessionInfo) -> Reply | Pending | None:
+        if self.policy.profiles.uses_host_names:  # a profile names hosts: DNS first
+            return Pending(self._connect_named(info))
+        return self._connect(info, [])
+
+    async def _connect_named(self, info: SessionInfo) -> Reply | None:
+        return self._connect(info, await confirmed_names(self.state.resolver, info.client_ip))
+
+    def _connect(self, info: SessionInfo, names: list[str]) -> Reply | None:
         listener = ListenerFacts(
             info.listener, info.tls_required, info.client_certificate_required
         )  # as the listener runs: a changed security waits for a restart

@@ -45,7 +45,7 @@ class SinkHandler:
     def __init__(self, behaviour: SinkBehaviour) -> None:
         self.behaviour = behaviour
 
-    async def on_connect(self, info: SessionInfo) -> Reply | None:
+    def on_connect(self, info: SessionInfo) -> Reply | None:
         return None
 
     def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | None:

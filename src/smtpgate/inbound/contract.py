@@ -74,8 +74,9 @@ class Pending:
 class SessionHandler(Protocol):
     """What the session asks; the gateway and the sink each provide one."""
 
-    async def on_connect(self, info: SessionInfo) -> Reply | None:
-        """Before the greeting: ``None`` for 220, or a 554/421 refusal."""
+    def on_connect(self, info: SessionInfo) -> Reply | Pending | None:
+        """Before the greeting: ``None`` for 220, or a 554/421 refusal;
+        ``Pending`` when the decision needs I/O first (host-name lookups)."""
 
     def on_command(self, info: SessionInfo, event: ev.Event) -> Reply | Pending | None:
         """Per command, a pure decision: ``None`` for the default answer; ``Pending``

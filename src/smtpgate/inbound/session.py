@@ -207,9 +207,17 @@ class Session(asyncio.Protocol):
             self._write_and_close(refusal.to_bytes())
             return
         self._admitted = True
-        self._spawn(self._greet())
-        if self.conn.pregreet:  # behind a PROXY header, in the same read
+        answer = self.handler.on_connect(self.info)
+        if isinstance(answer, Pending):
+            self._spawn(self._greet_later(answer))
+            if self.conn.pregreet:  # behind a PROXY header, in the same read
+                self._note_pregreet()
+            return
+        # the common case, a pure decision: greeted at once, no task, no pause
+        if self.conn.pregreet:
             self._note_pregreet()
+        self._greet(answer)
+        self._pump()
 
     def _note_pregreet(self) -> None:
         """The client talked before the greeting: stop reading, say so once."""
@@ -239,8 +247,10 @@ class Session(asyncio.Protocol):
             self.conn.receive_data(rest)  # before the greeting: a violation the core reports
         self._admit()
 
-    async def _greet(self) -> None:
-        refusal = await self.handler.on_connect(self.info)
+    async def _greet_later(self, pending: Pending) -> None:
+        self._greet(await pending.answer)
+
+    def _greet(self, refusal: Reply | None) -> None:
         greeting = Reply.of(220, None, f"{self.info.hostname} {self.settings.banner}")
         self.conn.greet(refusal or greeting)
 

@@ -35,6 +35,8 @@ def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
 
 def _clean(text: str) -> str:
     """Keep header text to printable ASCII on one line."""
+    if text.isascii() and text.isprintable():  # nearly always: no copy char by char
+        return text[:255]
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:255]
 
 
