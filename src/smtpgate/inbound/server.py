@@ -198,8 +198,10 @@ class InboundServer:
             log.info("listening", listener=spec.name, address=f"{spec.host}:{spec.port}")
 
     def _factory(self, spec: ListenerSpec) -> Callable[[], Session]:
+        loop = asyncio.get_running_loop()  # looked up once, not per connection
+
         def make() -> Session:
-            return Session(self, spec.name, spec.session)
+            return Session(self, spec.name, spec.session, loop)
 
         return make
 

@@ -91,7 +91,13 @@ class SessionHost(Protocol):
 class Session(asyncio.Protocol):
     """Drives one connection from greeting to close."""
 
-    def __init__(self, host: SessionHost, listener: str, settings: SessionSettings) -> None:
+    def __init__(
+        self,
+        host: SessionHost,
+        listener: str,
+        settings: SessionSettings,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.host = host
         self.listener = listener
         self.settings = settings
@@ -109,7 +115,7 @@ class Session(asyncio.Protocol):
         self.spool: SpooledBody | None = None
         self.stopping = False
         # the loop, looked up once: get_running_loop() is a getpid() system call each time
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._proxy_buffer: bytearray | None = bytearray() if settings.proxy_protocol else None

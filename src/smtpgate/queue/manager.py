@@ -344,12 +344,14 @@ class QueueManager:
                 continue
             key = (connector.name, self._destination(connector, r.address))
             groups.setdefault(key, (connector, []))[1].append(r)
-        await asyncio.gather(
-            *(
-                self._attempt(message, connector, rcpts, key[1], body=body, result=result)
-                for key, (connector, rcpts) in groups.items()
-            )
-        )
+        attempts = [
+            self._attempt(message, connector, rcpts, key[1], body=body, result=result)
+            for key, (connector, rcpts) in groups.items()
+        ]
+        if len(attempts) == 1:  # the usual case: no task of its own for gather
+            await attempts[0]
+        else:
+            await asyncio.gather(*attempts)
 
     @staticmethod
     def _destination(connector: SendConnector, address: str) -> str:
