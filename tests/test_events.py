@@ -68,6 +68,21 @@ def test_the_tracking_store_keeps_records_and_expires_them(tmp_path: Path) -> No
     assert (tmp_path / "tracking.db").stat().st_mode & 0o077 == 0
 
 
+def test_a_batch_larger_than_one_statement_is_stored_whole(tmp_path: Path) -> None:
+    """The writer stores many events per statement: every one of a burst
+    (more than one statement's worth) is found, with its own values."""
+    writer = tracking.TrackingWriter(tmp_path, lambda: 7)
+    client = Client("192.0.2.1", listener="mx", profile="default")
+    for n in range(137):  # queued before the thread starts: one batch
+        writer(MessageAccepted(f"Q{n}", client, f"s{n}@x.test", (f"r{n}@example.com",), n, ""))
+    writer.start()
+    writer.stop()
+    found = tracking.search(tmp_path, tracking.Query(limit=1000))
+    assert sorted(r["queue_id"] for r in found) == sorted(f"Q{n}" for n in range(137))
+    [one] = tracking.search(tmp_path, tracking.Query(recipient="r99@example.com"))
+    assert one["queue_id"] == "Q99"
+
+
 def test_syslog_target_sends_each_line_as_a_datagram(tmp_path: Path) -> None:
     path = tmp_path / "log.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:

@@ -547,9 +547,7 @@ def observe(gateway: Gateway, config: GatewayConfig) -> None:
     async def sample() -> dict[str, Any]:
         queue, server = gateway.queue, gateway.server
         counts = await queue.call(queue.store.counts)
-        oldest = await queue.call(
-            lambda: queue.store.db.execute("select min(arrival) from messages").fetchone()[0]
-        )
+        oldest = await queue.call(queue.store.oldest_arrival)
         sessions = open_sessions(server)
         try:
             listeners = server.bound_ports()

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import smtplib
+import sqlite3
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,4 +229,74 @@ def test_one_write_stores_new_messages_and_removes_exactly_the_finished_ones(
         assert store.apply([outcome(ids[1], 1, RecipientState.DELIVERED)]) == [ids[1]]
         assert store.get(ids[1]) is None
     finally:
+        store.close()
+
+
+def test_outcomes_for_many_recipients_and_one_twice_are_recorded_in_order(
+    tmp_path: Path,
+) -> None:
+    """Outcomes go to the store many per statement: each of 120 recipients gets
+    its own state, reply and count; a recipient with two outcomes in one write
+    ends with the later one and both attempts counted."""
+    store = QueueStore(tmp_path / "queue")
+    try:
+        body = SpooledBody(store.bodies, new_queue_id())
+        body.write(b"Subject: many\r\n\r\nhello\r\n")
+        body.finish()
+        rcpts = tuple(Recipient(f"r{i}@example.net") for i in range(120))
+        [fresh] = store.ingest([NewMessage(Envelope("bob@example.org", rcpts), body)])
+        qid, at = fresh.message.id, fresh.message.arrival
+
+        def state(i: int) -> RecipientState:
+            return RecipientState.DELIVERED if i % 3 else RecipientState.DEFERRED
+
+        store.apply([RecipientUpdate(qid, i, state(i), f"reply {i}", at + i) for i in range(120)])
+        kept = store.get(qid)
+        assert kept is not None
+        assert [(r.state, r.last_reply, r.attempts) for r in kept.recipients] == [
+            (state(i), f"reply {i}", 1) for i in range(120)
+        ]
+        assert [r.next_attempt for r in kept.recipients] == [at + i for i in range(120)]
+        twice = [
+            RecipientUpdate(qid, 0, RecipientState.DEFERRED, "451 first", at + 5),
+            RecipientUpdate(qid, 0, RecipientState.DEFERRED, "452 second", at + 9),
+        ]
+        store.apply(twice)
+        again = store.get(qid)
+        assert again is not None
+        first = again.recipients[0]
+        assert (first.last_reply, first.next_attempt, first.attempts) == ("452 second", at + 9, 3)
+    finally:
+        store.close()
+
+
+def test_a_write_waits_for_another_process_commit_and_reads_go_on_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """The store's connection has no busy timeout of its own: a transaction
+    tries again while another process holds the write lock (a worker's commit)
+    and goes on once it lets go, instead of failing with "database is
+    locked"; reads are not held up meanwhile (WAL)."""
+    store = QueueStore(tmp_path / "queue")
+    other = sqlite3.connect(
+        tmp_path / "queue" / "queue.db", isolation_level=None, check_same_thread=False
+    )
+    try:
+        body = SpooledBody(store.bodies, new_queue_id())
+        body.write(b"Subject: held\r\n\r\nhello\r\n")
+        body.finish()
+        envelope = Envelope("bob@example.org", (Recipient("carol@example.net"),))
+        [fresh] = store.ingest([NewMessage(envelope, body)])
+        other.execute("begin immediate")
+        other.execute("update messages set size = size")
+        assert store.get(fresh.message.id) == fresh.message  # at once, lock or not
+        release = threading.Timer(0.3, lambda: other.execute("commit"))
+        release.start()
+        started = time.monotonic()
+        update = RecipientUpdate(fresh.message.id, 0, RecipientState.DELIVERED, "250 ok", 0.0)
+        assert store.apply([update]) == [fresh.message.id]
+        assert time.monotonic() - started >= 0.2  # it did wait for the lock
+        release.join()
+    finally:
+        other.close()
         store.close()

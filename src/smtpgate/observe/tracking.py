@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smtpgate.databases import wal
+from smtpgate.databases import execute_values, wal
 from smtpgate.files import private_file
 from smtpgate.observe.events import (
     ContentVerdict,
@@ -201,14 +201,14 @@ class TrackingWriter:
     def _store(self, db: sqlite3.Connection, events: list[Event]) -> None:
         rows = [r for r in map(row, events) if r is not None]
         try:
-            with contextlib.closing(db.cursor()) as cursor:
-                cursor.execute("begin")
-                cursor.executemany(
-                    "insert into events (at, queue_id, kind, message_id, sender, recipients,"
-                    " client_ip, data) values (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                cursor.execute("commit")
+            db.execute("begin")
+            execute_values(
+                db,
+                "insert into events (at, queue_id, kind, message_id, sender, recipients,"
+                " client_ip, data)",
+                rows,
+            )
+            db.execute("commit")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("rollback")

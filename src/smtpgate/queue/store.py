@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from smtpgate.databases import BUSY_TIMEOUT, wal, while_locked
+from smtpgate.databases import BUSY_TIMEOUT, execute_values, wal, while_locked
 from smtpgate.errors import QueueError
 from smtpgate.files import private_dir, private_file
 from smtpgate.model.envelope import Envelope, MailParams, RcptParams, Recipient
@@ -87,10 +87,37 @@ def _storage(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _reading(method: Callable[P, R]) -> Callable[P, R]:
+    """A read: tried again while another process holds a lock it needs (rare
+    in WAL mode: a process recovering or removing the log). The store's
+    connection has no busy timeout of its own: see :class:`_Transaction`."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with storage_errors():
+            return while_locked(lambda: method(*args, **kwargs))
+
+    return wrapper
+
+
 def _marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
+# Outcomes, many recipients per statement (execute_values): UPDATE ... FROM a
+# table of values. A recipient may appear once per statement (else which row
+# applies is undefined).
+_UPDATE_HEAD = (
+    "with u(message_id, idx, state, last_reply, next_attempt, attempted, at, warned) as ("
+)
+_UPDATE_TAIL = (
+    ") update recipients set state = u.state,"
+    " last_reply = coalesce(u.last_reply, recipients.last_reply),"
+    " next_attempt = u.next_attempt, attempts = recipients.attempts + u.attempted,"
+    " last_attempt = coalesce(u.at, recipients.last_attempt),"
+    " warned = coalesce(u.warned, recipients.warned)"
+    " from u where recipients.message_id = u.message_id and recipients.idx = u.idx"
+)
 PART = 500  # ids per statement: far below SQLite's limit on placeholders
 
 
@@ -223,6 +250,9 @@ class QueueStore:
         self.db.execute("pragma foreign_keys=on")
         wal(self.db, schema=_SCHEMA)  # workers and tools may open a new queue together
         self._migrate()
+        # from now on, no busy timeout: writes and reads try again themselves
+        # (_Transaction, _reading), with shorter pauses than SQLite's handler
+        self.db.execute("pragma busy_timeout = 0")
 
     def _migrate(self) -> None:
         """Add what later versions added to a queue made by an earlier one."""
@@ -317,14 +347,14 @@ class QueueStore:
                 for i, r in enumerate(envelope.recipients)
             ]  # fmt: skip
             fresh.append(Fresh(message, blob if blob is not None else self.bodies / str(path)))
-        self.db.executemany(
-            "insert into messages(id, sender, arrival, size, body, body_path, meta, kind, owner) "
-            "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        execute_values(
+            self.db,
+            "insert into messages(id, sender, arrival, size, body, body_path, meta, kind, owner)",
             rows,
         )
-        self.db.executemany(
-            "insert into recipients(message_id, idx, address, params, state, next_attempt) "
-            "values (?, ?, ?, ?, ?, ?)",
+        execute_values(
+            self.db,
+            "insert into recipients(message_id, idx, address, params, state, next_attempt)",
             recipients,
         )
         return fresh
@@ -334,7 +364,7 @@ class QueueStore:
 
     # -- reading -----------------------------------------------------------------
 
-    @_storage
+    @_reading
     def due(self, now: float, exclude: Collection[str], limit: int = 500) -> list[QueuedMessage]:
         """This worker's messages with recipients whose next attempt has come,
         but for those in ``exclude`` (being attempted already)."""
@@ -354,7 +384,7 @@ class QueueStore:
         """``due`` and ``next_due`` in one call: one trip to the queue's thread."""
         return self.due(now, exclude, limit), self.next_due(exclude)
 
-    @_storage
+    @_reading
     def next_due(self, exclude: Collection[str] = ()) -> float | None:
         """When the next attempt of a message not in ``exclude`` is due."""
         mine, args = self._mine("m.")
@@ -365,7 +395,7 @@ class QueueStore:
         ).fetchone()
         return row[0] if row else None
 
-    @_storage
+    @_reading
     def get(self, message_id: str) -> QueuedMessage | None:
         row = self.db.execute(
             "select id, sender, arrival, size, meta, kind from messages where id = ?",
@@ -396,7 +426,7 @@ class QueueStore:
             )
         return message
 
-    @_storage
+    @_reading
     def body(self, message_id: str) -> bytes | Path | None:
         row = self.db.execute(
             "select body, body_path from messages where id = ?", (message_id,)
@@ -421,43 +451,38 @@ class QueueStore:
         kind of work for the whole group, not per message."""
         if not updates:
             return []
-        self.db.executemany(
-            "update recipients set state = ?, last_reply = coalesce(?, last_reply), "
-            "next_attempt = ?, attempts = attempts + ?, "
-            "last_attempt = case when ? then ? else last_attempt end, "
-            "warned = coalesce(?, warned) where message_id = ? and idx = ?",
-            [
-                (
-                    u.state, u.last_reply, u.next_attempt, int(u.attempted), u.attempted, now,
-                    None if u.warned is None else int(u.warned), u.message_id, u.idx,
-                )
-                for u in updates
-            ],
-        )  # fmt: skip
-        touched = list(dict.fromkeys(u.message_id for u in updates))
-        finished: list[str] = []
-        for part in _parts(touched):
-            query = (
-                "select distinct message_id from recipients "  # noqa: S608 - placeholders only
-                f"where message_id in ({_marks(part)}) and state in ({_marks(PENDING)})"
+        rows = [
+            (
+                u.message_id, u.idx, u.state, u.last_reply, u.next_attempt, int(u.attempted),
+                now if u.attempted else None, None if u.warned is None else int(u.warned),
             )
-            pending = {row[0] for row in self.db.execute(query, (*part, *PENDING))}
-            finished += [m for m in part if m not in pending]
-        self._delete(finished)
-        return finished
+            for u in updates
+        ]  # fmt: skip
+        if len({(u.message_id, u.idx) for u in updates}) == len(updates):
+            execute_values(self.db, _UPDATE_HEAD, rows, tail=_UPDATE_TAIL)
+        else:  # one recipient twice: in order, the later outcome last
+            for one in rows:
+                execute_values(self.db, _UPDATE_HEAD, [one], tail=_UPDATE_TAIL)
+        return self._finish(list(dict.fromkeys(u.message_id for u in updates)))
 
-    def _delete(self, message_ids: Sequence[str]) -> None:
-        """Remove these messages, their recipients and their body files."""
+    def _finish(self, message_ids: Sequence[str]) -> list[str]:
+        """Delete those of these messages with no recipient left to try (their
+        recipients go with them: ``on delete cascade``) and their body files;
+        the ids deleted, in the order given. One statement per
+        :data:`PART` messages: it checks, deletes and says what it deleted."""
+        finished: list[str] = []
         for part in _parts(message_ids):
-            marks = _marks(part)
-            paths = self.db.execute(
-                f"select body_path from messages where id in ({marks}) and body_path is not null",  # noqa: S608 - placeholders only
-                part,
-            ).fetchall()
-            self.db.execute(f"delete from recipients where message_id in ({marks})", part)  # noqa: S608 - placeholders only
-            self.db.execute(f"delete from messages where id in ({marks})", part)  # noqa: S608 - placeholders only
-            for (path,) in paths:
-                (self.bodies / path).unlink(missing_ok=True)
+            query = (
+                f"delete from messages where id in ({_marks(part)}) and not exists "  # noqa: S608 - placeholders only
+                "(select 1 from recipients r where r.message_id = messages.id "
+                f"and r.state in ({_marks(PENDING)})) returning id, body_path"
+            )
+            gone = dict(self.db.execute(query, (*part, *PENDING)).fetchall())
+            finished += [m for m in part if m in gone]
+            for path in gone.values():
+                if path:
+                    (self.bodies / path).unlink(missing_ok=True)
+        return finished
 
     # -- administration ------------------------------------------------------------
 
@@ -468,7 +493,8 @@ class QueueStore:
                 f"select distinct m.id from messages m join recipients r on r.message_id = m.id "  # noqa: S608 - clauses are fixed strings; values are parameters
                 f"{'where ' + ' and '.join(clauses) if clauses else ''} order by m.arrival"
             )
-            for (message_id,) in self.db.execute(query, args).fetchall():
+            found = while_locked(lambda: self.db.execute(query, args).fetchall())
+            for (message_id,) in found:
                 message = self.get(message_id)
                 if message is not None:
                     yield message
@@ -489,17 +515,23 @@ class QueueStore:
 
     @_storage
     def delete(self, message_id: str) -> bool:
-        with self._transaction():
-            exists = self.db.execute(
-                "select 1 from messages where id = ?", (message_id,)
-            ).fetchone()
-            if exists:
-                self._delete([message_id])
-        return exists is not None
+        with self._transaction():  # its recipients go with it (on delete cascade)
+            gone = self.db.execute(
+                "delete from messages where id = ? returning body_path", (message_id,)
+            ).fetchall()
+            for (path,) in gone:
+                if path:
+                    (self.bodies / path).unlink(missing_ok=True)
+        return bool(gone)
 
-    @_storage
+    @_reading
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("select state, count(*) from recipients group by state"))
+
+    @_reading
+    def oldest_arrival(self) -> float | None:
+        row = self.db.execute("select min(arrival) from messages").fetchone()
+        return row[0] if row else None
 
 
 @dataclass(frozen=True)
@@ -547,11 +579,9 @@ class _Transaction:
         self.db = db
 
     def __enter__(self) -> None:
-        self.db.execute("pragma busy_timeout = 0")
-        try:
-            while_locked(lambda: self.db.execute("begin immediate"))
-        finally:
-            self.db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        # the connection's busy timeout is 0 (set once: toggling it here cost
+        # two statements, two thread switches, per transaction)
+        while_locked(lambda: self.db.execute("begin immediate"))
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         self.db.execute("commit" if kind is None else "rollback")
@@ -563,7 +593,11 @@ def clean_orphan_bodies(store: QueueStore) -> int:
     for the gateway at start-up: a tool running beside it could remove a body
     whose message is being committed."""
     with storage_errors():
-        rows = store.db.execute("select body_path from messages where body_path is not null")
+        rows = while_locked(
+            lambda: store.db.execute(
+                "select body_path from messages where body_path is not null"
+            ).fetchall()
+        )
         known = {r[0] for r in rows}
     removed = 0
     for path in store.own_bodies.iterdir():
