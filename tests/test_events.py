@@ -11,6 +11,8 @@ import structlog
 
 from smtpgate.observe import events, log, maillog, tracking
 from smtpgate.observe.events import Client, DeliveryAttempt, Hub, MessageAccepted, Refused
+from smtpgate.observe.metrics import Metrics
+from smtpgate.proto.replies import Reply
 
 
 def test_a_failing_subscriber_is_logged_once_and_never_stops_the_others() -> None:
@@ -81,6 +83,27 @@ def test_a_batch_larger_than_one_statement_is_stored_whole(tmp_path: Path) -> No
     assert sorted(r["queue_id"] for r in found) == sorted(f"Q{n}" for n in range(137))
     [one] = tracking.search(tmp_path, tracking.Query(recipient="r99@example.com"))
     assert one["queue_id"] == "Q99"
+
+
+def test_metrics_count_events_and_replies_by_the_next_sample() -> None:
+    """Counts are tallied on the hot path and reach the exposition at the next
+    sample (which comes before every write of it), each under its labels."""
+    metrics = Metrics()
+    client = Client("192.0.2.1", listener="mx", profile="default")
+    for _ in range(3):
+        metrics(events.Connected(client))
+    metrics(MessageAccepted("Q1", client, "a@x.test", ("b@example.com",), 1234, ""))
+    metrics.count_reply(Reply.of(250, "2.1.0", "ok"))
+    metrics.count_reply(Reply.of(550, "5.7.1", "no"))
+    metrics.sample({})
+    text = metrics.exposition().decode()
+    assert 'smtpgate_connections_total{listener="mx",profile="default"} 3.0' in text
+    assert 'smtpgate_messages_accepted_total{listener="mx",profile="default"} 1.0' in text
+    assert "smtpgate_messages_accepted_bytes_total 1234.0" in text
+    assert 'smtpgate_smtp_replies_total{code_class="5xx",enhanced="5.7.1"} 1.0' in text
+    metrics(events.Connected(client))
+    metrics.sample({})
+    assert 'profile="default"} 4.0' in metrics.exposition().decode()
 
 
 def test_syslog_target_sends_each_line_as_a_datagram(tmp_path: Path) -> None:

@@ -126,50 +126,69 @@ class Metrics:
         )  # fmt: skip
         self._written = b""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # counts not yet in the counters: (counter, label values) → amount
+        self._tally: dict[tuple[Any, tuple[str, ...]], float] = {}
 
     def _child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, remembered: prometheus-client validates and
-        locks at every call, and this runs for every reply and event. Only for the
-        counters and histograms, whose children are never removed."""
+        locks at every call. Only for the counters and histograms, whose
+        children are never removed."""
         key = (id(metric), values)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def _count(self, counter: Any, *values: str, amount: float = 1.0) -> None:
+        """Add to a counter: in a plain dict now (this runs for every reply and
+        event; a counter's ``inc`` takes a lock and checks its labels each
+        time), into the counter at the next :meth:`sample`, which comes before
+        every exposition. Both run on the event loop."""
+        key = (counter, values)
+        tally = self._tally
+        tally[key] = tally.get(key, 0.0) + amount
+
     def count_reply(self, reply: Reply) -> None:
-        self._child(self.replies, _CLASSES[reply.code // 100], reply.status or "").inc()
+        self._count(self.replies, _CLASSES[reply.code // 100], reply.status or "")
 
     def __call__(self, event: Event) -> None:
-        child = self._child
+        count = self._count
         if isinstance(event, Connected):
-            child(self.connections, event.client.listener, event.client.profile).inc()
+            count(self.connections, event.client.listener, event.client.profile)
         elif isinstance(event, MessageAccepted):
             c = event.client
-            child(self.accepted, c.listener, c.profile).inc()
-            self.accepted_bytes.inc(event.size)
-            child(self.tls, "inbound", *_tls_labels(c.tls)).inc()
+            count(self.accepted, c.listener, c.profile)
+            count(self.accepted_bytes, amount=event.size)
+            count(self.tls, "inbound", *_tls_labels(c.tls))
         elif isinstance(event, Refused):
             if event.stage == "CONNECT":
-                child(self.connections, event.client.listener, event.client.profile).inc()
-            child(self.refused, event.stage, event.enhanced or str(event.code)).inc()
+                count(self.connections, event.client.listener, event.client.profile)
+            count(self.refused, event.stage, event.enhanced or str(event.code))
         elif isinstance(event, DeliveryAttempt):
-            child(self.attempts, event.connector, event.status).inc()
-            child(self.attempt_seconds, event.connector).observe(sum(event.delays[2:]))
+            count(self.attempts, event.connector, event.status)
+            self._child(self.attempt_seconds, event.connector).observe(sum(event.delays[2:]))
             if event.status == "sent":
-                child(self.delay_seconds, event.connector).observe(event.delay)
+                self._child(self.delay_seconds, event.connector).observe(event.delay)
             if event.relay != "none":
-                child(self.tls, "outbound", *_tls_labels(event.tls)).inc()
+                count(self.tls, "outbound", *_tls_labels(event.tls))
         elif isinstance(event, ContentVerdict):
             for scanner, action in event.results:
-                child(self.verdicts, scanner, action).inc()
+                count(self.verdicts, scanner, action)
         elif isinstance(event, DsnSent):
-            child(self.reports, event.action).inc()
+            count(self.reports, event.action)
         elif isinstance(event, Quarantined):
-            self.quarantined.inc()
+            count(self.quarantined)
+
+    def flush(self) -> None:
+        """Move the tallied counts into their counters."""
+        tally, self._tally = self._tally, {}
+        for (counter, values), amount in tally.items():
+            (self._child(counter, *values) if values else counter).inc(amount)
 
     def sample(self, facts: dict[str, Any]) -> None:
-        """Set the gauges from the gateway's facts (see ``app``'s sampler)."""
+        """Set the gauges from the gateway's facts (see ``app``'s sampler), and
+        bring the counters up to date."""
+        self.flush()
         self.sessions.clear()
         for listener, count in facts.get("sessions", {}).items():
             self.sessions.labels(listener).set(count)
