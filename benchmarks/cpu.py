@@ -16,7 +16,7 @@ the tracking writer, ...).
 
 Needs root, Debian's postfix and smtp-source/smtp-sink, and the project
 installed. Usage: ``python benchmarks/cpu.py [--messages N] [--size B]
-[--workers-list 1,2] [--threads]``
+[--workers-list 1,2] [--threads] [--pinned]``
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--workers-list", type=integers, default=sorted({1, cores}))
     parser.add_argument("--threads", action="store_true", help="each smtpgate thread's share")
+    parser.add_argument(
+        "--pinned", action="store_true", help="also the most workers, cpu_affinity: per-core"
+    )
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
@@ -156,16 +159,22 @@ def main() -> None:
     )
     sink = Sink()
     try:
-        for workers in args.workers_list:
+        variants = [(workers, False) for workers in args.workers_list]
+        if args.pinned and max(args.workers_list) > 1:
+            variants.append((max(args.workers_list), True))
+        for workers, pinned in variants:
             with tempfile.TemporaryDirectory() as directory:
-                gateway = start_smtpgate(Path(directory), sink, workers=workers, api=False)
+                gateway = start_smtpgate(
+                    Path(directory), sink, workers=workers, api=False, pinned=pinned
+                )
                 root = gateway.process.pid
                 try:
                     warm_up(gateway.port, sink, args)
                     for reuse in (False, True):
                         before = threads(root)
                         costs = measure(gateway.port, sink, args, reuse, root)
-                        show(f"smtpgate, {workers} worker{'s' * (workers > 1)}", reuse, costs)
+                        label = f"smtpgate, {workers} worker{'s' * (workers > 1)}"
+                        show(label + (", pinned" if pinned else ""), reuse, costs)
                         if args.threads:
                             show_threads(root, before, args.messages)
                 finally:

@@ -25,7 +25,7 @@ repeats the run (with the most workers) while a client reads
 what admin traffic costs SMTP.
 
 Usage: ``python benchmarks/relay.py [--messages N] [--sessions N]
-[--sizes 1000,10000,100000] [--workers-list 1,N]``
+[--sizes 1000,10000,100000] [--workers-list 1,N] [--pinned]``
 """
 
 from __future__ import annotations
@@ -214,13 +214,14 @@ class Gateway:
     token: str
 
 
-def start_smtpgate(
+def start_smtpgate(  # noqa: PLR0913 - the instance and how it runs
     directory: Path,
     sink: Sink,
     *,
     workers: int | None = None,
     limits: dict[str, Any] | None = None,
     api: bool = True,
+    pinned: bool = False,
 ) -> Gateway:
     """``smtpgate serve`` relaying everything from 127.0.0.0/8 to ``sink``.
 
@@ -233,6 +234,8 @@ def start_smtpgate(
     gateway: dict[str, Any] = {"hostname": "gw.bench", "data_dir": str(directory / "data")}
     if workers is not None:
         gateway["workers"] = workers
+    if pinned:
+        gateway["cpu_affinity"] = "per-core"
     config = {
         "gateway": gateway,
         "hosted_domains": ["bench.example"],
@@ -348,7 +351,7 @@ def integers(text: str) -> list[int]:
     return values
 
 
-def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, table
+def main() -> None:  # noqa: PLR0912, PLR0915 - one linear script: instances, sizes, table
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
@@ -359,6 +362,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, tabl
         type=integers,
         default=sorted({1, cores}),
         help=f"gateway.workers values, one smtpgate instance each (default 1,{cores})",
+    )
+    parser.add_argument(
+        "--pinned",
+        action="store_true",
+        help="also the most workers with gateway.cpu_affinity: per-core",
     )
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
@@ -378,14 +386,18 @@ def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, tabl
     sink = Sink()
     try:
         most = max(args.workers_list)
-        for workers in args.workers_list:
+        variants = [(workers, False) for workers in args.workers_list]
+        if args.pinned and most > 1:
+            variants.append((most, True))
+        for workers, pinned in variants:
             noun = "worker" if workers == 1 else "workers"
+            noun += ", pinned" if pinned else ""
             row = Row(f"smtpgate, {workers} {noun}")
             loaded = Row(f"smtpgate, {workers} {noun} + API load")
             rows.append(row)
             with tempfile.TemporaryDirectory() as directory:
                 gateway = start_smtpgate(
-                    Path(directory), sink, workers=workers if supported else None
+                    Path(directory), sink, workers=workers if supported else None, pinned=pinned
                 )
                 try:
                     warm_up(gateway.port, sink, args)
@@ -393,7 +405,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, tabl
                         row.rates[size] = both_modes(gateway.port, sink, size, args)
                         row.rss_mib[size] = tree_kib(gateway.process.pid) / 1024
                         print_row(row, size)
-                        if workers != most:
+                        if workers != most or pinned:
                             continue
                         admin = ApiLoad(gateway.url, gateway.token)
                         admin.start()
@@ -407,7 +419,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, tabl
                         print_row(loaded, size)
                 finally:
                     stop_smtpgate(gateway)
-            if workers == most:
+            if workers == most and not pinned:
                 rows.append(loaded)
         postfix = Row("postfix")
         instance = Postfix(instance_directory(), free_port(), ("127.0.0.1", sink.port))

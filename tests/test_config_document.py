@@ -253,7 +253,7 @@ def test_split_and_merge_are_inverse_and_keep_local_keys_apart() -> None:
     assert set(local) == {"gateway", "listeners", "admin", "logging"}
     assert set(local["gateway"]) == {
         "node", "hostname", "roles", "data_dir", "store", "store_password_file", "dns",
-        "user", "group", "allow_root", "workers",
+        "user", "group", "allow_root", "workers", "cpu_affinity",
     }  # fmt: skip
     assert set(shared["gateway"]) == {"admin_address", "banner"}
     assert merge(shared, local) == whole

@@ -66,6 +66,15 @@ def worker_count(config: GatewayConfig) -> int:
     return config.gateway.workers or len(os.sched_getaffinity(0)) or 1
 
 
+def worker_cpu(config: GatewayConfig, index: int) -> int | None:
+    """The CPU worker ``index`` is pinned to (``gateway.cpu_affinity``
+    per-core: the CPUs this process may use, in turn), or None."""
+    if config.gateway.cpu_affinity != "per-core":
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[index % len(cpus)]
+
+
 def bind_listeners(config: GatewayConfig) -> dict[str, list[socket.socket]]:
     """Every listener's listening sockets (one per address its host resolves
     to, as asyncio binds them); OSError naming the listener when one cannot be
@@ -168,6 +177,9 @@ class Supervisor:
         command += ["--index", str(worker.index), "--count", str(self.count)]
         command += ["--fds", fds_arg, "--connections", str(self.connections)]
         command += ["--parent", str(os.getpid()), *log_options()]
+        cpu = worker_cpu(self.config, worker.index)
+        if cpu is not None:
+            command += ["--cpu", str(cpu)]
         process = await asyncio.create_subprocess_exec(
             *command,
             pass_fds=fds,

@@ -140,6 +140,44 @@ async def test_metrics_count_the_mail_of_every_worker(
     assert accepted == count
 
 
+def _allowed_cpus(pid: int) -> set[str]:
+    """The CPU lists the threads of ``pid`` may run on (one per distinct list)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        found.add(re.search(r"Cpus_allowed_list:\s*(\S+)", status).group(1))  # type: ignore[union-attr]
+    return found
+
+
+async def test_pinned_workers_run_each_with_all_its_threads_on_its_own_cpu(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle
+) -> None:
+    """``gateway.cpu_affinity: per-core``: worker i and every thread it started
+    run on the i-th CPU the gateway may use; a worker started again after a
+    crash is pinned the same way. Mail still flows."""
+    gw = gateway_process(
+        sink.port, spoof_detection=False, gateway={"workers": 2, "cpu_affinity": "per-core"}
+    )
+    workers = await _workers(gw.process.pid, 2)
+    cpus = sorted(os.sched_getaffinity(0))
+    expected = {index: {str(cpus[index % len(cpus)])} for index in workers}
+    body = b"Subject: pinned\r\nMessage-ID: <pinned@test>\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        await asyncio.to_thread(client.sendmail, "bob@example.org", ["a@example.com"], body)
+    assert await arrived(sink, ["pinned"]) == {"pinned"}
+    assert {i: _allowed_cpus(pid) for i, pid in workers.items()} == expected
+    os.kill(workers[1], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker_pids(gw.process.pid).get(1) in (None, workers[1]):
+        assert time.monotonic() < deadline, "worker 1 was not started again"
+        await asyncio.sleep(0.05)
+    again = (await _workers(gw.process.pid, 2))[1]
+    while _allowed_cpus(again) != expected[1]:  # it pins itself first thing, once running
+        assert time.monotonic() < deadline, f"worker 1 runs on {_allowed_cpus(again)}"
+        await asyncio.sleep(0.05)
+    assert os.sched_getaffinity(gw.process.pid) == set(cpus)  # the supervisor is not pinned
+
+
 def test_workers_that_cannot_start_stop_serve_with_one_line_each(
     tmp_path: Path, sink: SinkHandle
 ) -> None:

@@ -35,6 +35,7 @@ def add_parser(commands: Commands) -> None:
     worker.add_argument("--fds", required=True, help="listener=fd,fd;listener=fd")
     worker.add_argument("--connections", type=Path, required=True)
     worker.add_argument("--parent", type=int, required=True)
+    worker.add_argument("--cpu", type=int, default=None, help="run on this CPU only")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     worker.add_argument("--log-json", action="store_true")
 
@@ -58,6 +59,14 @@ def _leave_with_parent(parent: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _leave_with_parent(args.parent)
+    if args.cpu is not None:  # before any thread starts: they inherit it
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except OSError as exc:  # an optimisation: the worker runs unpinned
+            print(
+                f"smtpgate worker {args.index}: not pinned to CPU {args.cpu}: {exc}",
+                file=sys.stderr,
+            )
     configure(args.log_level, json=args.log_json)
     from smtpgate.app import WorkerRole, run_worker  # noqa: PLC0415
     from smtpgate.config.load import parse_config  # noqa: PLC0415

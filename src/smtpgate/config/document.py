@@ -96,6 +96,7 @@ LOCAL = (
     "gateway.group",
     "gateway.allow_root",
     "gateway.workers",  # this machine's cores
+    "gateway.cpu_affinity",
     "listeners",
     "admin",
     "logging",  # where this node's log goes

@@ -118,6 +118,10 @@ class GatewaySettings(Strict):
     # Worker processes, each with its own event loop, sharing the listening
     # sockets and the queue; None: one per core.
     workers: int | None = Field(default=None, ge=1, le=64)
+    # "per-core": worker i (and its threads) runs on the i-th CPU it may use,
+    # so a worker's threads wake each other on one core; "none": the kernel
+    # places them. Only with several workers.
+    cpu_affinity: Literal["none", "per-core"] = "none"
 
     @field_validator("hostname")
     @classmethod
