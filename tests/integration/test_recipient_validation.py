@@ -13,6 +13,7 @@ order, and what arrives at the internal server (or the sink).
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
 import socket
 import time
@@ -294,3 +295,46 @@ async def test_ldap_domain(
         (250, "2.1.5 Ok"),  # cached
         (451, "4.4.3 <dave@example.org>: recipient verification temporarily unavailable"),
     ]
+
+
+async def test_directories_that_do_not_answer_hold_none_of_the_shared_threads(
+    gateway_process: Callable[..., GatewayProcess], sink: SinkHandle, tmp_path: Path
+) -> None:
+    """Two directories that take connections and never answer, eight lookups
+    hanging at once: the gateway's own work on the shared threads (here its
+    heartbeat, which ``/readyz`` reads) goes on meanwhile, because lookups run
+    on threads of their own. Each hanging lookup ends in 451, never 250."""
+    holes = []
+    for _ in range(2):
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # connections complete in the kernel; nothing is ever read
+        holes.append(hole)
+
+    def directory(hole: socket.socket) -> dict[str, Any]:
+        url = f"ldap://127.0.0.1:{hole.getsockname()[1]}"
+        return {"url": url, "base": "dc=example", "timeout": 8, "concurrency": 4}
+
+    try:
+        process = gateway_process(
+            sink.port,
+            gateway={"workers": 1},
+            recipient_validation=[
+                {"domain": "example.org", "mode": "ldap", "ldap": directory(holes[0])},
+                {"domain": "example.com", "mode": "ldap", "ldap": directory(holes[1])},
+            ],
+        )
+        health = tmp_path / "gwp" / "health.json"
+        addresses = [f"u{n}@example.{'org' if n % 2 else 'com'}" for n in range(8)]
+        lookups = [asyncio.create_task(rcpts(process.port, [a])) for a in addresses]
+        await asyncio.sleep(1.5)  # every lookup is hanging now
+        before = json.loads(health.read_text())["now"]
+        deadline = time.monotonic() + 5
+        while json.loads(health.read_text())["now"] == before:
+            assert time.monotonic() < deadline, "the heartbeat stopped while lookups hang"
+            await asyncio.sleep(0.1)
+        replies = await asyncio.gather(*lookups)
+    finally:
+        for hole in holes:
+            hole.close()
+    assert all(code == 451 for [(code, _)] in replies), replies

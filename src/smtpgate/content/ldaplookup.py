@@ -18,7 +18,6 @@ a timeout) is *unknown*: RCPT answers 451.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import ssl
@@ -32,8 +31,12 @@ from ldap3.utils.conv import escape_filter_chars
 from smtpgate.config.schema import LdapSettings
 from smtpgate.content.callout import CalloutResult
 from smtpgate.policy.relay import split_address
+from smtpgate.pools import Pool
 
 SUCCESS, SIZE_LIMIT_EXCEEDED = 0, 4  # RFC 4511 §4.1.9 result codes
+# lookups at once per process, on threads of their own: a slow directory
+# never takes the threads the rest of the gateway shares (smtpgate.pools)
+POOL = Pool("ldap", 64)
 MAX_PASSWORD_FILE = 4096
 
 
@@ -53,7 +56,7 @@ class Lookup:
     ca_files: tuple[Path, ...] = ()
 
     async def run(self, address: str) -> CalloutResult:
-        return await asyncio.to_thread(self._search, address)
+        return await POOL.run(self._search, address)
 
     def _password(self) -> str | None:
         path = self.settings.password_file

@@ -29,8 +29,6 @@ result written), so a DNS outage never loses or refuses mail.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import email.parser
 import email.policy
 import email.utils
@@ -40,7 +38,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +52,7 @@ from smtpgate.config.schema import DnsSettings, GatewayConfig
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import Action, ScanResult
 from smtpgate.observe.log import get_logger
+from smtpgate.pools import Pool
 from smtpgate.proto.replies import Reply
 from smtpgate.spool import SpooledBody
 
@@ -472,28 +470,7 @@ def read_bounded(body: SpooledBody, limit: int) -> bytes | None:
 
 
 THREADS = 64  # checks at once per process; a thread waiting for DNS costs little
-_pool: ThreadPoolExecutor | None = None
-
-
-async def _in_pool(limit: float, work: Callable[..., Verdict], *args: Any) -> Verdict:
-    """``work(*args)`` on the checks' own pool, given ``limit`` seconds from
-    the moment it starts (each lookup is bounded already; this is the net).
-    Cancelled while it waits for a thread, it never runs."""
-    global _pool  # noqa: PLW0603 - one pool per process, made at first use
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="senderauth")
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as deadline:
-
-        def started() -> None:  # on the loop, when a thread takes the check
-            with contextlib.suppress(RuntimeError):  # it has ended already
-                deadline.reschedule(loop.time() + limit)
-
-        def job() -> Verdict:
-            loop.call_soon_threadsafe(started)
-            return work(*args)
-
-        return await loop.run_in_executor(_pool, job)
+POOL = Pool("senderauth", THREADS)
 
 
 class SenderAuth:
@@ -512,7 +489,7 @@ class SenderAuth:
     ) -> ScanResult:
         budget = config.sender_auth.timeout
         try:
-            verdict = await _in_pool(budget + 2, self._run, facts, body, config)
+            verdict = await POOL.run(self._run, facts, body, config, limit=budget + 2)
         except Exception as exc:  # never raises: an unexpected failure is a temperror
             log.warning("sender authentication failed", queue_id=facts.queue_id, error=repr(exc))
             verdict = Verdict(

@@ -38,6 +38,7 @@ from smtpgate.fetch.state import FetchState, mailbox_key
 from smtpgate.gateway import GatewayState
 from smtpgate.inbound.contract import SessionInfo
 from smtpgate.observe.log import get_logger
+from smtpgate.pools import Pool
 from smtpgate.proto.replies import Reply
 from smtpgate.queue.queue import Queue
 from smtpgate.snapshot import Snapshot
@@ -46,6 +47,9 @@ from smtpgate.spool import SpooledBody, new_queue_id
 log = get_logger("smtpgate.fetch")
 
 IDLE = 5.0  # seconds between looks at the configuration when nothing is due
+# the mailbox conversations and their state, on threads of their own: a slow
+# POP3 server never takes the threads the rest of the gateway shares
+POOL = Pool("pop3", 4)
 
 
 class Fetcher:
@@ -121,25 +125,25 @@ class Fetcher:
         key = mailbox_key(connector.name, box.username)
         state = self.fetch_state()
         ttl = max(2 * connector.interval, 120.0)
-        if not await asyncio.to_thread(state.acquire, key, config.gateway.node, ttl):
+        if not await POOL.run(state.acquire, key, config.gateway.node, ttl):
             log.debug("pop3 mailbox fetched by another node", connector=connector.name)
             return 0
         password = mailbox_password(config, connector, box)
-        session = await asyncio.to_thread(Pop3Session.open, config, connector)
+        session = await POOL.run(Pop3Session.open, config, connector)
         self.session = session
         try:
-            await asyncio.to_thread(session.login, box.username, password)
-            listing = await asyncio.to_thread(session.listing)
-            seen = await asyncio.to_thread(state.seen, key)
+            await POOL.run(session.login, box.username, password)
+            listing = await POOL.run(session.listing)
+            seen = await POOL.run(state.seen, key)
             deleted, queued = await self._take(snapshot, connector, box, session, listing, seen)
-            await asyncio.to_thread(session.quit)
+            await POOL.run(session.quit)
         except BaseException:
             session.abandon()  # no QUIT: nothing marked is deleted
             raise
         finally:
             self.session = None
         present = {uid for _, uid, _ in listing} - deleted
-        await asyncio.to_thread(state.keep, key, present)
+        await POOL.run(state.keep, key, present)
         if queued or deleted:
             log.info(
                 "pop3 fetched",
@@ -169,7 +173,7 @@ class Fetcher:
         for number, uid, size in listing:
             mark = seen.get(uid)
             if mark == "queued":  # taken before; the session ended before QUIT
-                await asyncio.to_thread(session.delete, number)
+                await POOL.run(session.delete, number)
                 deleted.add(uid)
                 continue
             if mark == "refused":
@@ -179,15 +183,15 @@ class Fetcher:
                 continue
             if queued >= connector.max_messages or self._stopping.is_set():
                 break
-            data = await asyncio.to_thread(session.fetch, number)
+            data = await POOL.run(session.fetch, number)
             reply = await self._ingest(snapshot, connector, box, session, data)
             if reply.code < 300:
-                await asyncio.to_thread(state.mark, key, uid, "queued")  # before DELE
-                await asyncio.to_thread(session.delete, number)
+                await POOL.run(state.mark, key, uid, "queued")  # before DELE
+                await POOL.run(session.delete, number)
                 deleted.add(uid)
                 queued += 1
             elif reply.code >= 500:
-                await asyncio.to_thread(state.mark, key, uid, "refused")
+                await POOL.run(state.mark, key, uid, "refused")
                 log.warning(
                     "pop3 message refused, left in the mailbox",
                     connector=connector.name,
