@@ -38,22 +38,43 @@ class Pool:
                 self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
             return self._executor
 
-    async def run(self, work: Callable[..., T], *args: Any, limit: float | None = None) -> T:
-        """``work(*args)`` on this pool; with ``limit``, TimeoutError once it
+    async def run(
+        self,
+        work: Callable[..., T],
+        *args: Any,
+        limit: float | None = None,
+        wait: float | None = None,
+    ) -> T:
+        """``work(*args)`` on this pool. With ``limit``, TimeoutError once it
         has run that many seconds (each step of ``work`` should be bounded
-        already: this is the net). Cancelled while waiting for a thread, it
-        never runs; a thread already running it finishes it in the background."""
+        already: this is the net); with ``wait``, :class:`PoolBusy` when no
+        thread took it within that many seconds (every thread is waiting on
+        something slow). Cancelled while waiting for a thread, it never runs;
+        a thread already running it finishes it in the background."""
         loop = asyncio.get_running_loop()
-        if limit is None:
+        if limit is None and wait is None:
             return await loop.run_in_executor(self._pool(), work, *args)
-        async with asyncio.timeout(None) as deadline:
+        began = False
+        try:
+            at = None if wait is None else loop.time() + wait
+            async with asyncio.timeout_at(at) as deadline:
 
-            def started() -> None:  # on the loop, when a thread takes the job
-                with contextlib.suppress(RuntimeError):  # it has ended already
-                    deadline.reschedule(loop.time() + limit)
+                def started() -> None:  # on the loop, when a thread takes the job
+                    nonlocal began
+                    began = True
+                    with contextlib.suppress(RuntimeError):  # it has ended already
+                        deadline.reschedule(None if limit is None else loop.time() + limit)
 
-            def job() -> T:
-                loop.call_soon_threadsafe(started)
-                return work(*args)
+                def job() -> T:
+                    loop.call_soon_threadsafe(started)
+                    return work(*args)
 
-            return await loop.run_in_executor(self._pool(), job)
+                return await loop.run_in_executor(self._pool(), job)
+        except TimeoutError:
+            if began:
+                raise
+            raise PoolBusy(f"no {self.name} thread free within {wait:g} s") from None
+
+
+class PoolBusy(Exception):  # noqa: N818 - what the caller is told, as a sentence
+    """Every thread of a pool stayed busy for as long as the caller would wait."""

@@ -32,7 +32,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from smtpgate.content import senderauth
 from smtpgate.content.quarantine import QuarantineStore, quarantine_dir
+from smtpgate.pools import Pool
 from tests.conftest import SMTPGATE, GatewayFactory, GatewayProcess, SinkHandle
 from tests.dnsserver import DnsServer, start_dns
 
@@ -292,3 +294,58 @@ async def test_slow_dns_for_many_messages_does_not_switch_dmarc_off_for_others(
         server.transport.close()
     assert code == 550, text
     assert b"DMARC" in text
+
+
+async def test_when_every_check_thread_waits_on_dns_a_message_is_deferred_not_taken_unchecked(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks' pool, cut here to two threads, kept busy by messages whose
+    name servers are slow: a forged message behind them waits at most the
+    check's budget for a thread, then gets 451 4.7.0 where DMARC is enforced
+    (never 250 unchecked: a flood of slow domains must not open the door to
+    forgeries), and is accepted unchecked where the profile only reports."""
+    monkeypatch.setattr(senderauth, "POOL", Pool("senderauth", 2))
+    records = {
+        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
+        ("slow.test", "TXT"): ['"v=spf1 -all"'],
+        ("_dmarc.slow.test", "TXT"): ['"v=DMARC1; p=none"'],
+    }
+    server, port = await start_dns(records)
+    server.__class__ = PartlySlowDns
+    gw = await gateway_factory(
+        gateway={"dns": {"nameservers": ["127.0.0.1"], "port": port, "timeout": 3}},
+        sender_auth={"timeout": 4},
+        connection_profiles=[
+            {"name": "lenient", "client_hosts": ["127.0.0.9"], "dmarc_policy": "report"}
+        ],
+    )
+    loop = asyncio.get_running_loop()
+    forged = message("ceo@spoofed.test")
+
+    def slow(clients: ThreadPoolExecutor, n: int) -> asyncio.Future[tuple[int, bytes]]:
+        sender = f"x@s{n}.slow.test"  # a domain each: nothing comes from the DNS cache
+        return loop.run_in_executor(clients, send, gw.port, "127.0.0.1", sender, message(sender))
+
+    try:
+        with ThreadPoolExecutor(8) as clients:  # not the gateway's threads
+            # two checks take both threads for the budget (4 s); two more queue at
+            # 1 s and take them at 4 s, before their own wait ends at 5 s
+            waves = [slow(clients, 0), slow(clients, 1)]
+            await asyncio.sleep(1)
+            waves += [slow(clients, 2), slow(clients, 3)]
+            await asyncio.sleep(0.5)
+            started = loop.time()
+            enforced, reported = await asyncio.gather(
+                loop.run_in_executor(clients, send, gw.port, "127.0.0.1", "c@spoofed.test", forged),
+                loop.run_in_executor(clients, send, gw.port, "127.0.0.9", "c@spoofed.test", forged),
+            )
+            waited = loop.time() - started
+            await asyncio.gather(*waves)
+    finally:
+        assert server.transport is not None
+        server.transport.close()
+    assert enforced[0] == 451, enforced
+    assert b"4.7.0" in enforced[1]
+    assert reported[0] == 250, reported
+    assert waited < 6.5  # the budget (4 s), not the queue ahead of it (until 8 s)

@@ -13,11 +13,13 @@ loop's default executor: a few messages whose name servers answer slowly
 would otherwise take all of its threads (six on two cores), every other
 message's checks would queue behind them until their budget ran out, and a
 check that times out is a temperror, which does not enforce DMARC. The
-budget counts from the moment a check starts; the wait for a thread is not
-bounded here (the client waits for its reply, as behind a slow DNS check in
-any MTA). Every DNS lookup goes to the gateway's name servers
-(``gateway.dns``), each bounded by its timeout and all of one message
-together by ``sender_auth.timeout`` (``BoundedDns``). DKIM needs the message
+budget counts from the moment a check starts, and the wait for a thread is
+bounded by the same budget: a message that finds every thread busy for that
+long gets 451 4.7.0 where DMARC is enforced (never accepted unchecked), and
+is accepted unchecked where the profile only reports. Every DNS lookup goes
+to the gateway's name servers (``gateway.dns``), each bounded by its
+timeout and all of one message together by ``sender_auth.timeout``
+(``BoundedDns``). DKIM needs the message
 in memory: up to ``sender_auth.max_message_bytes``; a larger message's
 signatures are not verified (``dkim=neutral``) and a DMARC failure that a
 signature might have passed is reported, not enforced.
@@ -52,13 +54,14 @@ from smtpgate.config.schema import DnsSettings, GatewayConfig
 from smtpgate.content.pipeline import MessageFacts
 from smtpgate.content.verdict import Action, ScanResult
 from smtpgate.observe.log import get_logger
-from smtpgate.pools import Pool
+from smtpgate.pools import Pool, PoolBusy
 from smtpgate.proto.replies import Reply
 from smtpgate.spool import SpooledBody
 
 log = get_logger("smtpgate.content.senderauth")
 
 NAME = "dmarc"
+BUSY = Reply.of(451, "4.7.0", "Sender authentication busy, try again later")
 MAX_SIGNATURES = 5  # DKIM signatures verified per message (each costs a lookup)
 MAX_LOOKUPS = 40  # DNS queries per message, all checks together
 _TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
@@ -489,7 +492,9 @@ class SenderAuth:
     ) -> ScanResult:
         budget = config.sender_auth.timeout
         try:
-            verdict = await POOL.run(self._run, facts, body, config, limit=budget + 2)
+            verdict = await POOL.run(self._run, facts, body, config, limit=budget + 2, wait=budget)
+        except PoolBusy as exc:
+            return self._busy(facts, config, exc)
         except Exception as exc:  # never raises: an unexpected failure is a temperror
             log.warning("sender authentication failed", queue_id=facts.queue_id, error=repr(exc))
             verdict = Verdict(
@@ -499,6 +504,16 @@ class SenderAuth:
             )
         self._watch_dns(config, verdict)
         return self._decide(facts, config, verdict)
+
+    def _busy(self, facts: MessageFacts, config: GatewayConfig, exc: PoolBusy) -> ScanResult:
+        """Every check thread waited on DNS for a whole budget. Where DMARC is
+        enforced, the message is not taken unchecked (that would let a flood
+        of slow domains open the door to forgeries): 451, the client tries
+        again. Elsewhere it is accepted with the check's result unknown."""
+        log.warning("sender authentication busy", queue_id=facts.queue_id, error=str(exc))
+        if dmarc_setting(config, facts.envelope.profile) != "enforce":
+            return ScanResult(NAME, reason="not checked: every check thread busy")
+        return ScanResult(NAME, "tempfail", BUSY, reason="not checked: every check thread busy")
 
     def _watch_dns(self, config: GatewayConfig, verdict: Verdict) -> None:
         failed = verdict.extra.get("dns_failures", 0) > 0 or verdict.spf.result == "temperror"
