@@ -111,7 +111,7 @@ def show(label: str, reuse: bool, costs: Costs) -> None:
     own = f"{costs.measured:9.0f}" if costs.measured is not None else " " * 9
     mode = "reuse" if reuse else "conn"
     print(
-        f"{label:<22}{mode:<7}{costs.rate:8.0f}/s{costs.relay:10.0f}{own}"
+        f"{label:<31}{mode:<7}{costs.rate:8.0f}/s{costs.relay:10.0f}{own}"
         f"{costs.load:9.0f}{costs.sink:9.0f}{costs.idle:9.0f}",
         flush=True,
     )
@@ -154,7 +154,7 @@ def main() -> None:
         "CPU in µs per message"
     )
     print(
-        f"{'relay':<22}{'mode':<7}{'rate':>10}{'relay+krn':>10}{'gateway':>9}"
+        f"{'relay':<31}{'mode':<7}{'rate':>10}{'relay+krn':>10}{'gateway':>9}"
         f"{'load':>9}{'sink':>9}{'idle':>9}"
     )
     sink = Sink()
