@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import queue
 import sqlite3
@@ -28,6 +29,7 @@ from typing import Any
 from smtpgate.databases import execute_values, wal
 from smtpgate.files import private_file
 from smtpgate.observe.events import (
+    Client,
     ContentVerdict,
     DeliveryAttempt,
     DsnSent,
@@ -83,15 +85,21 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     return db
 
 
+@functools.cache
+def _names(kind: type) -> tuple[str, ...]:
+    """A kind of event's field names but ``when``, in order (looked up once)."""
+    return tuple(f.name for f in dataclasses.fields(kind) if f.name != "when")
+
+
 def _facts(event: Event) -> dict[str, Any]:
     """The event's fields as ``dataclasses.asdict`` gives them, without its deep
-    copy of every value (only the client is a dataclass within an event)."""
-    facts = {}
-    for f in dataclasses.fields(event):
-        if f.name != "when":
-            value = getattr(event, f.name)
-            nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
-            facts[f.name] = dataclasses.asdict(value) if nested else value
+    copy of every value (only the client is a dataclass within an event), and
+    without looking the fields up per event (this runs for every one)."""
+    kind: type = type(event)
+    facts = {name: getattr(event, name) for name in _names(kind)}
+    client = facts.get("client")
+    if isinstance(client, Client):
+        facts["client"] = {name: getattr(client, name) for name in _names(Client)}
     return facts
 
 
