@@ -253,6 +253,20 @@ class PartlySlowDns(DnsServer):
             DnsServer.datagram_received(self, data, addr)
 
 
+async def _partly_slow_dns() -> tuple[DnsServer, int]:
+    """A name server for spoofed.test (p=reject, answered at once) and
+    slow.test (p=none), whose names under slow.test answer after 2.5 s."""
+    records = {
+        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
+        ("slow.test", "TXT"): ['"v=spf1 -all"'],
+        ("_dmarc.slow.test", "TXT"): ['"v=DMARC1; p=none"'],
+    }
+    server, port = await start_dns(records)
+    server.__class__ = PartlySlowDns
+    return server, port
+
+
 async def test_slow_dns_for_many_messages_does_not_switch_dmarc_off_for_others(
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -262,14 +276,7 @@ async def test_slow_dns_for_many_messages_does_not_switch_dmarc_off_for_others(
     event loop's default executor, six threads here: the forged one waited
     behind the slow ones until its budget ran out, and a check that times out
     is a temperror, which does not enforce DMARC.)"""
-    records = {
-        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
-        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
-        ("slow.test", "TXT"): ['"v=spf1 -all"'],
-        ("_dmarc.slow.test", "TXT"): ['"v=DMARC1; p=none"'],
-    }
-    server, port = await start_dns(records)
-    server.__class__ = PartlySlowDns
+    server, port = await _partly_slow_dns()
     gw = await gateway_factory(
         gateway={"dns": {"nameservers": ["127.0.0.1"], "port": port, "timeout": 3}},
         sender_auth={"timeout": 4},
@@ -305,14 +312,7 @@ async def test_when_every_check_thread_waits_on_dns_a_message_is_deferred_not_ta
     (never 250 unchecked: a flood of slow domains must not open the door to
     forgeries), and is accepted unchecked where the profile only reports."""
     monkeypatch.setattr(senderauth, "POOL", Pool("senderauth", 2))
-    records = {
-        ("spoofed.test", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
-        ("_dmarc.spoofed.test", "TXT"): ['"v=DMARC1; p=reject"'],
-        ("slow.test", "TXT"): ['"v=spf1 -all"'],
-        ("_dmarc.slow.test", "TXT"): ['"v=DMARC1; p=none"'],
-    }
-    server, port = await start_dns(records)
-    server.__class__ = PartlySlowDns
+    server, port = await _partly_slow_dns()
     gw = await gateway_factory(
         gateway={"dns": {"nameservers": ["127.0.0.1"], "port": port, "timeout": 3}},
         sender_auth={"timeout": 4},
