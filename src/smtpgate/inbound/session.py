@@ -114,8 +114,7 @@ class Session(asyncio.Protocol):
         )
         self.spool: SpooledBody | None = None
         self.stopping = False
-        # the loop, looked up once: get_running_loop() is a getpid() system call each time
-        self._loop = loop or asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()  # the listener's, looked up once
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._proxy_buffer: bytearray | None = bytearray() if settings.proxy_protocol else None
@@ -213,16 +212,13 @@ class Session(asyncio.Protocol):
             self._write_and_close(refusal.to_bytes())
             return
         self._admitted = True
+        if self.conn.pregreet:  # behind a PROXY header, in the same read
+            self._note_pregreet()
         answer = self.handler.on_connect(self.info)
         if isinstance(answer, Pending):
             self._spawn(self._greet_later(answer))
-            if self.conn.pregreet:  # behind a PROXY header, in the same read
-                self._note_pregreet()
             return
-        # the common case, a pure decision: greeted at once, no task, no pause
-        if self.conn.pregreet:
-            self._note_pregreet()
-        self._greet(answer)
+        self._greet(answer)  # the common case, a pure decision: no task, no pause
         self._pump()
 
     def _note_pregreet(self) -> None:

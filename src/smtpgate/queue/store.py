@@ -477,12 +477,19 @@ class QueueStore:
                 "(select 1 from recipients r where r.message_id = messages.id "
                 f"and r.state in ({_marks(PENDING)})) returning id, body_path"
             )
-            gone = dict(self.db.execute(query, (*part, *PENDING)).fetchall())
+            gone = set(self._drop(query, (*part, *PENDING)))
             finished += [m for m in part if m in gone]
-            for path in gone.values():
-                if path:
-                    (self.bodies / path).unlink(missing_ok=True)
         return finished
+
+    def _drop(self, query: str, args: Sequence[object]) -> list[str]:
+        """Run ``query``, a ``delete from messages … returning id, body_path``
+        (the recipients go with their messages: ``on delete cascade``), and
+        remove the deleted messages' body files; the ids deleted."""
+        gone = self.db.execute(query, args).fetchall()
+        for _, path in gone:
+            if path:
+                (self.bodies / path).unlink(missing_ok=True)
+        return [message_id for message_id, _ in gone]
 
     # -- administration ------------------------------------------------------------
 
@@ -515,14 +522,9 @@ class QueueStore:
 
     @_storage
     def delete(self, message_id: str) -> bool:
-        with self._transaction():  # its recipients go with it (on delete cascade)
-            gone = self.db.execute(
-                "delete from messages where id = ? returning body_path", (message_id,)
-            ).fetchall()
-            for (path,) in gone:
-                if path:
-                    (self.bodies / path).unlink(missing_ok=True)
-        return bool(gone)
+        with self._transaction():
+            query = "delete from messages where id = ? returning id, body_path"
+            return bool(self._drop(query, (message_id,)))
 
     @_reading
     def counts(self) -> dict[str, int]:
