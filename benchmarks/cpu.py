@@ -33,7 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import free_port, smtp_source
-from relay import Sink, start_smtpgate, stop_smtpgate, tree_cpu, tree_pids, warm_up
+from relay import (
+    Sink,
+    integers,
+    start_smtpgate,
+    stop_smtpgate,
+    tree_cpu,
+    tree_pids,
+    variants,
+    warm_up,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.postfix import Postfix, instance_directory
@@ -132,10 +141,6 @@ def show_threads(
             )
 
 
-def integers(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item.strip()]
-
-
 def main() -> None:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -159,10 +164,7 @@ def main() -> None:
     )
     sink = Sink()
     try:
-        variants = [(workers, False) for workers in args.workers_list]
-        if args.pinned and max(args.workers_list) > 1:
-            variants.append((max(args.workers_list), True))
-        for workers, pinned in variants:
+        for workers, pinned in variants(args.workers_list, args.pinned):
             with tempfile.TemporaryDirectory() as directory:
                 gateway = start_smtpgate(
                     Path(directory), sink, workers=workers, api=False, pinned=pinned

@@ -344,6 +344,15 @@ def markdown(rows: list[Row], postfix: Row, sizes: list[int], messages: int) -> 
     return "\n".join(lines)
 
 
+def variants(workers_list: list[int], pinned: bool) -> list[tuple[int, bool]]:
+    """(workers, pinned) per smtpgate instance: each count, then the most
+    workers pinned (``gateway.cpu_affinity: per-core``) with ``--pinned``."""
+    found = [(workers, False) for workers in workers_list]
+    if pinned and max(workers_list) > 1:
+        found.append((max(workers_list), True))
+    return found
+
+
 def integers(text: str) -> list[int]:
     values = [int(item) for item in text.split(",") if item.strip()]
     if not values or min(values) < 1:
@@ -351,7 +360,7 @@ def integers(text: str) -> list[int]:
     return values
 
 
-def main() -> None:  # noqa: PLR0912, PLR0915 - one linear script: instances, sizes, table
+def main() -> None:  # noqa: PLR0915 - one linear script: instances, sizes, table
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
@@ -386,10 +395,7 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - one linear script: instances, si
     sink = Sink()
     try:
         most = max(args.workers_list)
-        variants = [(workers, False) for workers in args.workers_list]
-        if args.pinned and most > 1:
-            variants.append((most, True))
-        for workers, pinned in variants:
+        for workers, pinned in variants(args.workers_list, args.pinned):
             noun = "worker" if workers == 1 else "workers"
             noun += ", pinned" if pinned else ""
             row = Row(f"smtpgate, {workers} {noun}")
