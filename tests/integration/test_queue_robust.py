@@ -148,6 +148,18 @@ async def test_new_messages_are_attempted_once_while_scans_run_beside_them(
     assert subjects == sorted(f"m{n}".encode() for n in range(60))
 
 
+def _new(
+    store: QueueStore, subject: bytes, recipients: int = 1, threshold: int = 1 << 20
+) -> NewMessage:
+    """A message from bob to ``recipients`` addresses (r0@, r1@ ... example.net),
+    its body in memory, or in a spool file beyond ``threshold`` octets."""
+    body = SpooledBody(store.bodies, new_queue_id(), threshold=threshold)
+    body.write(b"Subject: " + subject + b"\r\n\r\nhello\r\n")
+    body.finish()
+    rcpts = tuple(Recipient(f"r{i}@example.net") for i in range(recipients))
+    return NewMessage(Envelope("bob@example.org", rcpts), body)
+
+
 def test_what_is_being_attempted_neither_counts_as_due_nor_sets_the_next_scan(
     tmp_path: Path,
 ) -> None:
@@ -157,14 +169,7 @@ def test_what_is_being_attempted_neither_counts_as_due_nor_sets_the_next_scan(
     the attempt lasts. What ingest returns is the message as a scan reads it."""
     store = QueueStore(tmp_path / "queue")
     try:
-        fresh = []
-        for text in (b"one", b"two"):
-            body = SpooledBody(store.bodies, new_queue_id())
-            body.write(b"Subject: " + text + b"\r\n\r\nhello\r\n")
-            body.finish()
-            envelope = Envelope("bob@example.org", (Recipient("carol@example.net"),))
-            [item] = store.ingest([NewMessage(envelope, body)])
-            fresh.append(item)
+        fresh = [store.ingest([_new(store, text)])[0] for text in (b"one", b"two")]
         one, two = (item.message for item in fresh)
         assert store.get(one.id) == one
         assert store.body(one.id) == fresh[0].body == b"Subject: one\r\n\r\nhello\r\n"
@@ -186,21 +191,14 @@ def test_one_write_stores_new_messages_and_removes_exactly_the_finished_ones(
     its recipients is left to try, and one still pending keeps its row."""
     store = QueueStore(tmp_path / "queue")
     try:
-
-        def message(text: bytes, recipients: int, threshold: int = 1 << 20) -> NewMessage:
-            body = SpooledBody(store.bodies, new_queue_id(), threshold=threshold)
-            body.write(b"Subject: " + text + b"\r\n\r\n" + b"x" * 200 + b"\r\n")
-            body.finish()
-            rcpts = tuple(Recipient(f"r{i}@example.net") for i in range(recipients))
-            return NewMessage(Envelope("bob@example.org", rcpts), body)
-
-        done, half, filed = message(b"done", 2), message(b"half", 2), message(b"filed", 1, 10)
+        done, half = _new(store, b"done", 2), _new(store, b"half", 2)
+        filed = _new(store, b"filed", 1, threshold=10)
         first = store.write([done, half, filed], ()).fresh
         file = first[2].body
         assert isinstance(file, Path)
         assert file.exists()
         ids = [f.message.id for f in first]
-        late = message(b"late", 1)
+        late = _new(store, b"late")
 
         def outcome(message_id: str, idx: int, state: RecipientState) -> RecipientUpdate:
             return RecipientUpdate(message_id, idx, state, "250 ok", first[0].message.arrival)
@@ -240,11 +238,7 @@ def test_outcomes_for_many_recipients_and_one_twice_are_recorded_in_order(
     ends with the later one and both attempts counted."""
     store = QueueStore(tmp_path / "queue")
     try:
-        body = SpooledBody(store.bodies, new_queue_id())
-        body.write(b"Subject: many\r\n\r\nhello\r\n")
-        body.finish()
-        rcpts = tuple(Recipient(f"r{i}@example.net") for i in range(120))
-        [fresh] = store.ingest([NewMessage(Envelope("bob@example.org", rcpts), body)])
+        [fresh] = store.ingest([_new(store, b"many", 120)])
         qid, at = fresh.message.id, fresh.message.arrival
 
         def state(i: int) -> RecipientState:
@@ -282,11 +276,7 @@ def test_a_write_waits_for_another_process_commit_and_reads_go_on_meanwhile(
         tmp_path / "queue" / "queue.db", isolation_level=None, check_same_thread=False
     )
     try:
-        body = SpooledBody(store.bodies, new_queue_id())
-        body.write(b"Subject: held\r\n\r\nhello\r\n")
-        body.finish()
-        envelope = Envelope("bob@example.org", (Recipient("carol@example.net"),))
-        [fresh] = store.ingest([NewMessage(envelope, body)])
+        [fresh] = store.ingest([_new(store, b"held")])
         other.execute("begin immediate")
         other.execute("update messages set size = size")
         assert store.get(fresh.message.id) == fresh.message  # at once, lock or not
